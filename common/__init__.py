@@ -1,0 +1,1 @@
+"""Shared pieces of the DIA programs: errors, argument parsing, device choice."""

@@ -1,0 +1,186 @@
+"""Command-line flags shared by ``train.py`` and ``eval.py``.
+
+Flag names and defaults follow CSI and the DIA paper's code, so the paper's commands run
+as written. What CSI enforced silently (e.g. the batch size rule) is a warning here, and
+flag combinations that cannot work are rejected with one clear line.
+"""
+import argparse
+
+from common.errors import UserError
+
+MODES = ("simclr", "simclr_CSI", "simclr_DIA", "ood_pre", "ood")
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet18_imagenet", "resnet50_imagenet")
+SHIFT_TYPES = (
+    "none", "rotation", "cutperm",
+    "diffusion_rotation", "diffusion_cutperm",
+    "blurgaussian_rotation", "blurgaussian_cutperm",
+    "blurmedian_rotation", "blurmedian_cutperm",
+    "blurnone_rotation", "blurnone_cutperm",
+    # the paper's short names: rotation is the shift that goes with them
+    "diffusion", "blurgaussian", "blurmedian", "blurnone",
+)
+SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
+OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar", "norm_mean")
+
+
+def build_parser(program="train"):
+    p = argparse.ArgumentParser(
+        prog=f"{program}.py",
+        description=("DIA (Dissolving Is Amplifying) on top of CSI: "
+                     + ("train a contrastive one-class model" if program == "train"
+                        else "score a test set with a trained model and report AUROC")),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synth_lesion",
+                   help="dataset name (see README: covid, kvasir, retina, aptos, chestxray, pneumoniamnist, "
+                        "breastmnist, chestmnist, cifar10, cifar100, imagefolder, digits, synth_lesion)")
+    g.add_argument("--data_root", default="../data", help="folder that holds the datasets in their distributed layout")
+    g.add_argument("--one_class_idx", type=int, default=0, help="index of the normal class")
+    g.add_argument("--img_size", type=int, default=None, help="imagefolder only: side the images are resized to (default 224)")
+    g.add_argument("--contamination_ratio", type=float, default=0.0,
+                   help="fraction r of the training set drawn from other classes (adds r/(1-r) times as many)")
+    g.add_argument("--num_workers", type=int, default=0, help="data loading worker processes (folder datasets)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet18", choices=MODELS,
+                   help="resnet18 (CIFAR-style) for <= 32 px, resnet18_imagenet for 224 px")
+    g.add_argument("--mode", default="simclr_DIA" if program == "train" else "ood_pre", choices=MODES)
+    g.add_argument("--simclr_dim", type=int, default=128, help="output size of the simclr head")
+    g.add_argument("--shift_trans_type", default="diffusion_rotation" if program == "train" else "rotation",
+                   choices=SHIFT_TYPES, help="shift transformation (diffusion_*/blur*_* add dissolved views)")
+
+    g = p.add_argument_group("dissolving")
+    g.add_argument("--diffusion_model_path", default=None, help="dissolver checkpoint from diffusion_models/train_eval_ddpm.py")
+    g.add_argument("--diff_resolution", type=int, default=32, help="dissolving resolution")
+    g.add_argument("--diffusion_offset", type=float, default=0.3, help="lower end of the timestep range (x100)")
+    g.add_argument("--diffusion_upper_offset", type=float, default=1.0, help="upper end of the timestep range (x100)")
+    g.add_argument("--diffusion_scheduler", default="uniform", choices=SCHEDULERS, help="how the timestep is drawn")
+    g.add_argument("--diffusion_range_correct", action="store_true",
+                   help="feed the dissolver [-1,1] images and map its output back to [0,1] "
+                        "(the paper feeds [0,1] and keeps the [-1,1] output)")
+    g.add_argument("--kernel_size", type=int, default=7, help="blur kernel size for blur* shift types")
+    g.add_argument("--resize_to_constant", action="store_true",
+                   help="blur* types: blur at --diff_resolution and resize back")
+    g.add_argument("--loss_mode", default="shifted_removed", choices=("shifted_removed", "naive"),
+                   help="NT_xent_neg masking of a view and its own dissolved counterpart")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=1000)
+    g.add_argument("--optimizer", default="lars", choices=("sgd", "lars"))
+    g.add_argument("--lr_scheduler", default="cosine", choices=("cosine", "step_decay"))
+    g.add_argument("--warmup", type=int, default=10, help="warm-up epochs")
+    g.add_argument("--lr_init", type=float, default=0.1)
+    g.add_argument("--weight_decay", type=float, default=1e-6)
+    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--test_batch_size", type=int, default=100)
+    g.add_argument("--sim_lambda", type=float, default=1.0, help="weight of the contrastive loss")
+    g.add_argument("--temperature", type=float, default=0.5)
+    g.add_argument("--max_batches_per_epoch", type=int, default=200,
+                   help="an epoch is capped at this many batches (the paper's code uses 200)")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps in total (quick runs)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--logdir", default=None, help="run folder (default logs/<dataset>_<model>_<mode>_<shift>_one_class_<idx>)")
+    g.add_argument("--suffix", default=None, help="suffix for the default run folder name")
+    g.add_argument("--resume_path", default=None, help="run folder or checkpoint to continue from exactly")
+    g.add_argument("--load_path", default=None, help="model checkpoint to load (eval, or warm start)")
+    g.add_argument("--no_strict", action="store_true", help="load state dicts non-strictly")
+    g.add_argument("--save_step", type=int, default=10, help="save a checkpoint every N epochs")
+    g.add_argument("--error_step", type=int, default=5, help="evaluate every N epochs during training")
+    g.add_argument("--no_eval", action="store_true", help="train.py: no periodic evaluation")
+    g.add_argument("--eval_max_train", type=int, default=2000,
+                   help="train.py's periodic evaluation: at most this many normal training images as CSI axes")
+    g.add_argument("--eval_max_test", type=int, default=2000,
+                   help="train.py's periodic evaluation: at most this many test images (fixed random subset)")
+    g.add_argument("--log_every", type=int, default=10, help="log the losses every N steps")
+    g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--ood_score", nargs="+", default=["CSI"] if program == "train" else ["norm_mean"], choices=OOD_SCORES)
+    g.add_argument("--ood_layer", nargs="+", default=["simclr", "shift"], choices=("penultimate", "simclr", "shift"))
+    g.add_argument("--ood_samples", type=int, default=1, help="augmented samples per image and shift")
+    g.add_argument("--ood_batch_size", type=int, default=100)
+    g.add_argument("--resize_factor", type=float, default=0.08, help="crop scale drawn from [resize_factor, 1]")
+    g.add_argument("--resize_fix", action="store_true", help="crop scale fixed at resize_factor")
+    g.add_argument("--print_score", action="store_true", help="print quantiles of the scores")
+    g.add_argument("--save_score", action="store_true", help="save raw scores next to the model")
+    g.add_argument("--save_results", default=None, help="write the AUROCs as JSON to this path")
+    g.add_argument("--save_scores_csv", default=None, help="write every test image's score to this CSV")
+    g.add_argument("--score_folder", default=None,
+                   help="score the images of this folder instead of the test set (writes --save_scores_csv)")
+    g.add_argument("--threshold_quantile", type=float, default=0.05,
+                   help="--score_folder: images scoring below this quantile of the normal training scores are flagged")
+    return p
+
+
+def parse_args(program="train", argv=None):
+    """Parse and check the flags; raise UserError for combinations that make no sense."""
+    P = build_parser(program).parse_args(argv)
+    P.program = program
+    normalise_args(P)
+    return P
+
+
+def normalise_args(P):
+    """Derive the shift bookkeeping and reject contradictions."""
+    short = {"diffusion": "diffusion_rotation", "blurgaussian": "blurgaussian_rotation",
+             "blurmedian": "blurmedian_rotation", "blurnone": "blurnone_rotation"}
+    P.shift_trans_type = short.get(P.shift_trans_type, P.shift_trans_type)
+    P.dissolve_type = P.shift_trans_type.split("_")[0] if "_" in P.shift_trans_type else None
+    P.base_shift = P.shift_trans_type.split("_")[-1]  # rotation | cutperm | none
+
+    if P.program == "train":
+        if P.mode == "simclr_DIA" and P.dissolve_type is None:
+            raise UserError(f"--mode simclr_DIA needs a dissolving shift type (e.g. diffusion_rotation, "
+                            f"blurgaussian_rotation), got --shift_trans_type {P.shift_trans_type}")
+        if P.mode != "simclr_DIA" and P.dissolve_type is not None:
+            raise UserError(f"--shift_trans_type {P.shift_trans_type} dissolves images and only works with "
+                            f"--mode simclr_DIA (got --mode {P.mode}); use --shift_trans_type {P.base_shift}")
+        if P.mode in ("ood_pre", "ood"):
+            raise UserError(f"--mode {P.mode} is an evaluation mode: run eval.py")
+        if P.dissolve_type == "diffusion" and not P.diffusion_model_path:
+            raise UserError("--shift_trans_type diffusion_* needs --diffusion_model_path CKPT "
+                            "(train one with: python diffusion_models/train_eval_ddpm.py --mode train --dataset D)")
+        if P.mode == "simclr" and P.base_shift != "none":
+            P.base_shift = "none"
+        for name in ("epochs", "batch_size", "save_step", "error_step", "max_batches_per_epoch"):
+            if getattr(P, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(P, name)}")
+        if P.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {P.warmup}")
+        if P.max_steps is not None and P.max_steps < 1:
+            raise UserError(f"--max_steps must be at least 1, got {P.max_steps}")
+    else:
+        if P.mode not in ("ood_pre", "ood"):
+            raise UserError(f"eval.py runs --mode ood_pre or ood, got --mode {P.mode} (training modes belong to train.py)")
+        if not P.load_path:
+            raise UserError("eval.py needs --load_path MODEL (a checkpoint written by train.py, e.g. logs/<run>/last.model)")
+        if P.base_shift != "rotation" and P.mode == "ood_pre" and "CSI" in P.ood_score and P.base_shift == "none":
+            raise UserError("--ood_score CSI needs a shift transformation: use --shift_trans_type rotation")
+        if P.score_folder and not P.save_scores_csv:
+            raise UserError("--score_folder DIR needs --save_scores_csv OUT.csv to write the per-image scores to")
+        if not 0.0 < P.threshold_quantile < 1.0:
+            raise UserError(f"--threshold_quantile must lie in (0, 1), got {P.threshold_quantile}")
+        if P.ood_samples < 1:
+            raise UserError(f"--ood_samples must be at least 1, got {P.ood_samples}")
+    if not 0.0 < P.resize_factor <= 1.0:
+        raise UserError(f"--resize_factor must lie in (0, 1], got {P.resize_factor}")
+    if not 0.0 <= P.contamination_ratio < 1.0:
+        raise UserError(f"--contamination_ratio must lie in [0, 1), got {P.contamination_ratio}")
+    if P.diffusion_offset > P.diffusion_upper_offset:
+        raise UserError(f"--diffusion_offset ({P.diffusion_offset}) is above --diffusion_upper_offset "
+                        f"({P.diffusion_upper_offset})")
+    if P.kernel_size < 1 or P.kernel_size % 2 == 0:
+        raise UserError(f"--kernel_size must be a positive odd number, got {P.kernel_size}")
+
+    P.K_shift = 1 if P.base_shift == "none" else 4
+    if P.program == "train" and P.K_shift > 1 and P.batch_size * P.K_shift != 128:
+        from utils import warn
+
+        warn(f"CSI uses --batch_size {128 // P.K_shift} with {P.K_shift} shifts "
+             f"(128 views per chunk); running with --batch_size {P.batch_size}")
+    return P

@@ -1,0 +1,186 @@
+"""Score a test set with a trained model and report AUROC (CSI's ``eval.py``).
+
+Example (the paper's command):
+    python eval.py --mode ood_pre --dataset kvasir --model resnet18_imagenet --ood_score CSI \
+        --shift_trans_type rotation --print_score --diffusion_upper_offset 0. --diffusion_offset 0. \
+        --ood_samples 10 --resize_factor 0.54 --resize_fix --one_class_idx 0 --load_path logs/<run>/last.model
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.args import parse_args
+from common.device import pick_device
+from common.errors import UserError, exit_on_user_error
+from utils import atomic_write_csv, atomic_write_json, set_seed
+
+CSI_SCORES = ("CSI", "simclr")
+SIMPLE_SCORES = ("baseline", "clean_norm", "similar")
+
+
+def check_writable(path, flag):
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file path")
+    if os.path.exists(folder) and not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def folder_dataset(folder, image_size):
+    """Every image below ``folder`` (recursively, sorted), resized to the model's input size."""
+    from datasets.base import FolderStore, ImageDataset
+    from datasets.folders import is_image_file
+
+    if not os.path.isdir(folder):
+        raise UserError(f"--score_folder {folder} is not a folder")
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files if is_image_file(f))
+    if not paths:
+        raise UserError(f"--score_folder {folder} holds no images (.png .jpg .jpeg .bmp .tif .tiff)")
+    names = [os.path.relpath(p, folder) for p in paths]
+    store = FolderStore(paths, (image_size[0], image_size[1]))
+    return ImageDataset(store, torch.zeros(len(paths), dtype=torch.long), names)
+
+
+def loo_csi_train_scores(train_feats, n_shifts, ood_score):
+    """Scores of the normal training images, each against the axes of the others
+    (its own axis would match it perfectly), for choosing a threshold."""
+    from evals.ood_pre import _split_shifts, csi_statistics
+
+    axis, w_sim, w_shi = csi_statistics(train_feats, n_shifts)
+    f = _split_shifts(train_feats["simclr"].float(), n_shifts).mean(dim=2)  # M x K x d
+    sim = torch.einsum("nkd,kmd->nkm", f, axis)
+    eye = torch.eye(f.shape[0], dtype=torch.bool).unsqueeze(1)
+    sim = sim.masked_fill(eye, -float("inf")).max(dim=2).values
+    if ood_score == "simclr":
+        return sim.mean(dim=1)
+    g = _split_shifts(train_feats["shift"].float(), n_shifts)
+    k = torch.arange(n_shifts)
+    shi = g[:, k, :, k].mean(dim=2).transpose(0, 1)
+    return (sim * w_sim + shi * w_shi).mean(dim=1)
+
+
+def print_quantiles(name, scores):
+    q = np.quantile(scores, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1])
+    print(f"{name}: " + " ".join(f"{v:.4f}" for v in q) + "  (min q10 q25 median q75 q90 max)")
+
+
+@exit_on_user_error
+def main(argv=None):
+    P = parse_args("eval", argv)
+    from datasets import get_dataset, one_class_split
+    from evals.ood_pre import auroc_report, csi_scores, extract_features
+    from models.resnet import build_model
+    from train import load_model_checkpoint
+
+    scores_wanted = list(dict.fromkeys(P.ood_score))
+    if P.mode == "ood_pre":
+        bad = [s for s in scores_wanted if s not in CSI_SCORES]
+        if bad:
+            raise UserError(f"--mode ood_pre computes --ood_score CSI or simclr, not {' '.join(bad)} "
+                            f"(use --mode ood for {', '.join(SIMPLE_SCORES)})")
+    else:
+        bad = [s for s in scores_wanted if s not in SIMPLE_SCORES]
+        if bad:
+            raise UserError(f"--mode ood computes --ood_score {' '.join(SIMPLE_SCORES)}, not {' '.join(bad)}")
+    if P.score_folder and P.mode != "ood_pre":
+        raise UserError("--score_folder works with --mode ood_pre")
+    for flag, path in (("--save_results", P.save_results), ("--save_scores_csv", P.save_scores_csv)):
+        if path:
+            check_writable(path, flag)
+
+    device = pick_device(P.device)
+    set_seed(P.seed)
+    ckpt = load_model_checkpoint(P.load_path, device)
+    meta = ckpt.get("meta", {})
+    if meta.get("arch") and meta["arch"] != P.model:
+        raise UserError(f"{P.load_path} holds a {meta['arch']} but --model is {P.model}; pass --model {meta['arch']}")
+    train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed)
+    if meta.get("image_size") and list(meta["image_size"]) != list(info.image_size):
+        raise UserError(f"{P.load_path} was trained on {meta['image_size'][0]}-px images ({meta.get('dataset')}), "
+                        f"--dataset {P.dataset} gives {info.image_size[0]} px")
+    normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)
+    n_shifts = int(meta.get("n_shifts", ckpt["model"]["shift_cls_layer.weight"].shape[0]))
+    model = build_model(P.model, n_classes=info.n_classes, simclr_dim=meta.get("simclr_dim", P.simclr_dim),
+                        n_shifts=n_shifts).to(device)
+    try:
+        model.load_state_dict(ckpt["model"], strict=not P.no_strict)
+    except RuntimeError as exc:
+        raise UserError(f"{P.load_path} does not fit --model {P.model} with {info.n_classes} classes: "
+                        f"{str(exc).splitlines()[0]}") from None
+    model.eval()
+
+    labels = test_set.labels.numpy()
+    results = {"auroc_by_score": {}, "dataset": P.dataset, "one_class_idx": P.one_class_idx,
+               "load_path": os.path.abspath(P.load_path), "mode": P.mode, "ood_samples": P.ood_samples,
+               "n_normal": int((labels == P.one_class_idx).sum()),
+               "n_anomalous": int((labels != P.one_class_idx).sum()),
+               "class_names": list(info.class_names)}
+    per_image = {}
+    if P.mode == "ood_pre":
+        if P.base_shift != "rotation":
+            from utils import warn
+
+            warn(f"CSI scores are computed with the rotation shift (the paper's protocol); "
+                 f"--shift_trans_type {P.shift_trans_type} is ignored here")
+        if "CSI" in scores_wanted and n_shifts != 4:
+            raise UserError(f"--ood_score CSI needs a model trained with 4 shifts; {P.load_path} has {n_shifts} "
+                            f"(it was trained with --mode simclr: use --ood_score simclr)")
+        kw = dict(base_shift="rotation", n_samples=P.ood_samples, device=device, batch_size=P.ood_batch_size,
+                  resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp)
+        target = folder_dataset(P.score_folder, info.image_size) if P.score_folder else test_set
+        total = (len(normal_train) + len(target)) * P.ood_samples
+        with tqdm(total=total, desc="features", unit="img", disable=None) as bar:
+            f_train = extract_features(model, normal_train, progress=bar, **kw)  # once, for every score
+            f_test = extract_features(model, target, progress=bar, **kw)
+        for score in scores_wanted:
+            per_image[score] = csi_scores(f_train, f_test, 4, score).numpy()
+        if P.score_folder:
+            score = scores_wanted[0]
+            train_scores = loo_csi_train_scores(f_train, 4, score).numpy()
+            thr = float(np.quantile(train_scores, P.threshold_quantile))
+            rows = [{"name": n, "score": f"{s:.6f}", "threshold": f"{thr:.6f}", "anomalous": int(s < thr)}
+                    for n, s in zip(target.names, per_image[score])]
+            atomic_write_csv(rows, ["name", "score", "threshold", "anomalous"], P.save_scores_csv)
+            n_flag = sum(r["anomalous"] for r in rows)
+            print(f"scored {len(rows)} images of {P.score_folder} ({score}); threshold {thr:.4f} = "
+                  f"{P.threshold_quantile:.0%} quantile of the normal training scores; "
+                  f"{n_flag} flagged anomalous; wrote {P.save_scores_csv}")
+            return {"n_scored": len(rows), "n_flagged": n_flag, "threshold": thr}
+    else:
+        from evals.ood import simple_scores
+
+        for score in scores_wanted:
+            per_image[score] = simple_scores(model, test_set, score, device, layer=P.ood_layer[0],
+                                             batch_size=P.ood_batch_size, resize_factor=P.resize_factor,
+                                             resize_fix=P.resize_fix, amp=P.amp, seed=P.seed).numpy()
+
+    for score, s in per_image.items():
+        rep = auroc_report(s, labels, P.one_class_idx)
+        results["auroc_by_score"][score] = rep
+        line = " ".join(f"[{key} {score} {v:.4f}]" for key, v in rep.items())
+        print(line)
+        if P.print_score:
+            print_quantiles(f"{score} normal", s[labels == P.one_class_idx])
+            print_quantiles(f"{score} anomalous", s[labels != P.one_class_idx])
+    first = scores_wanted[0]
+    results["auroc"] = results["auroc_by_score"][first]
+    results["ood_score"] = first
+    if P.save_results:
+        atomic_write_json(results, P.save_results)
+    if P.save_scores_csv:
+        rows = [{"index": i, "name": test_set.names[i], "label": int(labels[i]),
+                 "normal": int(labels[i] == P.one_class_idx),
+                 **{f"score_{k}": f"{v[i]:.6f}" for k, v in per_image.items()}} for i in range(len(labels))]
+        atomic_write_csv(rows, ["index", "name", "label", "normal"] + [f"score_{k}" for k in per_image],
+                         P.save_scores_csv)
+    if P.save_score:
+        out = os.path.join(os.path.dirname(os.path.abspath(P.load_path)), f"scores_{P.mode}.npz")
+        np.savez(out, labels=labels, **{k: v for k, v in per_image.items()})
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,109 @@
+"""CSI scoring (SPEC section 4): features of shifted, augmented samples and the CSI score."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
+from utils import autocast_for, batch_indices
+
+
+@torch.no_grad()
+def extract_features(model, dataset, base_shift, n_samples, device, batch_size=100,
+                     resize_factor=0.54, resize_fix=True, amp=False, progress=None):
+    """Features of every image of ``dataset`` for every shift k and sample s.
+
+    For sample s the random seed is set to s (per batch, as CSI does), each shift k gets its
+    own random flip, then the SimCLR augmentation. Returns ``{"simclr": (N, K*S, d),
+    "shift": (N, K*S, K)}`` on the CPU, shift-major (index ``k*S + s``).
+    """
+    shift = get_shift(base_shift)
+    K = shift.max_range
+    hflip = HorizontalFlipRandom(0.5)
+    aug = simclr_augmentation(resize_factor, resize_fix)
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    out = {}
+    devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for idx in batch_indices(n, batch_size):
+            x, _ = dataset.get_batch(idx)
+            x = x.to(device, non_blocking=True)
+            b = x.shape[0]
+            per_sample = {"simclr": [], "shift": []}
+            for s in range(n_samples):
+                torch.manual_seed(s)
+                views = torch.cat([shift(hflip(x), k) for k in range(K)])
+                views = aug(views)
+                with autocast_for(device, amp):
+                    _, aux = model(views, simclr=True, shift=True)
+                for key in per_sample:
+                    per_sample[key].append(aux[key].float().view(K, b, -1))
+            for key, chunks in per_sample.items():
+                f = torch.stack(chunks, dim=1)  # K x S x B x d
+                f = f.permute(2, 0, 1, 3).reshape(b, K * n_samples, -1)
+                out.setdefault(key, []).append(f.cpu())
+            if progress is not None:
+                progress.update(b)
+    model.train(was_training)
+    return {key: torch.cat(v) for key, v in out.items()}
+
+
+def _split_shifts(feats, n_shifts):
+    """(N, K*S, d) -> (N, K, S, d)."""
+    n, ks, d = feats.shape
+    return feats.view(n, n_shifts, ks // n_shifts, d)
+
+
+def csi_statistics(train_feats, n_shifts):
+    """From the normal training features: per shift k the unit axes (K, M, d) and the weights
+    w_sim_k and w_shi_k of SPEC section 4.2."""
+    f = _split_shifts(train_feats["simclr"].float(), n_shifts).mean(dim=2)  # M x K x d
+    axis = F.normalize(f, dim=2).transpose(0, 1)  # K x M x d
+    w_sim = 1.0 / f.norm(dim=2).mean(dim=0)  # K
+    g = _split_shifts(train_feats["shift"].float(), n_shifts)  # M x K x S x K
+    k = torch.arange(n_shifts)
+    own = g[:, k, :, k]  # K x M x S: the logit of shift k on the views shifted by k
+    w_shi = 1.0 / own.mean(dim=(1, 2))
+    return axis, w_sim, w_shi
+
+
+def csi_scores(train_feats, test_feats, n_shifts, ood_score="CSI"):
+    """The CSI score of each test image (higher = more normal), a pure function.
+
+    ``score = (1/K) sum_k [w_sim_k * max_m <mean_s f[k,s], axis_k[m]> + w_shi_k * mean_s g[k,s][k]]``;
+    ``ood_score="simclr"`` keeps only the similarity term, with weight 1.
+    """
+    if ood_score not in ("CSI", "simclr"):
+        raise ValueError(f"csi_scores computes 'CSI' or 'simclr', not {ood_score!r}")
+    axis, w_sim, w_shi = csi_statistics(train_feats, n_shifts)
+    f = _split_shifts(test_feats["simclr"].float(), n_shifts).mean(dim=2)  # N x K x d
+    sim = torch.einsum("nkd,kmd->nkm", f, axis).max(dim=2).values  # N x K
+    if ood_score == "simclr":
+        return sim.mean(dim=1)
+    g = _split_shifts(test_feats["shift"].float(), n_shifts)
+    k = torch.arange(n_shifts)
+    shi = g[:, k, :, k].mean(dim=2).transpose(0, 1)  # N x K
+    return (sim * w_sim + shi * w_shi).mean(dim=1)
+
+
+def auroc(scores_normal, scores_anomalous):
+    """AUROC with the normal images as positives (higher score = more normal)."""
+    s_n, s_a = np.asarray(scores_normal, float), np.asarray(scores_anomalous, float)
+    labels = np.concatenate([np.ones(len(s_n)), np.zeros(len(s_a))])
+    return float(roc_auc_score(labels, np.concatenate([s_n, s_a])))
+
+
+def auroc_report(scores, labels, normal_class):
+    """Per other class ("one_class_<j>"), their mean ("one_class_mean") and all others pooled."""
+    scores = np.asarray(scores, float)
+    labels = np.asarray(labels)
+    normal = scores[labels == normal_class]
+    report = {}
+    for j in sorted(set(labels.tolist()) - {normal_class}):
+        report[f"one_class_{j}"] = auroc(normal, scores[labels == j])
+    per_class = list(report.values())
+    report["one_class_mean"] = float(np.mean(per_class)) if per_class else float("nan")
+    report["pooled"] = auroc(normal, scores[labels != normal_class]) if per_class else float("nan")
+    return report

@@ -1,0 +1,1 @@
+"""Networks and differentiable image transformations."""

@@ -1,0 +1,149 @@
+"""Batched, on-device image transformations: the shifts and the SimCLR augmentation.
+
+Every layer takes an ``N x C x H x W`` float batch and draws its random parameters per
+image from torch's generator of the batch's device, so a seed fixes the result.
+"""
+import math
+
+import kornia
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Rotation(nn.Module):
+    """Shift k: rotation by k * 90 degrees (counter-clockwise in the image plane)."""
+
+    max_range = 4
+
+    def forward(self, x, k):
+        return torch.rot90(x, int(k) % 4, dims=(2, 3))
+
+
+class CutPerm(nn.Module):
+    """Shift k: swap top/bottom halves if k // 2 == 1, then left/right halves if k % 2 == 1."""
+
+    max_range = 4
+
+    def forward(self, x, k):
+        k = int(k) % 4
+        h, w = x.shape[2], x.shape[3]
+        if k // 2 == 1:
+            x = torch.cat([x[:, :, h // 2:], x[:, :, : h // 2]], dim=2)
+        if k % 2 == 1:
+            x = torch.cat([x[:, :, :, w // 2:], x[:, :, :, : w // 2]], dim=3)
+        return x
+
+
+class NoShift(nn.Module):
+    max_range = 1
+
+    def forward(self, x, k=0):
+        return x
+
+
+def get_shift(name):
+    """The shift module for a base shift name (rotation, cutperm, none)."""
+    return {"rotation": Rotation, "cutperm": CutPerm, "none": NoShift}[name]()
+
+
+def _coin(n, p, like):
+    """A boolean per image, True with probability p, shaped to broadcast over C, H, W."""
+    return (torch.rand(n, device=like.device) < p).view(n, 1, 1, 1)
+
+
+class HorizontalFlipRandom(nn.Module):
+    """Flip each image horizontally with probability p, independently."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return torch.where(_coin(x.shape[0], self.p, x), x.flip(3), x)
+
+
+class ColorJitterLayer(nn.Module):
+    """CSI's colour jitter: per image, with probability p, an HSV change (hue shift,
+    saturation and value/brightness scaling) and a contrast change about each channel's
+    mean, the two applied in random order; the result is clipped to [0, 1]."""
+
+    def __init__(self, p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+        super().__init__()
+        self.p, self.brightness, self.contrast, self.saturation, self.hue = p, brightness, contrast, saturation, hue
+
+    @staticmethod
+    def _factor(n, spread, like):
+        return 1.0 + (torch.rand(n, 1, 1, device=like.device) * 2 - 1) * spread
+
+    def _contrast(self, x, f):
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        return (x - mean) * f.unsqueeze(1) + mean
+
+    def _hsv(self, x, f_h, f_s, f_v):
+        hsv = kornia.color.rgb_to_hsv(x.clamp(0, 1))
+        h = torch.remainder(hsv[:, 0] + f_h * (2 * math.pi), 2 * math.pi)
+        s = (hsv[:, 1] * f_s).clamp(0, 1)
+        v = (hsv[:, 2] * f_v).clamp(0, 1)
+        return kornia.color.hsv_to_rgb(torch.stack([h, s, v], dim=1))
+
+    def forward(self, x):
+        n = x.shape[0]
+        f_c = self._factor(n, self.contrast, x)
+        f_s = self._factor(n, self.saturation, x)
+        f_v = self._factor(n, self.brightness, x)
+        f_h = (torch.rand(n, 1, 1, device=x.device) * 2 - 1) * self.hue
+        if torch.rand(1).item() < 0.5:
+            y = self._hsv(self._contrast(x, f_c), f_h, f_s, f_v)
+        else:
+            y = self._contrast(self._hsv(x, f_h, f_s, f_v), f_c)
+        y = y.clamp(0, 1)
+        return torch.where(_coin(n, self.p, x), y, x)
+
+
+class RandomColorGrayLayer(nn.Module):
+    """Replace each image by its luma (ITU-R 601) in all channels with probability p."""
+
+    def __init__(self, p=0.2):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        gray = kornia.color.rgb_to_grayscale(x).expand_as(x)
+        return torch.where(_coin(x.shape[0], self.p, x), gray, x)
+
+
+class RandomResizedCropLayer(nn.Module):
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio`` and resize it
+    back to the input size, per image, through one affine resampling with reflection padding.
+    ``fix_scale`` pins the area fraction at ``scale[0]``."""
+
+    def __init__(self, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), fix_scale=False):
+        super().__init__()
+        self.scale, self.ratio, self.fix_scale = scale, ratio, fix_scale
+
+    def forward(self, x):
+        n, dev = x.shape[0], x.device
+        if self.fix_scale:
+            area = torch.full((n,), float(self.scale[0]), device=dev)
+        else:
+            area = torch.empty(n, device=dev).uniform_(self.scale[0], self.scale[1])
+        log_r = torch.empty(n, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        r = torch.exp(log_r)
+        w = torch.sqrt(area * r).clamp(max=1.0)
+        h = torch.sqrt(area / r).clamp(max=1.0)
+        cx = (torch.rand(n, device=dev) * 2 - 1) * (1 - w)
+        cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - h)
+        theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def simclr_augmentation(resize_factor=0.08, resize_fix=False):
+    """The SimCLR augmentation of SPEC section 3.4: jitter, grayscale, resized crop."""
+    return nn.Sequential(
+        ColorJitterLayer(p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
+        RandomColorGrayLayer(p=0.2),
+        RandomResizedCropLayer(scale=(resize_factor, 1.0), fix_scale=resize_fix),
+    )

@@ -1,0 +1,1 @@
+"""Contrastive training: losses, optimiser, schedule and the training loop."""

@@ -1,0 +1,90 @@
+"""LARS over SGD and the learning-rate schedule of CSI.
+
+LARS is a few lines (SPEC section 3.8); a package exists (torchlars) but it compiles a CUDA
+extension at install time, so it is written here.
+"""
+import bisect
+import math
+
+import torch
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling around an SGD optimiser.
+
+    Before each step every gradient becomes ``(g + wd*w) * trust * ||w|| / (||g|| + wd*||w|| + eps)``
+    (factor 1 where either norm is 0) and the wrapped SGD runs with weight decay 0.
+    """
+
+    def __init__(self, optimizer, eps=1e-8, trust_coef=0.001):
+        self.optim = optimizer
+        self.eps, self.trust_coef = eps, trust_coef
+
+    # expose the wrapped optimiser's state so schedulers and checkpoints see one object
+    @property
+    def param_groups(self):
+        return self.optim.param_groups
+
+    @property
+    def state(self):
+        return self.optim.state
+
+    def state_dict(self):
+        return self.optim.state_dict()
+
+    def load_state_dict(self, state):
+        self.optim.load_state_dict(state)
+
+    def zero_grad(self, set_to_none=True):
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def _rescale(self, group):
+        wd = group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        w_norm = torch.stack(torch._foreach_norm(params))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        ratio = self.trust_coef * w_norm / (g_norm + wd * w_norm + self.eps)
+        ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+        if wd != 0:
+            torch._foreach_add_(grads, params, alpha=wd)
+        torch._foreach_mul_(grads, list(ratio.unbind()))
+
+    def step(self, closure=None):
+        saved = []
+        for group in self.optim.param_groups:
+            self._rescale(group)
+            saved.append(group["weight_decay"])
+            group["weight_decay"] = 0
+        try:
+            return self.optim.step(closure)
+        finally:
+            for group, wd in zip(self.optim.param_groups, saved):
+                group["weight_decay"] = wd
+
+
+def make_optimizer(params, P):
+    sgd = torch.optim.SGD(params, lr=P.lr_init, momentum=0.9, weight_decay=P.weight_decay)
+    return LARS(sgd) if P.optimizer == "lars" else sgd
+
+
+def lr_at(epoch, P, multiplier=10.0):
+    """Learning rate at a fractional epoch: linear warm-up from lr_init to lr_init*multiplier
+    over --warmup epochs, then cosine annealing over --epochs (or x0.1 at 50% and 75%)."""
+    base = P.lr_init
+    if P.warmup > 0 and epoch <= P.warmup:
+        return base * ((multiplier - 1.0) * epoch / P.warmup + 1.0)
+    peak = base * multiplier
+    e = epoch - P.warmup
+    if P.lr_scheduler == "cosine":
+        return peak * (1 + math.cos(math.pi * e / P.epochs)) / 2
+    milestones = [int(0.5 * P.epochs), int(0.75 * P.epochs)]
+    return peak * 0.1 ** bisect.bisect_right(milestones, e)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,143 @@
+"""Small utilities shared by the programs: seeding, batching, atomic files, logging."""
+import contextlib
+import csv
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batch_indices(n, batch_size, perm=None, drop_last=False):
+    """Yield LongTensors of indices, in order or following ``perm``."""
+    order = perm if perm is not None else torch.arange(n)
+    stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def autocast_for(device, enabled):
+    """Mixed precision where asked: bf16 on CPU, fp16 on CUDA; a no-op otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def atomic_torch_save(obj, path):
+    """Write ``obj`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text, path):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(obj, path):
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def atomic_write_csv(rows, fieldnames, path):
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
+class Logger:
+    """Text log (``log.txt``), TensorBoard scalars and a CSV of scalars in one run folder."""
+
+    def __init__(self, logdir, tensorboard=True):
+        self.logdir = logdir
+        os.makedirs(logdir, exist_ok=True)
+        self._text = open(os.path.join(logdir, "log.txt"), "a")
+        self._writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir)
+        self._csv_path = os.path.join(logdir, "scalars.csv")
+        new = not os.path.exists(self._csv_path)
+        self._csv = open(self._csv_path, "a", newline="")
+        self._csv_writer = csv.writer(self._csv)
+        if new:
+            self._csv_writer.writerow(["step", "tag", "value", "time"])
+
+    def log(self, msg, echo=True):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        self._text.write(line + "\n")
+        self._text.flush()
+        if echo:
+            print(msg, file=sys.stdout, flush=True)
+
+    def scalar(self, tag, value, step):
+        value = float(value)
+        if self._writer is not None:
+            self._writer.add_scalar(tag, value, step)
+        self._csv_writer.writerow([step, tag, f"{value:.6g}", f"{time.time():.3f}"])
+
+    def flush(self):
+        self._csv.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        self.flush()
+        self._text.close()
+        self._csv.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -104,7 +104,7 @@ def main(argv=None):
     normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)
     n_shifts = int(meta.get("n_shifts", ckpt["model"]["shift_cls_layer.weight"].shape[0]))
     model = build_model(P.model, n_classes=info.n_classes, simclr_dim=meta.get("simclr_dim", P.simclr_dim),
-                        n_shifts=n_shifts).to(device)
+                        n_shifts=n_shifts, width=meta.get("resnet_width", P.resnet_width)).to(device)
     try:
         model.load_state_dict(ckpt["model"], strict=not P.no_strict)
     except RuntimeError as exc:

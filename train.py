@@ -124,7 +124,8 @@ def main(argv=None):
 
         warn(f"--model {P.model} is meant for 224-px images; {P.dataset} is {info.image_size[0]} px (use resnet18)")
     dissolve = build_dissolve(P, device, info)
-    model = build_model(P.model, n_classes=info.n_classes, simclr_dim=P.simclr_dim, n_shifts=P.K_shift).to(device)
+    model = build_model(P.model, n_classes=info.n_classes, simclr_dim=P.simclr_dim, n_shifts=P.K_shift,
+                        width=P.resnet_width).to(device)
     if P.load_path and not resume_ckpt:
         ckpt = load_model_checkpoint(P.load_path, device)
         model.load_state_dict(ckpt["model"], strict=not P.no_strict)
@@ -143,6 +144,7 @@ def main(argv=None):
     meta = {
         "args": {k: v for k, v in vars(P).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
         "arch": P.model, "n_classes": info.n_classes, "n_shifts": P.K_shift, "simclr_dim": P.simclr_dim,
+        "resnet_width": P.resnet_width,
         "dataset": P.dataset, "one_class_idx": P.one_class_idx, "image_size": list(info.image_size),
         "class_names": list(info.class_names), "native_kind": info.native_kind,
     }

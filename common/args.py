@@ -47,6 +47,9 @@ def build_parser(program="train"):
                    help="resnet18 (CIFAR-style) for <= 32 px, resnet18_imagenet for 224 px")
     g.add_argument("--mode", default="simclr_DIA" if program == "train" else "ood_pre", choices=MODES)
     g.add_argument("--simclr_dim", type=int, default=128, help="output size of the simclr head")
+    g.add_argument("--resnet_width", type=int, default=64,
+                   help="CIFAR-style models: channels of the first stage (64 = the paper's network; "
+                        "16 or 32 for quick CPU runs)")
     g.add_argument("--shift_trans_type", default="diffusion_rotation" if program == "train" else "rotation",
                    choices=SHIFT_TYPES, help="shift transformation (diffusion_*/blur*_* add dissolved views)")
 

@@ -20,7 +20,7 @@ SHIFT_TYPES = (
     "diffusion", "blurgaussian", "blurmedian", "blurnone",
 )
 SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
-OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar", "norm_mean")
+OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar")
 
 
 def build_parser(program="train"):
@@ -103,7 +103,8 @@ def build_parser(program="train"):
     g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--ood_score", nargs="+", default=["CSI"] if program == "train" else ["norm_mean"], choices=OOD_SCORES)
+    g.add_argument("--ood_score", nargs="+", default=None, choices=OOD_SCORES,
+                   help="scores to compute (default: CSI for --mode ood_pre, baseline for --mode ood)")
     g.add_argument("--ood_layer", nargs="+", default=["simclr", "shift"], choices=("penultimate", "simclr", "shift"))
     g.add_argument("--ood_samples", type=int, default=1, help="augmented samples per image and shift")
     g.add_argument("--ood_batch_size", type=int, default=100)
@@ -137,14 +138,14 @@ def normalise_args(P):
     P.base_shift = P.shift_trans_type.split("_")[-1]  # rotation | cutperm | none
 
     if P.program == "train":
+        if P.mode in ("ood_pre", "ood"):
+            raise UserError(f"--mode {P.mode} is an evaluation mode: run eval.py")
         if P.mode == "simclr_DIA" and P.dissolve_type is None:
             raise UserError(f"--mode simclr_DIA needs a dissolving shift type (e.g. diffusion_rotation, "
                             f"blurgaussian_rotation), got --shift_trans_type {P.shift_trans_type}")
         if P.mode != "simclr_DIA" and P.dissolve_type is not None:
             raise UserError(f"--shift_trans_type {P.shift_trans_type} dissolves images and only works with "
                             f"--mode simclr_DIA (got --mode {P.mode}); use --shift_trans_type {P.base_shift}")
-        if P.mode in ("ood_pre", "ood"):
-            raise UserError(f"--mode {P.mode} is an evaluation mode: run eval.py")
         if P.dissolve_type == "diffusion" and not P.diffusion_model_path:
             raise UserError("--shift_trans_type diffusion_* needs --diffusion_model_path CKPT "
                             "(train one with: python diffusion_models/train_eval_ddpm.py --mode train --dataset D)")
@@ -180,6 +181,8 @@ def normalise_args(P):
     if P.kernel_size < 1 or P.kernel_size % 2 == 0:
         raise UserError(f"--kernel_size must be a positive odd number, got {P.kernel_size}")
 
+    if P.ood_score is None:
+        P.ood_score = ["baseline"] if P.mode == "ood" else ["CSI"]
     P.K_shift = 1 if P.base_shift == "none" else 4
     if P.program == "train" and P.K_shift > 1 and P.batch_size * P.K_shift != 128:
         from utils import warn

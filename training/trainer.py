@@ -146,7 +146,7 @@ class Trainer:
                 done += 1
                 for key, v in out.items():
                     sums[key] = sums.get(key, 0.0) + v
-                if self.step % P.log_every == 0:
+                if self.step % P.log_every == 0 or self.step == 1:
                     for key, v in out.items():
                         logger.scalar(f"train/{key}", v, self.step)
                     logger.scalar("train/lr", lr, self.step)

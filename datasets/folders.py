@@ -1,0 +1,166 @@
+"""Datasets stored as ``<root>/{train,test}/<class>/<images>`` folders.
+
+Classes are the sub-folders of a split, sorted by name (Python string order, as
+torchvision's ImageFolder). Files are found recursively below each class folder, sorted,
+hidden entries skipped; the extensions accepted are :data:`IMAGE_EXTENSIONS` (any case).
+Images are decoded lazily and cached by :class:`~datasets.base.FolderStore`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from common.errors import UserError
+
+from .base import DatasetInfo, FolderStore, ImageDataset, native_kind_for
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class FolderSpec:
+    """Where a folder dataset lives under ``data_root`` and how its folders become labels.
+
+    ``relabel`` maps the sorted class-folder names of a split to ``(folder -> label dict,
+    class_names)``; ``None`` means label = position in the sorted train classes, and the
+    test split must have the same class folders.
+    """
+
+    name: str
+    subdir: str                       # relative to data_root ('' for the generic imagefolder)
+    source: str                       # where the data comes from, for error messages
+    required_classes: Tuple[str, ...] = ()
+    relabel: Optional[Callable[[Sequence[str]], Tuple[Dict[str, int], List[str]]]] = None
+
+
+def _binary_relabel(normal_folder: str, normal_name: str):
+    def relabel(folders: Sequence[str]):
+        return {f: (0 if f == normal_folder else 1) for f in folders}, [normal_name, "abnormal"]
+
+    return relabel
+
+
+FOLDER_SPECS: Dict[str, FolderSpec] = {
+    "covid": FolderSpec(
+        "covid", "covid",
+        "Kaggle dataset 'plameneduardo/sarscov2-ctscan-dataset' (folders COVID/ and non-COVID/, "
+        "split by you into train/ and test/)"),
+    "kvasir": FolderSpec(
+        "kvasir", "kvasir-anomaly-polyps",
+        "the Kvasir dataset (https://datasets.simula.no/kvasir/), arranged as normal/polyp class "
+        "folders under train/ and test/"),
+    "retina": FolderSpec(
+        "retina", "OCT2017",
+        "Kaggle dataset 'paultimothymooney/kermany2018' (its OCT2017 folder with train/ and test/, "
+        "class folders CNV DME DRUSEN NORMAL)",
+        required_classes=("NORMAL",), relabel=_binary_relabel("NORMAL", "NORMAL")),
+    "aptos": FolderSpec(
+        "aptos", os.path.join("APTOS2019", "split"),
+        "Kaggle competition 'aptos2019-blindness-detection' (images sorted by you into grade "
+        "folders 0..4 from train.csv's diagnosis column, under split/train and split/test)",
+        required_classes=("0",), relabel=_binary_relabel("0", "grade_0")),
+    "chestxray": FolderSpec(
+        "chestxray", "chest_xray",
+        "Kaggle dataset 'paultimothymooney/chest-xray-pneumonia' (chest_xray/ with train/ and "
+        "test/, class folders NORMAL and PNEUMONIA)",
+        required_classes=("NORMAL", "PNEUMONIA")),
+    "imagefolder": FolderSpec(
+        "imagefolder", "",
+        "your own images, one sub-folder per class under train/ and test/"),
+}
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_images(class_dir: str) -> List[str]:
+    """All image files below ``class_dir`` (absolute paths), sorted by relative path."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for f in filenames:
+            if not _is_hidden(f) and is_image_file(f):
+                found.append(os.path.join(dirpath, f))
+    found.sort(key=lambda p: os.path.relpath(p, class_dir).replace(os.sep, "/"))
+    return found
+
+
+def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str], Dict[str, List[str]]]:
+    """Class folders (sorted) of one split and their image files; every problem is a UserError."""
+    base = os.path.abspath(os.path.join(data_root, spec.subdir))
+    split_dir = os.path.join(base, split)
+    layout = f"{base}{os.sep}{{train,test}}{os.sep}<class>{os.sep}<images>"
+    if not os.path.isdir(base):
+        raise UserError(
+            f"dataset '{spec.name}': folder {base} does not exist. Expected the layout {layout}, "
+            f"from {spec.source}. Put the data there or point --data_root at the folder that holds it "
+            f"(automatic downloads are off).")
+    if not os.path.isdir(split_dir):
+        raise UserError(
+            f"dataset '{spec.name}': split folder {split_dir} does not exist. Expected the layout "
+            f"{layout}, from {spec.source}.")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+    if not classes:
+        raise UserError(
+            f"dataset '{spec.name}': split folder {split_dir} has no class sub-folders. Expected one "
+            f"folder of images per class, e.g. {os.path.join(split_dir, '<class>', 'image.png')}.")
+    missing = [c for c in spec.required_classes if c not in classes]
+    if missing:
+        raise UserError(
+            f"dataset '{spec.name}': split folder {split_dir} lacks the class folder(s) "
+            f"{', '.join(missing)} (found: {', '.join(classes)}); data from {spec.source}.")
+    files = {}
+    for c in classes:
+        cdir = os.path.join(split_dir, c)
+        imgs = _list_images(cdir)
+        if not imgs:
+            raise UserError(
+                f"dataset '{spec.name}': class folder {cdir} contains no images (accepted extensions: "
+                f"{' '.join(IMAGE_EXTENSIONS)}). Add its images or remove the empty folder.")
+        files[c] = imgs
+    return classes, files
+
+
+def load_folder_dataset(spec: FolderSpec, data_root: str,
+                        size_hw: Tuple[int, int]) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
+    """Train and test :class:`ImageDataset` of a folder dataset, images resized to ``size_hw``."""
+    root_abs = os.path.abspath(data_root)
+    scanned = {split: scan_split(spec, data_root, split) for split in SPLITS}
+    train_classes = scanned["train"][0]
+    if spec.relabel is None:
+        test_classes = scanned["test"][0]
+        if test_classes != train_classes:
+            base = os.path.abspath(os.path.join(data_root, spec.subdir))
+            raise UserError(
+                f"dataset '{spec.name}': train and test have different class folders under {base} "
+                f"(train: {', '.join(train_classes)}; test: {', '.join(test_classes)}); labels come from "
+                f"the sorted folder names, so both splits need the same class folders.")
+        mapping = {c: i for i, c in enumerate(train_classes)}
+        class_names = list(train_classes)
+    else:
+        all_folders = sorted(set(train_classes) | set(scanned["test"][0]))
+        mapping, class_names = spec.relabel(all_folders)
+
+    sets = []
+    for split in SPLITS:
+        classes, files = scanned[split]
+        paths, labels = [], []
+        for c in classes:
+            paths.extend(files[c])
+            labels.extend([mapping[c]] * len(files[c]))
+        names = [os.path.relpath(p, root_abs).replace(os.sep, "/") for p in paths]
+        store = FolderStore(paths, size_hw)
+        sets.append(ImageDataset(store, torch.tensor(labels, dtype=torch.long), names))
+    h, w = size_hw
+    info = DatasetInfo(name=spec.name, image_size=(h, w, 3), n_classes=len(class_names),
+                       class_names=class_names, native_kind=native_kind_for(h, w))
+    return sets[0], sets[1], info

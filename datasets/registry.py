@@ -1,0 +1,75 @@
+"""``get_dataset``: one entry point for every dataset the programs know."""
+from __future__ import annotations
+
+from typing import Tuple
+
+from common.errors import UserError
+
+from .base import DatasetInfo, ImageDataset
+from .folders import FOLDER_SPECS, load_folder_dataset
+from .medmnist_sets import MEDMNIST_NAMES
+
+DATASET_NAMES = ("covid", "kvasir", "retina", "aptos", "chestxray",
+                 "pneumoniamnist", "breastmnist", "chestmnist",
+                 "cifar10", "cifar100", "imagefolder", "digits", "synth_lesion")
+
+FOLDER_SIZE = 224                      # the paper's 224-px datasets
+_NATIVE_SIZE = {**{n: FOLDER_SIZE for n in ("covid", "kvasir", "retina", "aptos", "chestxray")},
+                **{n: 28 for n in MEDMNIST_NAMES},
+                "cifar10": 32, "cifar100": 32, "digits": 32, "synth_lesion": 32}
+
+
+def _parse_size(name: str, image_size) -> Tuple[int, int]:
+    """``image_size`` (int, (H, W) or (H, W, C)) as ``(H, W)``; anything else is a UserError."""
+    if isinstance(image_size, bool):
+        raise UserError(f"dataset '{name}': image size {image_size!r} is not a size; give a positive integer")
+    if isinstance(image_size, int):
+        hw = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list)) and len(image_size) in (2, 3) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in image_size):
+        if len(image_size) == 3 and image_size[2] != 3:
+            raise UserError(f"dataset '{name}': image size {tuple(image_size)} has {image_size[2]} channels; "
+                            f"images are always RGB (3 channels)")
+        hw = (image_size[0], image_size[1])
+    else:
+        raise UserError(f"dataset '{name}': image size {image_size!r} is not a size; give a positive integer "
+                        f"or (height, width)")
+    if min(hw) < 1 or max(hw) > 4096:
+        raise UserError(f"dataset '{name}': image size {hw[0]}x{hw[1]} is out of range; use 1..4096 pixels")
+    return hw
+
+
+def get_dataset(name: str, data_root: str = "../data", image_size=None,
+                seed: int = 0) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
+    """Train set, test set and :class:`DatasetInfo` of dataset ``name`` (see ``DATASET_NAMES``).
+
+    ``image_size`` is the resize target of ``imagefolder`` (default 224); the other datasets
+    have a fixed size and accept only ``None`` or that size. ``seed`` drives ``synth_lesion``'s
+    generator (the other datasets are files, or a fixed split for ``digits``).
+    Nothing is ever downloaded; a missing or bad dataset is a :class:`UserError`.
+    """
+    if not isinstance(name, str) or name not in DATASET_NAMES:
+        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+    if name == "imagefolder":
+        hw = _parse_size(name, FOLDER_SIZE if image_size is None else image_size)
+        return load_folder_dataset(FOLDER_SPECS[name], data_root, hw)
+
+    native = _NATIVE_SIZE[name]
+    if image_size is not None and _parse_size(name, image_size) != (native, native):
+        raise UserError(f"dataset '{name}' always has {native}x{native} images; image size {image_size!r} "
+                        f"applies only to 'imagefolder' (leave it unset for '{name}')")
+
+    if name in FOLDER_SPECS:
+        return load_folder_dataset(FOLDER_SPECS[name], data_root, (native, native))
+    if name in MEDMNIST_NAMES:
+        from .medmnist_sets import load_medmnist
+        return load_medmnist(name, data_root)
+    if name in ("cifar10", "cifar100"):
+        from .cifar import load_cifar
+        return load_cifar(name, data_root)
+    if name == "digits":
+        from .digits import load_digits_dataset
+        return load_digits_dataset()
+    from .synth_lesion import load_synth_lesion
+    return load_synth_lesion(seed=seed)

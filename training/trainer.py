@@ -18,8 +18,8 @@ CHECKPOINT_KIND = "dia_model"
 class Trainer:
     """Holds the model, optimisers and view-making layers of one training run.
 
-    ``dissolve`` is None for simclr/simclr_CSI; for simclr_DIA it maps a batch of K chunks
-    (``K*B x C x H x W``) and the epoch to their dissolved versions, one timestep per chunk.
+    ``dissolve`` is None for simclr/simclr_CSI; for simclr_DIA it is a dissolve generator of
+    ``models.dissolve`` (``dissolve_chunks(list of K chunks, epoch) -> list of K chunks``).
     """
 
     def __init__(self, P, model, device, dissolve=None):
@@ -47,9 +47,10 @@ class Trainer:
         v2 = torch.cat([shift(x2, k) for k in range(K)])
         if self.dissolve is None:
             return torch.cat([v1, v2]), 2
-        x3 = torch.cat([self.hflip(x) for _ in range(K)])
-        d = self.dissolve(x3, self.epoch)
-        v3 = torch.cat([shift(c, k) for k, c in enumerate(d.chunk(K))])
+        # K fresh flips, each dissolved with its own strength in one batched call; the
+        # sampler sees the 0-based index of the running epoch
+        d = self.dissolve.dissolve_chunks([self.hflip(x) for _ in range(K)], self.epoch)
+        v3 = torch.cat([shift(c, k) for k, c in enumerate(d)])
         return torch.cat([v1, v2, v3]), 3
 
     def train_step(self, x, y):

@@ -111,6 +111,9 @@ def main(argv=None):
         raise UserError(f"{P.load_path} does not fit --model {P.model} with {info.n_classes} classes: "
                         f"{str(exc).splitlines()[0]}") from None
     model.eval()
+    from common.device import parallel
+
+    net = parallel(model, device, P.multi_gpu)
 
     labels = test_set.labels.numpy()
     results = {"auroc_by_score": {}, "dataset": P.dataset, "one_class_idx": P.one_class_idx,
@@ -133,8 +136,8 @@ def main(argv=None):
         target = folder_dataset(P.score_folder, info.image_size) if P.score_folder else test_set
         total = (len(normal_train) + len(target)) * P.ood_samples
         with tqdm(total=total, desc="features", unit="img", disable=None) as bar:
-            f_train = extract_features(model, normal_train, progress=bar, **kw)  # once, for every score
-            f_test = extract_features(model, target, progress=bar, **kw)
+            f_train = extract_features(net, normal_train, progress=bar, **kw)  # once, for every score
+            f_test = extract_features(net, target, progress=bar, **kw)
         for score in scores_wanted:
             per_image[score] = csi_scores(f_train, f_test, 4, score).numpy()
         if P.score_folder:
@@ -153,7 +156,7 @@ def main(argv=None):
         from evals.ood import simple_scores
 
         for score in scores_wanted:
-            per_image[score] = simple_scores(model, test_set, score, device, layer=P.ood_layer[0],
+            per_image[score] = simple_scores(net, test_set, score, device, layer=P.ood_layer[0],
                                              batch_size=P.ood_batch_size, resize_factor=P.resize_factor,
                                              resize_fix=P.resize_fix, amp=P.amp, seed=P.seed).numpy()
 

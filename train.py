@@ -82,8 +82,8 @@ def make_evaluate(P, normal_train, test_set, info, device):
     def evaluate(trainer):
         kw = dict(base_shift="rotation", n_samples=P.ood_samples, device=device,
                   batch_size=P.test_batch_size, resize_factor=0.54, resize_fix=True, amp=P.amp)
-        f_tr = extract_features(trainer.model, tr, **kw)
-        f_te = extract_features(trainer.model, te, **kw)
+        f_tr = extract_features(trainer.net, tr, **kw)
+        f_te = extract_features(trainer.net, te, **kw)
         metrics = {}
         for score in ("CSI", "simclr"):
             if score == "CSI" and trainer.model.shift_cls_layer.out_features != 4:

@@ -85,6 +85,8 @@ def build_parser(program="train"):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    g.add_argument("--multi_gpu", action="store_true",
+                   help="split each batch over all visible GPUs (torch.nn.DataParallel)")
 
     g = p.add_argument_group("checkpoints and logs")
     g.add_argument("--logdir", default=None, help="run folder (default logs/<dataset>_<model>_<mode>_<shift>_one_class_<idx>)")

@@ -12,3 +12,15 @@ def pick_device(requested=None):
             raise UserError(f"--device {requested} asked for CUDA but no CUDA device is visible; use --device cpu")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parallel(model, device, multi_gpu):
+    """``model`` itself, or wrapped to split batches over every visible GPU."""
+    from common.errors import UserError
+
+    if not multi_gpu:
+        return model
+    n = torch.cuda.device_count() if device.type == "cuda" else 0
+    if n < 2:
+        raise UserError(f"--multi_gpu needs at least 2 visible CUDA devices, found {n}; drop the flag")
+    return torch.nn.DataParallel(model)

@@ -23,7 +23,10 @@ class Trainer:
     """
 
     def __init__(self, P, model, device, dissolve=None):
+        from common.device import parallel
+
         self.P, self.model, self.device, self.dissolve = P, model, device, dissolve
+        self.net = parallel(model, device, getattr(P, "multi_gpu", False))  # what the batches go through
         self.shift = get_shift(P.base_shift)
         self.K = self.shift.max_range
         self.hflip = HorizontalFlipRandom(0.5)
@@ -59,7 +62,7 @@ class Trainer:
         views, chunks = self.make_views(x)
         views = self.aug(views)
         with autocast_for(self.device, P.amp):
-            _, aux = model(views, penultimate=True, simclr=True, shift=True)
+            _, aux = self.net(views, penultimate=True, simclr=True, shift=True)
         z = F.normalize(aux["simclr"].float(), dim=1)
         sim = z @ z.t()
         if chunks == 3:

@@ -1,0 +1,408 @@
+"""Train the DIA dissolver (a DDPM on the normal class), draw its dissolving figure, count its MACs.
+
+    python diffusion_models/train_eval_ddpm.py --mode train --dataset covid          # from the repo root
+    cd diffusion_models; python train_eval_ddpm.py --mode train --dataset covid      # as the paper's README
+    python diffusion_models/train_eval_ddpm.py --mode eval --dataset covid \
+        --diffusion_model_path diffusion_models/ckpts/covid_1_32px.pt --out dissolving.png
+    python diffusion_models/train_eval_ddpm.py --mode macs --image_size 32 64 128
+
+Training uses the normal class of the training split only, brought to the dissolving
+resolution exactly as dissolving later does (MedMNIST: pad 2 -> 32; 32-px data: as is;
+224-px data: antialiased bilinear resize), random horizontal flips, Adam (lr 8e-5, betas
+(0.9, 0.99) as the package's Trainer), and an EMA of the weights from ``ema_pytorch`` (the
+package's own EMA, as its Trainer uses it: decay 0.995, updated every 10 steps, after its
+usual warm-up). Checkpoints are written atomically and can be resumed exactly (``--resume``).
+"""
+import argparse
+import os
+import random
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.device import pick_device  # noqa: E402
+from common.errors import UserError, exit_on_user_error  # noqa: E402
+
+PAPER_GMACS = {32: 2.33, 64: 3.84, 128: 9.90}
+DEFAULT_SHOW_TIMESTEPS = [10, 30, 50, 70, 100, 150]
+
+
+def default_one_class_idx(dataset):
+    """The DDPM script's normal class: folder class 1 ('non-COVID') for covid, else 0."""
+    return 1 if dataset == "covid" else 0
+
+
+def default_save_path(dataset, one_class_idx, resolution):
+    return os.path.join(_HERE, "ckpts", f"{dataset}_{one_class_idx}_{resolution}px.pt")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train / show / cost the DIA dissolver (DDPM).")
+    p.add_argument("--mode", choices=["train", "eval", "macs"], default="train")
+    p.add_argument("--dataset", default=None, help="dataset name (required for train and eval)")
+    p.add_argument("--data_root", default="../data")
+    p.add_argument("--one_class_idx", type=int, default=None,
+                   help="normal class (default: 1 for covid, the non-COVID folder; else 0; eval: the checkpoint's)")
+    p.add_argument("--image_size", type=int, nargs="+", default=None,
+                   help="dissolving resolution (train: default 32; macs: list, default 32 64 128)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=8e-5)
+    p.add_argument("--unet_dim", type=int, default=64)
+    p.add_argument("--dim_mults", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--sampling_timesteps", type=int, default=250)
+    p.add_argument("--objective", default="pred_noise", choices=["pred_noise", "pred_x0", "pred_v"])
+    p.add_argument("--beta_schedule", default="cosine", choices=["linear", "cosine", "sigmoid"])
+    p.add_argument("--loss_type", default="l1", choices=["l1", "l2"])
+    p.add_argument("--ema_decay", type=float, default=0.995)
+    p.add_argument("--ema_every", type=int, default=10)
+    p.add_argument("--save_path", default=None,
+                   help="checkpoint file (default diffusion_models/ckpts/<dataset>_<idx>_<res>px.pt)")
+    p.add_argument("--save_every_epochs", type=int, default=1)
+    p.add_argument("--save_every_steps", type=int, default=0, help="also save every N steps (0: off)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from --save_path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save_path instead of refusing")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps in total")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    # eval
+    p.add_argument("--diffusion_model_path", default=None, help="dissolver checkpoint (eval; macs: optional)")
+    p.add_argument("--timesteps_to_show", type=int, nargs="+", default=None,
+                   help=f"eval: timesteps of the rows (default {' '.join(map(str, DEFAULT_SHOW_TIMESTEPS))})")
+    p.add_argument("--n_show", type=int, default=8, help="eval: images per row (half normal, half anomalous)")
+    p.add_argument("--range_correct", action="store_true",
+                   help="eval: feed x*2-1 and show (x0+1)/2 (default: the paper's raw [0,1] in, [-1,1] out)")
+    p.add_argument("--out", default=None, help="eval: PNG path (default: next to the checkpoint)")
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _single_size(args, default):
+    if args.image_size is None:
+        return default
+    if len(args.image_size) != 1:
+        raise UserError(f"--mode {args.mode} takes one --image_size, got {' '.join(map(str, args.image_size))}")
+    return args.image_size[0]
+
+
+def _config_from_args(args, resolution):
+    from diffusion_models.ddpm import ddpm_config
+
+    return ddpm_config(image_size=resolution, channels=3, unet_dim=args.unet_dim, dim_mults=args.dim_mults,
+                       timesteps=args.timesteps, sampling_timesteps=args.sampling_timesteps,
+                       objective=args.objective, beta_schedule=args.beta_schedule, loss_type=args.loss_type)
+
+
+def _load_data(args):
+    from datasets import get_dataset
+
+    if not args.dataset:
+        raise UserError(f"--mode {args.mode} needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
+    return get_dataset(args.dataset, args.data_root, image_size=None, seed=args.seed)
+
+
+def _check_class(idx, info):
+    n = len(info.class_names)
+    if not 0 <= idx < n:
+        raise UserError(f"--one_class_idx {idx} is out of range: this dataset has {n} classes "
+                        f"({', '.join(map(str, info.class_names))}); use 0..{n - 1}")
+
+
+def _rng_state():
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["keys"].cpu().numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached_gaussian"]))
+    random.setstate(_to_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _epoch_order(n, seed, epoch):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(args):
+    from ema_pytorch import EMA
+    from tqdm import tqdm
+
+    from datasets import one_class_split
+    from diffusion_models.ddpm import (build_diffusion, package_version, read_dissolver_checkpoint,
+                                       save_dissolver)
+    from models.dissolve import to_dissolve_resolution
+
+    resolution = _single_size(args, 32)
+    for name in ("epochs", "batch_size", "ema_every", "save_every_epochs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise UserError(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
+    config = _config_from_args(args, resolution)
+    device = pick_device(args.device)
+    if not args.dataset:
+        raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
+    idx = default_one_class_idx(args.dataset) if args.one_class_idx is None else args.one_class_idx
+    save_path = args.save_path or default_save_path(args.dataset, idx, resolution)
+    if args.resume and not os.path.exists(save_path):
+        raise UserError(f"--resume: nothing to resume at {save_path}; drop --resume to start training")
+    if not args.resume and os.path.exists(save_path) and not args.overwrite:
+        raise UserError(f"{save_path} already exists; pass --resume to continue it, --overwrite to start over, "
+                        "or another --save_path")
+    ckpt = read_dissolver_checkpoint(save_path, device) if args.resume else None
+
+    train_set, test_set, info = _load_data(args)
+    _check_class(idx, info)
+    normal_train, _ = one_class_split(train_set, test_set, info, idx)
+    n = len(normal_train)
+    if n == 0:
+        raise UserError(f"class {idx} of {args.dataset} has no training images under {args.data_root}; "
+                        "check --data_root and --one_class_idx")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    diffusion = build_diffusion(config).to(device)
+    ema = EMA(diffusion, beta=args.ema_decay, update_every=args.ema_every, include_online_model=False)
+    ema.to(device)
+    opt = torch.optim.Adam(diffusion.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    flip_gen = torch.Generator().manual_seed(args.seed)
+    epoch, batch_in_epoch, step = 0, 0, 0
+
+    if ckpt is not None:
+        stored = ckpt["config"]
+        diffs = [f"{k} {stored.get(k)} (now {v})" for k, v in config.items() if stored.get(k) != v]
+        if diffs:
+            raise UserError(f"--resume: {save_path} was trained with {', '.join(diffs)}; pass the same "
+                            "architecture flags or another --save_path")
+        meta = ckpt["meta"]
+        if meta.get("dataset") != args.dataset or meta.get("one_class_idx") != idx:
+            raise UserError(f"--resume: {save_path} was trained on {meta.get('dataset')} class "
+                            f"{meta.get('one_class_idx')}, not {args.dataset} class {idx}; use another --save_path")
+        ts = ckpt["train_state"]
+        if ts is None:
+            raise UserError(f"--resume: {save_path} holds no training state; start over with --overwrite")
+        diffusion.load_state_dict(ckpt["model_state"])
+        ema.ema_model.load_state_dict(ckpt["ema_state"])
+        opt.load_state_dict(ts["optimizer"])
+        ema.step.fill_(int(ts["ema_step"]))
+        ema.initted.fill_(bool(ts["ema_initted"]))
+        epoch, batch_in_epoch, step = int(ts["epoch"]), int(ts["batch_in_epoch"]), int(ts["step"])
+        _set_rng_state(ts["rng"])
+        flip_gen.set_state(ts["rng"]["flip"].cpu())
+        print(f"resuming {save_path} at epoch {epoch} batch {batch_in_epoch} (step {step})")
+        del ckpt
+
+    n_batches = (n + args.batch_size - 1) // args.batch_size
+    print(f"dissolver: {args.dataset} class {idx} ({info.class_names[idx]}), {n} normal training images "
+          f"({info.native_kind}) -> {resolution} px, {n_batches} steps/epoch, device {device}, "
+          f"Unet(dim={config['unet_dim']}, dim_mults={tuple(config['dim_mults'])}), {config['objective']}, "
+          f"{config['beta_schedule']}, {config['loss_type']}")
+
+    def checkpoint(reason):
+        train_state = {
+            "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "ema_step": int(ema.step.item()), "ema_initted": bool(ema.initted.item()),
+            "rng": dict(_rng_state(), flip=flip_gen.get_state()),
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        }
+        meta = {
+            "dataset": args.dataset, "one_class_idx": idx, "class_name": str(info.class_names[idx]),
+            "native_kind": info.native_kind, "package_version": package_version(),
+            "epochs": round(epoch + batch_in_epoch / n_batches, 4), "steps": step,
+            "normal_train_images": n, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+            "ema": f"ema_pytorch EMA(beta={args.ema_decay}, update_every={args.ema_every}, defaults otherwise)",
+            "train_transform": f"to_dissolve_resolution({info.native_kind}, {resolution}) + random hflip",
+        }
+        save_dissolver(save_path, diffusion, ema.ema_model, config, meta, train_state)
+        print(f"saved {save_path} ({reason}: epoch {meta['epochs']}, step {step})")
+
+    def done():
+        return args.max_steps is not None and step >= args.max_steps
+
+    if epoch >= args.epochs or done():
+        print(f"nothing to do: {save_path} is at epoch {epoch}, step {step}")
+        return
+    diffusion.train()
+    saved_at = step
+    while epoch < args.epochs and not done():
+        order = _epoch_order(n, args.seed, epoch)
+        losses, t0 = [], time.time()
+        bar = tqdm(range(batch_in_epoch, n_batches), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=args.no_progress, dynamic_ncols=True)
+        for b in bar:
+            x, _ = normal_train.get_batch(order[b * args.batch_size:(b + 1) * args.batch_size])
+            x = to_dissolve_resolution(x.to(device, torch.float32), info.native_kind, resolution)[0]
+            flip = (torch.rand(x.shape[0], generator=flip_gen) < 0.5).to(device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = diffusion(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update()
+            step += 1
+            batch_in_epoch = b + 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
+            if args.save_every_steps and step % args.save_every_steps == 0 and batch_in_epoch < n_batches:
+                checkpoint("every-steps")
+                saved_at = step
+            if done():
+                break
+        bar.close()
+        if batch_in_epoch >= n_batches:
+            epoch, batch_in_epoch = epoch + 1, 0
+        mean = sum(losses) / max(len(losses), 1)
+        print(f"epoch {epoch if batch_in_epoch == 0 else epoch + 1}/{args.epochs}: {len(losses)} steps, "
+              f"mean loss {mean:.4f}, {time.time() - t0:.1f} s, step {step}")
+        if batch_in_epoch == 0 and epoch % args.save_every_epochs == 0 and not done() and epoch < args.epochs:
+            checkpoint("epoch")
+            saved_at = step
+    if saved_at != step or not os.path.exists(save_path):
+        checkpoint("final")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _atomic_save_png(tensor, path, nrow):
+    from torchvision.utils import save_image
+
+    from diffusion_models.ddpm import atomic_write
+
+    atomic_write(path, lambda fh: save_image(tensor, fh, nrow=nrow, padding=2, format="png"))
+
+
+def evaluate(args):
+    from diffusion_models.ddpm import load_dissolver
+    from models.dissolve import Dissolver
+
+    if not args.diffusion_model_path:
+        raise UserError("--mode eval needs --diffusion_model_path CKPT (written by --mode train)")
+    if args.n_show < 1:
+        raise UserError(f"--n_show must be >= 1, got {args.n_show}")
+    device = pick_device(args.device)
+    resolution = _single_size(args, None)
+    diffusion, ck = load_dissolver(args.diffusion_model_path, device, expect_resolution=resolution,
+                                   expect_channels=3, resolution_flag="--image_size")
+    resolution = ck["config"]["image_size"]
+    show = args.timesteps_to_show or DEFAULT_SHOW_TIMESTEPS
+    bad = [t for t in show if not 0 <= t < diffusion.num_timesteps]
+    if bad:
+        raise UserError(f"--timesteps_to_show {' '.join(map(str, bad))} outside 0..{diffusion.num_timesteps - 1}")
+    _, test_set, info = _load_data(args)
+    meta = ck["meta"]
+    idx = args.one_class_idx
+    if idx is None:
+        idx = meta.get("one_class_idx") if meta.get("dataset") == args.dataset else None
+        idx = default_one_class_idx(args.dataset) if idx is None else idx
+    _check_class(idx, info)
+    if meta.get("dataset") != args.dataset:
+        print(f"note: the dissolver was trained on {meta.get('dataset')}, shown here on {args.dataset}")
+
+    labels = torch.as_tensor(test_set.labels).long()
+    g = torch.Generator().manual_seed(args.seed)
+    normal = torch.nonzero(labels == idx).flatten()
+    anomal = torch.nonzero(labels != idx).flatten()
+    normal = normal[torch.randperm(len(normal), generator=g)]
+    anomal = anomal[torch.randperm(len(anomal), generator=g)]
+    n_norm = min(len(normal), (args.n_show + 1) // 2)
+    n_anom = min(len(anomal), args.n_show - n_norm)
+    n_norm = min(len(normal), args.n_show - n_anom)
+    pick = torch.cat([normal[:n_norm], anomal[:n_anom]])
+    if len(pick) == 0:
+        raise UserError(f"the {args.dataset} test split under {args.data_root} holds no images")
+    x, _ = test_set.get_batch(pick)
+    x = x.to(device, torch.float32)
+    dissolver = Dissolver(diffusion, info.native_kind, diff_resolution=resolution, offset=0.0, upper=0.0,
+                          range_correct=args.range_correct)
+    rows = [x] + [dissolver(x, [t]) for t in show]
+    grid = torch.cat(rows).clamp(0, 1).cpu()
+    out = args.out or os.path.splitext(args.diffusion_model_path)[0] + "_dissolving.png"
+    _atomic_save_png(grid, out, nrow=len(pick))
+    mode = "range-correct ([-1,1] in, (x0+1)/2 shown)" if args.range_correct else \
+        "paper range ([0,1] in as is, [-1,1] prediction shown clipped to [0,1])"
+    print(f"wrote {out}: row 0 = {n_norm} normal + {n_anom} anomalous {args.dataset} test images; rows 1.."
+          f"{len(show)} = dissolved at t = {', '.join(map(str, show))} ({resolution} px, {mode})")
+
+
+# --------------------------------------------------------------------------- macs
+
+
+def macs(args):
+    import thop
+
+    from diffusion_models.ddpm import build_unet, read_dissolver_checkpoint, validate_config
+
+    sizes = args.image_size or [32, 64, 128]
+    base = None
+    if args.diffusion_model_path:
+        base = read_dissolver_checkpoint(args.diffusion_model_path, "cpu")["config"]
+    print("dissolver UNet cost per image (thop: convolutions, linear layers and norms; attention products "
+          "not counted)")
+    import torchvision
+
+    with torch.no_grad():
+        resnet_macs = thop.profile(torchvision.models.resnet18(weights=None), verbose=False,
+                                   inputs=(torch.randn(1, 3, 224, 224),))[0]
+    for r in sizes:
+        cfg = dict(base, image_size=r) if base else _config_from_args(args, r)
+        validate_config(cfg)
+        unet = build_unet(cfg).eval()
+        with torch.no_grad():
+            n_macs, n_params = thop.profile(unet, inputs=(torch.randn(1, cfg["channels"], r, r),
+                                                          torch.zeros(1, dtype=torch.long)), verbose=False)
+        paper = PAPER_GMACS.get(r)
+        paper_s = f"{paper:.2f} G" if paper else "-"
+        print(f"{r:>4} px: {n_macs / 1e9:6.2f} GMACs, {n_params / 1e6:.2f} M parameters; with ResNet-18 at 224 px "
+              f"({resnet_macs / 1e9:.2f} G): {(n_macs + resnet_macs) / 1e9:6.2f} G   (paper: {paper_s})")
+    print("note: the paper's 2.33 / 3.84 / 9.90 G equal 1.82 G (ResNet-18 at 224 px) + 0.51 / 2.02 / 8.08 G, "
+          "a part that grows 4x per doubling of the resolution as a UNet does")
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.mode == "train":
+        train(args)
+    elif args.mode == "eval":
+        evaluate(args)
+    else:
+        macs(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Dissolving as a shift transformation (DIA, SPEC sections 2 and 3.3).
+
+A *dissolve generator* takes ``K`` chunks of ``B`` images (float, ``[0, 1]``,
+``B x 3 x H x W``) and returns ``K`` chunks of the same shape, one random strength per
+chunk::
+
+    gen = make_dissolve_fn("diffusion_rotation", P, device, native_kind)
+    x3 = gen.dissolve_chunks([x3_0, x3_1, x3_2, x3_3], epoch)
+
+Three kinds exist: :class:`Dissolver` (one reverse DDPM step with a random timestep),
+:class:`BlurShift` with ``'gaussian'`` / ``'median'`` / ``'none'``. All run without
+gradients, keep the input's device, and bring images to the dissolving resolution and back
+the same way (:func:`to_dissolve_resolution`).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.errors import UserError
+
+NATIVE_KINDS = ("medmnist28", "small32", "large224")
+SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
+STEP_SCALE = 100
+
+# beta_by_epoch: a 30-epoch cycle of Beta(a, b) parameters between a floor of 2 and 20.
+BETA_CYCLE = 30
+BETA_HIGH = 20.0
+BETA_FLOOR = 2.0
+
+
+# --------------------------------------------------------------------------- timesteps
+
+
+def timestep(u, offset, upper, step_scale=STEP_SCALE):
+    """The dissolving timestep ``int(step_scale * (offset + u * (upper - offset)))``."""
+    return int(step_scale * (offset + u * (upper - offset)))
+
+
+def beta_by_epoch_params(epoch, reversed_=False):
+    """``(a, b)`` of the ``beta_by_epoch`` sampler at ``epoch`` (30-epoch cycle).
+
+    ``e = epoch % 30``, ``step = 2 * (20 - 2) / 30``; ``e < 15``: ``a = 20, b = 2 + step * e``,
+    else ``b = 20, a = 2 + step * (29 - e)``. The reversed sampler swaps ``a`` and ``b``.
+    """
+    e = int(epoch) % BETA_CYCLE
+    step = 2 * (BETA_HIGH - BETA_FLOOR) / BETA_CYCLE
+    if e < BETA_CYCLE // 2:
+        a, b = BETA_HIGH, BETA_FLOOR + step * e
+    else:
+        a, b = BETA_FLOOR + step * (BETA_CYCLE - 1 - e), BETA_HIGH
+    return (b, a) if reversed_ else (a, b)
+
+
+class StepSampler:
+    """Draws the dissolving strength ``u`` in ``[0, 1]`` (``--diffusion_scheduler``).
+
+    ``generator``: ``None`` uses numpy's global RNG (so ``np.random.seed`` makes runs
+    repeatable), an ``int`` seeds a private ``numpy.random.Generator``, or pass a
+    ``numpy.random.Generator``.
+    """
+
+    def __init__(self, name="uniform", generator=None):
+        if name not in SCHEDULERS:
+            raise UserError(f"unknown --diffusion_scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+        self.name = name
+        if generator is None:
+            self.rng = np.random  # the legacy global RNG
+        elif isinstance(generator, (int, np.integer)):
+            self.rng = np.random.default_rng(int(generator))
+        else:
+            self.rng = generator
+
+    def params(self, epoch=0):
+        """``None`` for ``uniform``, else the ``(a, b)`` of the Beta law used at ``epoch``."""
+        if self.name == "uniform":
+            return None
+        if self.name == "beta_skewed":
+            return (1.0, 1.7)
+        if self.name == "beta_skewed_reversed":
+            return (1.7, 1.0)
+        return beta_by_epoch_params(epoch, reversed_=self.name.endswith("_reversed"))
+
+    def sample(self, epoch=0):
+        ab = self.params(epoch)
+        if ab is None:
+            return float(self.rng.uniform(0.0, 1.0))
+        return float(self.rng.beta(*ab))
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _check_kind(native_kind):
+    if native_kind not in NATIVE_KINDS:
+        raise UserError(f"unknown dataset kind {native_kind!r}; expected one of {', '.join(NATIVE_KINDS)}")
+
+
+def _resize(x, size):
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def to_dissolve_resolution(x, native_kind, resolution):
+    """Bring ``x`` (N x C x H x W) to ``resolution`` x ``resolution``.
+
+    ``medmnist28``: zero-pad 2 px on each side (28 -> 32), then resize if ``resolution`` is not
+    32. Otherwise: identity when the size already matches, else bilinear resize with
+    antialiasing. Returns ``(y, undo)`` where ``undo(y')`` maps a result back to ``x``'s size.
+    """
+    _check_kind(native_kind)
+    size = tuple(x.shape[-2:])
+    target = (int(resolution), int(resolution))
+    if native_kind == "medmnist28":
+        if size != (28, 28):
+            raise ValueError(f"medmnist28 images must be 28 x 28, got {size}")
+        padded = F.pad(x, (2, 2, 2, 2))
+        y = _resize(padded, target)
+
+        def undo(z):
+            return _resize(z, (32, 32))[..., 2:30, 2:30]
+
+        return y, undo
+
+    def undo(z):
+        return _resize(z, size)
+
+    return _resize(x, target), undo
+
+
+# --------------------------------------------------------------------------- dissolvers
+
+
+class Dissolver(torch.nn.Module):
+    """One reverse step of a trained DDPM, used as a feature dissolver.
+
+    ``forward(x, ts)``: ``x`` holds ``K`` chunks of ``B`` images (``(K*B) x C x H x W``), ``ts``
+    ``K`` timesteps (one per chunk). The images are brought to ``diff_resolution``, taken as
+    ``x_t`` at their chunk's timestep, and the network's clipped ``x_0`` prediction is returned
+    (the second output of ``GaussianDiffusion.p_sample``, deterministic) in one batched network
+    call, brought back to the input size.
+
+    Range: by default (as the paper's code) the ``[0, 1]`` image enters the network as is and the
+    ``[-1, 1]`` prediction is returned unscaled. ``range_correct=True`` maps ``x * 2 - 1`` before
+    and ``(x0 + 1) / 2`` after.
+
+    The given ``diffusion`` is frozen in place (eval mode, ``requires_grad_(False)``). It is a
+    registered submodule (``.to(device)`` moves it), so keep a ``Dissolver`` outside the
+    trained network: as an attribute of it, its 35 M DDPM weights would join that network's
+    ``parameters()`` and ``state_dict()``.
+    """
+
+    def __init__(self, diffusion, native_kind, diff_resolution=32, offset=0.3, upper=1.0, scheduler="uniform",
+                 range_correct=False, step_scale=STEP_SCALE, generator=None):
+        super().__init__()
+        _check_kind(native_kind)
+        res = tuple(int(s) for s in diffusion.image_size)
+        if res != (int(diff_resolution), int(diff_resolution)):
+            raise UserError(f"the dissolver works at {res[0]} px but --diff_resolution is {diff_resolution}; pass "
+                            f"--diff_resolution {res[0]} or retrain the dissolver at {diff_resolution} px")
+        self.diffusion = diffusion.eval().requires_grad_(False)
+        self.native_kind = native_kind
+        self.diff_resolution = int(diff_resolution)
+        self.offset = float(offset)
+        self.upper = float(upper)
+        self.step_scale = step_scale
+        self.range_correct = bool(range_correct)
+        self.sampler = scheduler if isinstance(scheduler, StepSampler) else StepSampler(scheduler, generator)
+        t_lo = timestep(0.0, self.offset, self.upper, step_scale)
+        t_hi = timestep(1.0, self.offset, self.upper, step_scale)
+        n = diffusion.num_timesteps
+        if min(t_lo, t_hi) < 0 or max(t_lo, t_hi) > n - 1:
+            raise UserError(f"--diffusion_offset {offset} / --diffusion_upper_offset {upper} give timesteps "
+                            f"{min(t_lo, t_hi)}..{max(t_lo, t_hi)} but the dissolver has timesteps 0..{n - 1}; "
+                            f"keep {step_scale} * offset within that range")
+
+    def train(self, mode=True):
+        # The network stays frozen in eval mode whatever the surrounding model does.
+        super().train(mode)
+        self.diffusion.eval()
+        return self
+
+    @property
+    def device(self):
+        return self.diffusion.betas.device
+
+    def draw_timesteps(self, k, epoch=0):
+        """``k`` timesteps, one sampler call each."""
+        return [timestep(self.sampler.sample(epoch), self.offset, self.upper, self.step_scale) for _ in range(k)]
+
+    @torch.no_grad()
+    def forward(self, x, ts):
+        ts = [int(t) for t in ts]
+        k = len(ts)
+        if k == 0 or x.shape[0] % k:
+            raise ValueError(f"{x.shape[0]} images cannot be split into {k} equal chunks")
+        n = self.diffusion.num_timesteps
+        if any(t < 0 or t >= n for t in ts):
+            raise ValueError(f"timesteps {ts} outside 0..{n - 1}")
+        in_device, in_dtype = x.device, x.dtype
+        x = x.to(self.device, torch.float32)
+        y, undo = to_dissolve_resolution(x, self.native_kind, self.diff_resolution)
+        if self.range_correct:
+            y = y * 2 - 1
+        t = torch.tensor(ts, device=self.device, dtype=torch.long).repeat_interleave(x.shape[0] // k)
+        x0 = self.diffusion.model_predictions(y, t, clip_x_start=True).pred_x_start
+        if self.range_correct:
+            x0 = (x0 + 1) / 2
+        return undo(x0).to(in_device, in_dtype)
+
+    def dissolve_chunks(self, x_chunks, epoch=0):
+        """Dissolve each chunk with its own random timestep (one network call for all)."""
+        sizes = [c.shape[0] for c in x_chunks]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"chunks must have equal sizes, got {sizes}")
+        ts = self.draw_timesteps(len(x_chunks), epoch)
+        out = self.forward(torch.cat(list(x_chunks)), ts)
+        return list(out.split(sizes[0]))
+
+
+def opencv_gaussian_kernel(kernel_size):
+    """OpenCV's 1-D Gaussian kernel for ``kernel_size`` with sigma from the size.
+
+    ``cv2.getGaussianKernel(k, 0)``: sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8, except that OpenCV
+    uses fixed binomial-like tables for k = 1, 3, 5, 7 (which ``cv2.GaussianBlur(img, (k, k), 0)``
+    applies). Returned as a float64 tensor of shape ``(k,)``.
+    """
+    import cv2
+
+    return torch.from_numpy(cv2.getGaussianKernel(int(kernel_size), 0).reshape(-1).astype(np.float64))
+
+
+def opencv_sigma(kernel_size):
+    """OpenCV's sigma-from-size rule."""
+    return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
+
+
+class BlurShift(torch.nn.Module):
+    """Blur "dissolving": ``'gaussian'`` (OpenCV's kernel, reflect-101 borders like
+    ``cv2.GaussianBlur``), ``'median'`` (replicate borders like ``cv2.medianBlur``) or ``'none'``.
+
+    With ``resize_to_constant`` the images are first brought to ``diff_resolution`` (as the
+    diffusion dissolver does) and back afterwards. Same call shape as :class:`Dissolver`:
+    ``dissolve_chunks(list_of_chunks, epoch) -> list_of_chunks``.
+    """
+
+    BLURS = ("gaussian", "median", "none")
+
+    def __init__(self, blur, kernel_size=3, native_kind="small32", diff_resolution=32, resize_to_constant=False):
+        super().__init__()
+        if blur not in self.BLURS:
+            raise UserError(f"unknown blur {blur!r}; use one of {', '.join(self.BLURS)}")
+        _check_kind(native_kind)
+        kernel_size = int(kernel_size)
+        if blur != "none" and (kernel_size < 1 or kernel_size % 2 == 0):
+            raise UserError(f"--kernel_size {kernel_size} must be a positive odd integer, e.g. 3 or 5")
+        self.blur = blur
+        self.kernel_size = kernel_size
+        self.native_kind = native_kind
+        self.diff_resolution = int(diff_resolution)
+        self.resize_to_constant = bool(resize_to_constant)
+        kernel = opencv_gaussian_kernel(kernel_size) if blur == "gaussian" else torch.ones(1, dtype=torch.float64)
+        self.register_buffer("kernel", kernel.to(torch.float32), persistent=False)
+
+    def _blur(self, x):
+        import kornia
+
+        if self.blur == "none" or self.kernel_size == 1:
+            return x
+        if self.blur == "gaussian":
+            k = self.kernel.to(x.device, x.dtype)[None]
+            return kornia.filters.filter2d_separable(x, k, k, border_type="reflect")
+        return kornia.filters.median_blur(x, (self.kernel_size, self.kernel_size), border_type="replicate")
+
+    @torch.no_grad()
+    def forward(self, x, ts=None):
+        if not self.resize_to_constant:
+            return self._blur(x)
+        y, undo = to_dissolve_resolution(x, self.native_kind, self.diff_resolution)
+        return undo(self._blur(y))
+
+    def dissolve_chunks(self, x_chunks, epoch=0):
+        sizes = [c.shape[0] for c in x_chunks]
+        out = self.forward(torch.cat(list(x_chunks)))
+        return list(out.split(sizes))
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def _arg(P, name, default):
+    value = getattr(P, name, default)
+    return default if value is None else value
+
+
+def make_dissolve_fn(shift_trans_type, P, device, native_kind):
+    """The dissolve generator for ``--shift_trans_type`` (``None`` when it has no dissolving part).
+
+    Prefixes: ``diffusion_*`` (loads ``P.diffusion_model_path`` with
+    ``expect_resolution=P.diff_resolution``), ``blurgaussian_*``, ``blurmedian_*``, ``blurnone_*``.
+    Options read from ``P`` (missing ones take the paper's defaults): ``diff_resolution`` (32),
+    ``diffusion_offset`` (0.3), ``diffusion_upper_offset`` (1.0), ``diffusion_scheduler``
+    ('uniform'), ``range_correct`` or ``diffusion_range_correct`` (False), ``kernel_size`` (3),
+    ``resize_to_constant`` (False), ``diffusion_model_path``.
+    """
+    prefix = str(shift_trans_type).split("_", 1)[0]
+    resolution = int(_arg(P, "diff_resolution", 32))
+    if prefix == "diffusion":
+        path = getattr(P, "diffusion_model_path", None)
+        if not path:
+            raise UserError(f"--shift_trans_type {shift_trans_type} needs a dissolver: pass --diffusion_model_path "
+                            "CKPT (train one with python diffusion_models/train_eval_ddpm.py --mode train "
+                            "--dataset <DATASET>)")
+        from diffusion_models.ddpm import load_dissolver
+
+        diffusion, _ = load_dissolver(path, device, expect_resolution=resolution, expect_channels=3)
+        return Dissolver(
+            diffusion, native_kind, diff_resolution=resolution,
+            offset=float(_arg(P, "diffusion_offset", 0.3)),
+            upper=float(_arg(P, "diffusion_upper_offset", 1.0)),
+            scheduler=_arg(P, "diffusion_scheduler", "uniform"),
+            range_correct=bool(_arg(P, "range_correct", False) or _arg(P, "diffusion_range_correct", False)),
+        )
+    blurs = {"blurgaussian": "gaussian", "blurmedian": "median", "blurnone": "none"}
+    if prefix in blurs:
+        return BlurShift(blurs[prefix], kernel_size=int(_arg(P, "kernel_size", 3)), native_kind=native_kind,
+                         diff_resolution=resolution,
+                         resize_to_constant=bool(_arg(P, "resize_to_constant", False))).to(device)
+    return None

@@ -1,0 +1,227 @@
+"""Dissolving as a shift transformation: timesteps, samplers, the DDPM step, blurs, the factory."""
+import types
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver
+from models.dissolve import (BlurShift, Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn,
+                             timestep, to_dissolve_resolution)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny networks here run 5-10x faster on one thread when other jobs share the CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    torch.manual_seed(0)
+    return build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, diffusion):
+    path = tmp_path_factory.mktemp("dissolver") / "tiny.pt"
+    cfg = ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)
+    save_dissolver(path, diffusion, diffusion, cfg, {"dataset": "synth_lesion", "one_class_idx": 0})
+    return str(path)
+
+
+def images(n, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- timesteps and samplers
+
+
+def test_timestep_formula_by_hand():
+    assert timestep(0.0, 0.3, 1.0) == 30
+    assert timestep(0.5, 0.0, 1.0) == 50
+    assert timestep(0.25, 0.2, 1.0) == 40      # 100 * (0.2 + 0.25 * 0.8)
+    assert timestep(0.999, 0.3, 1.0) == 99     # int() truncates 99.93
+    assert timestep(1.0, 0.3, 1.0) == 100
+    assert timestep(0.7, 0.0, 0.0) == 0        # the paper's eval setting
+    assert timestep(0.5, 0.1, 0.5, step_scale=1000) == 300
+
+
+def test_beta_by_epoch_parameters_by_hand():
+    # step = 2 * (20 - 2) / 30 = 1.2
+    assert beta_by_epoch_params(0) == (20, 2)
+    assert beta_by_epoch_params(14) == pytest.approx((20, 2 + 1.2 * 14))     # (20, 18.8)
+    assert beta_by_epoch_params(15) == pytest.approx((2 + 1.2 * 14, 20))     # (18.8, 20)
+    assert beta_by_epoch_params(29) == (2, 20)
+    assert beta_by_epoch_params(30) == beta_by_epoch_params(0)               # 30-epoch cycle
+    assert beta_by_epoch_params(14, reversed_=True) == pytest.approx((18.8, 20))
+    assert StepSampler("beta_by_epoch_reversed").params(0) == (2, 20)
+    assert StepSampler("beta_skewed").params() == (1.0, 1.7)
+    assert StepSampler("beta_skewed_reversed").params() == (1.7, 1.0)
+
+
+@pytest.mark.parametrize("name, epoch, mean", [
+    ("uniform", 0, 0.5), ("beta_skewed", 0, 1 / 2.7), ("beta_skewed_reversed", 0, 1.7 / 2.7),
+    ("beta_by_epoch", 0, 20 / 22), ("beta_by_epoch", 29, 2 / 22), ("beta_by_epoch_reversed", 0, 2 / 22),
+    ("beta_by_epoch", 14, 20 / 38.8)])
+def test_sampler_range_and_mean(name, epoch, mean):
+    s = StepSampler(name, generator=123)
+    u = np.array([s.sample(epoch) for _ in range(3000)])
+    assert u.min() >= 0.0 and u.max() <= 1.0
+    assert abs(u.mean() - mean) < 0.03
+    ts = [timestep(x, 0.3, 1.0) for x in u]
+    assert min(ts) >= 30 and max(ts) <= 100
+
+
+def test_sampler_is_deterministic():
+    a = [StepSampler("beta_skewed", 7).sample() for _ in range(3)]
+    s1, s2 = StepSampler("uniform", 7), StepSampler("uniform", 7)
+    assert [s1.sample() for _ in range(5)] == [s2.sample() for _ in range(5)]
+    assert len(set(a)) == 1
+    np.random.seed(3)
+    g1 = [StepSampler("uniform").sample() for _ in range(4)]
+    np.random.seed(3)
+    assert g1 == [StepSampler("uniform").sample() for _ in range(4)]
+    with pytest.raises(UserError):
+        StepSampler("linear")
+
+
+# --------------------------------------------------------------------------- the DDPM step
+
+
+def test_dissolving_is_deterministic_and_changes_the_image(diffusion):
+    d = Dissolver(diffusion, "small32")
+    x = images(4)
+    a, b = d(x, [50]), d(x, [50])
+    assert torch.equal(a, b)
+    assert (a - x).abs().mean() > 1e-3 and (a - x).abs().max() > 0.02
+    assert not torch.equal(d(x, [30]), a)
+    assert a.min() >= -1 and a.max() <= 1 and not a.requires_grad
+
+
+def test_batched_chunks_equal_separate_p_sample_calls(diffusion):
+    d = Dissolver(diffusion, "small32")
+    chunks = [images(3, seed=s) for s in range(4)]
+    ts = [30, 47, 81, 99]
+    batched = d(torch.cat(chunks), ts)
+    separate = torch.cat([diffusion.p_sample(c, t)[1] for c, t in zip(chunks, ts)])
+    assert torch.allclose(batched, separate, atol=1e-5)
+
+
+def test_output_usable_in_autograd(diffusion):
+    d = Dissolver(diffusion, "small32")
+    w = torch.ones(1, requires_grad=True)
+    (d(images(2), [40]) * w).sum().backward()  # not an inference-mode tensor
+    assert w.grad is not None
+    d.train()
+    assert not d.diffusion.training  # the network stays frozen in eval mode
+
+
+def test_dissolve_chunks_draws_one_timestep_per_chunk(diffusion):
+    d = Dissolver(diffusion, "small32", scheduler=StepSampler("uniform", 5))
+    chunks = [images(2, seed=s) for s in range(4)]
+    out = d.dissolve_chunks(chunks, epoch=3)
+    ref_sampler = StepSampler("uniform", 5)
+    ts = [timestep(ref_sampler.sample(3), 0.3, 1.0) for _ in range(4)]
+    assert len(out) == 4 and all(o.shape == c.shape for o, c in zip(out, chunks))
+    assert torch.equal(torch.cat(out), d(torch.cat(chunks), ts))
+
+
+@pytest.mark.parametrize("kind, size", [("medmnist28", 28), ("small32", 32), ("large224", 224)])
+def test_pre_and_post_processing_shapes(diffusion, kind, size):
+    x = images(2, size)
+    y, undo = to_dissolve_resolution(x, kind, 32)
+    assert y.shape == (2, 3, 32, 32)
+    out = Dissolver(diffusion, kind)(x, [40])
+    assert out.shape == x.shape
+    if kind != "large224":  # pad / crop and identity are exact
+        assert torch.equal(undo(y), x)
+    if kind == "medmnist28":
+        assert torch.equal(y[..., 2:30, 2:30], x) and y[..., :2, :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind, size", [("small32", 32), ("large224", 224)])
+def test_range_correct_relation(diffusion, kind, size):
+    x = images(3, size)
+    default = Dissolver(diffusion, kind)
+    correct = Dissolver(diffusion, kind, range_correct=True)
+    assert torch.allclose(correct(x, [60]), (default(x * 2 - 1, [60]) + 1) / 2, atol=1e-5)
+
+
+def test_dissolver_settings_checked(diffusion):
+    with pytest.raises(UserError):
+        Dissolver(diffusion, "small32", diff_resolution=64)
+    torch.manual_seed(0)
+    short = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), timesteps=50, sampling_timesteps=10))
+    with pytest.raises(UserError) as e:
+        Dissolver(short, "small32", offset=0.3, upper=1.0)
+    assert "0..49" in str(e.value)
+    Dissolver(short, "small32", offset=0.0, upper=0.4)
+    with pytest.raises(UserError):
+        Dissolver(diffusion, "huge")
+
+
+# --------------------------------------------------------------------------- blurs
+
+
+def _np(t):
+    return t[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("k", [3, 5, 9])
+def test_gaussian_blur_matches_opencv(k):
+    img = np.random.RandomState(k).rand(21, 26, 3).astype(np.float32)
+    out = BlurShift("gaussian", k)(torch.from_numpy(img).permute(2, 0, 1)[None])
+    assert np.abs(_np(out) - cv2.GaussianBlur(img, (k, k), 0)).max() < 1e-5
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_median_blur_matches_opencv(k):
+    img = (np.random.RandomState(k).rand(21, 26, 3) * 255).astype(np.uint8)
+    out = BlurShift("median", k)(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
+    assert np.array_equal(np.round(_np(out) * 255).astype(np.uint8), cv2.medianBlur(img, k))
+
+
+def test_blur_shapes_none_and_resize():
+    x = images(4, 224)
+    assert torch.equal(BlurShift("none")(x), x)
+    chunks = [x[:2], x[2:]]
+    for blur in ("gaussian", "median", "none"):
+        out = BlurShift(blur, 5, native_kind="large224", resize_to_constant=True).dissolve_chunks(chunks, 0)
+        assert [o.shape for o in out] == [c.shape for c in chunks]
+    small = BlurShift("none", native_kind="large224", resize_to_constant=True)(x)
+    assert not torch.equal(small, x)  # went through 32 px and back
+    with pytest.raises(UserError):
+        BlurShift("gaussian", 4)
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def _P(**kw):
+    base = dict(diffusion_model_path=None, diff_resolution=32, diffusion_offset=0.3, diffusion_upper_offset=1.0,
+                diffusion_scheduler="uniform", kernel_size=3, resize_to_constant=False)
+    return types.SimpleNamespace(**dict(base, **kw))
+
+
+def test_factory(ckpt):
+    with pytest.raises(UserError) as e:
+        make_dissolve_fn("diffusion_rotation", _P(), "cpu", "small32")
+    assert "--diffusion_model_path" in str(e.value)
+    with pytest.raises(UserError) as e:
+        make_dissolve_fn("diffusion_rotation", _P(diffusion_model_path=ckpt, diff_resolution=64), "cpu", "small32")
+    assert "--diff_resolution" in str(e.value)
+    d = make_dissolve_fn("diffusion_cutperm", _P(diffusion_model_path=ckpt, diffusion_scheduler="beta_skewed"),
+                         "cpu", "large224")
+    assert isinstance(d, Dissolver) and d.sampler.name == "beta_skewed" and d.native_kind == "large224"
+    assert (d.offset, d.upper, d.range_correct) == (0.3, 1.0, False)
+    g = make_dissolve_fn("blurgaussian_rotation", _P(kernel_size=5), "cpu", "small32")
+    assert isinstance(g, BlurShift) and (g.blur, g.kernel_size) == ("gaussian", 5)
+    assert make_dissolve_fn("blurmedian_cutperm", _P(), "cpu", "small32").blur == "median"
+    assert make_dissolve_fn("blurnone_rotation", _P(resize_to_constant=True), "cpu", "small32").blur == "none"
+    assert make_dissolve_fn("rotation", _P(), "cpu", "small32") is None

@@ -49,35 +49,35 @@ def autocast_for(device, enabled):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def atomic_torch_save(obj, path):
-    """Write ``obj`` to ``path`` through a temporary file in the same folder and a rename."""
+def atomic_write(path, writer):
+    """Call ``writer(binary_file)`` on a temporary file next to ``path``, then rename it into
+    place: readers see the old file or the complete new one, never a part. On any error the
+    temporary file is removed and ``path`` is untouched."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(text, path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def atomic_write_json(obj, path):

@@ -12,13 +12,13 @@ network from the file and never relies on hard-coded sizes.
 """
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 
 import torch
 
 from common.errors import UserError
+from utils import atomic_torch_save, atomic_write  # noqa: F401  (atomic_write: re-exported)
 
 CHECKPOINT_KIND = "dia_dissolver"
 FORMAT_VERSION = 1
@@ -201,36 +201,6 @@ def build_diffusion(config):
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def atomic_torch_save(obj, path):
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def atomic_write(path, writer):
-    """Call ``writer(binary_file)`` on a temporary file next to ``path``, then move it into place.
-
-    Readers see either the old file or the complete new one; on any error the temporary file is
-    removed and ``path`` is untouched.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_dissolver(path, diffusion, ema_diffusion, config, meta, train_state=None):

@@ -301,7 +301,7 @@ def train(args):
 def _atomic_save_png(tensor, path, nrow):
     from torchvision.utils import save_image
 
-    from diffusion_models.ddpm import atomic_write
+    from utils import atomic_write
 
     atomic_write(path, lambda fh: save_image(tensor, fh, nrow=nrow, padding=2, format="png"))
 

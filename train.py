@@ -46,7 +46,7 @@ def load_model_checkpoint(path, device):
     if not os.path.isfile(path):
         raise UserError(f"model checkpoint {path} does not exist (train.py writes <logdir>/last.model)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # corrupt, truncated or not a torch file
         raise UserError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from common.device import pick_device  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
+from utils import rng_state, set_rng_state  # noqa: E402
 
 PAPER_GMACS = {32: 2.33, 64: 3.84, 128: 9.90}
 DEFAULT_SHOW_TIMESTEPS = [10, 30, 50, 70, 100, 150]
@@ -119,33 +120,6 @@ def _check_class(idx, info):
                         f"({', '.join(map(str, info.class_names))}); use 0..{n - 1}")
 
 
-def _rng_state():
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"].cpu())
-    s = state["numpy"]
-    np.random.set_state(("MT19937", s["keys"].cpu().numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                         s["cached_gaussian"]))
-    random.setstate(_to_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 def _epoch_order(n, seed, epoch):
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
@@ -221,7 +195,7 @@ def train(args):
         ema.step.fill_(int(ts["ema_step"]))
         ema.initted.fill_(bool(ts["ema_initted"]))
         epoch, batch_in_epoch, step = int(ts["epoch"]), int(ts["batch_in_epoch"]), int(ts["step"])
-        _set_rng_state(ts["rng"])
+        set_rng_state(ts["rng"])
         flip_gen.set_state(ts["rng"]["flip"].cpu())
         print(f"resuming {save_path} at epoch {epoch} batch {batch_in_epoch} (step {step})")
         del ckpt
@@ -236,7 +210,7 @@ def train(args):
         train_state = {
             "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "ema_step": int(ema.step.item()), "ema_initted": bool(ema.initted.item()),
-            "rng": dict(_rng_state(), flip=flip_gen.get_state()),
+            "rng": dict(rng_state(), flip=flip_gen.get_state()),
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
         }
         meta = {

@@ -6,7 +6,10 @@ Every image is one piece of pinkish "tissue" built from the same generator:
    bicubically upsampled to 32 px) mixes a light and a dark tissue colour; both colours get
    a small per-image hue jitter and the whole image a brightness factor in [0.9, 1.08];
 2. 6-14 "cell nuclei": soft purple elliptical blobs (sigma 0.9-1.6 px) at random places;
-3. a faint pixel grain (Gaussian, sigma 0.015).
+3. the tissue surface: a near-white lumen above a wavy boundary 5-9 px below the top edge
+   (so, as in sections, scans and fundus photographs, the images have an up and a down and
+   the rotation shift of CSI has something to learn);
+4. a faint pixel grain (Gaussian, sigma 0.015).
 
 Class 1 (anomalous) images are produced exactly like class 0 and then receive 1-3 small
 *lesions*, each a compact spot (sigma 0.55-0.85 px, cut off where its weight is below 0.05,
@@ -85,6 +88,19 @@ def _tissue(g: torch.Generator, n: int) -> torch.Tensor:
     alpha = _spots(g, n, _MAX_NUCLEI, 0.9, 1.6, elliptic=True, peak=strength).amax(dim=1, keepdim=True)
     purple = torch.tensor([0.42, 0.22, 0.52]).view(1, 3, 1, 1) + 0.03 * torch.randn((n, 3, 1, 1), generator=g)
     img = img * (1.0 - alpha) + purple * alpha
+
+    # the tissue surface: a light lumen above a wavy boundary 5-9 px below the top edge, so
+    # the images have an up and a down (as sections, scans and fundus photographs do) and a
+    # rotated image can be told from an upright one
+    ys = torch.arange(SIZE, dtype=torch.float32).view(1, 1, SIZE, 1)
+    xs = torch.arange(SIZE, dtype=torch.float32).view(1, 1, 1, SIZE)
+    level = _u(g, (n, 1, 1, 1), 5.0, 9.0)
+    freq = _u(g, (n, 1, 1, 1), 0.5, 1.5) * (2 * np.pi / SIZE)
+    phase = _u(g, (n, 1, 1, 1), 0.0, 2 * np.pi)
+    boundary = level + 1.5 * torch.sin(freq * xs + phase)
+    lumen = torch.sigmoid((boundary - ys) / 0.7)                       # n x 1 x H x W, 1 above
+    lumen_colour = torch.tensor([0.97, 0.91, 0.94]).view(1, 3, 1, 1)
+    img = img * (1.0 - lumen) + lumen_colour * lumen
 
     img = img * _u(g, (n, 1, 1, 1), 0.9, 1.08)
     img = img + 0.015 * torch.randn((n, 3, SIZE, SIZE), generator=g)

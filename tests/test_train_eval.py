@@ -163,3 +163,48 @@ def test_cli_exit_code_and_single_line(tmp_path):
                                text=True, timeout=120).stdout
     for flag in ("--diffusion_model_path", "--shift_trans_type", "--resume_path", "--one_class_idx"):
         assert flag in help_text
+
+
+def test_score_folder_flags_against_training_threshold(trained, tmp_path):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from datasets import get_dataset
+
+    logdir, _ = trained
+    _, test_set, _ = get_dataset("synth_lesion", "../data")
+    folder = tmp_path / "new_images"
+    (folder / "sub").mkdir(parents=True)
+    x, _ = test_set.get_batch(torch.arange(6))
+    for i in range(6):
+        arr = (x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(folder / ("sub" if i % 2 else "") / f"img_{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "scored.csv"
+    res = eval_program.main(["--load_path", str(logdir / "last.model"), "--score_folder", str(folder),
+                             "--save_scores_csv", str(out), "--threshold_quantile", "0.5"])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["name"] for r in rows] == sorted(r["name"] for r in rows) and len(rows) == 6
+    assert {r["name"] for r in rows} == {f"img_{i}.png" for i in (0, 2, 4)} | {f"sub/img_{i}.png" for i in (1, 3, 5)}
+    thr = float(rows[0]["threshold"])
+    assert res["threshold"] == pytest.approx(thr, abs=1e-5)
+    for r in rows:
+        assert int(r["anomalous"]) == int(float(r["score"]) < thr)
+
+
+def test_leave_one_out_training_scores_match_loop():
+    from evals.ood_pre import csi_scores
+
+    g = torch.Generator().manual_seed(0)
+    tr = {"simclr": torch.randn(5, 8, 6, generator=g), "shift": torch.randn(5, 8, 4, generator=g) + 2}
+    loo = eval_program.loo_csi_train_scores(tr, 4, "CSI")
+    for i in range(5):
+        others = {k: torch.cat([v[:i], v[i + 1:]]) for k, v in tr.items()}
+        one = {k: v[i:i + 1] for k, v in tr.items()}
+        # the same weights (from all M images) but the maximum over the other images' axes
+        full = csi_scores(tr, one, 4).item()
+        assert loo[i].item() <= full + 1e-6
+        sim_only_loo = eval_program.loo_csi_train_scores(tr, 4, "simclr")[i].item()
+        assert sim_only_loo == pytest.approx(csi_scores(others, one, 4, "simclr").item(), rel=1e-5)

@@ -16,6 +16,8 @@ BUDGET=(--epochs 6 --max_batches_per_epoch 25 --batch_size 32 --warmup 1 --resne
 mkdir -p "$OUT/dia_range_correct"
 cp -rn "$OUT/dia/dissolvers" "$OUT/dia_range_correct/" 2>/dev/null || true
 "$PY" reproduce.py --dataset synth_lesion --one_class_idx 0 --shift_trans_type diffusion_rotation \
-    --train_args "--diffusion_range_correct" --out "$OUT/dia_range_correct" "${BUDGET[@]}" || true
-# CSI (simclr_CSI + rotation) on scikit-learn's digits
-"$PY" reproduce.py --dataset digits --one_class_idx 0 --shift_trans_type rotation --out "$OUT/digits" "${BUDGET[@]}" || true
+    --train_args="--diffusion_range_correct" --out "$OUT/dia_range_correct" "${BUDGET[@]}" || true
+# CSI (simclr_CSI + rotation) on scikit-learn's digits: ~125 images of class 0 make 3 batches
+# an epoch, so 50 epochs give the same 150 steps
+"$PY" reproduce.py --dataset digits --one_class_idx 0 --shift_trans_type rotation --out "$OUT/digits" "${BUDGET[@]}" \
+    --epochs 50 || true

@@ -325,6 +325,8 @@ def evaluate(args):
                           range_correct=args.range_correct)
     rows = [x] + [dissolver(x, [t]) for t in show]
     grid = torch.cat(rows).clamp(0, 1).cpu()
+    if grid.shape[-1] < 96:  # small images: enlarge (nearest) so the fine details stay visible
+        grid = torch.nn.functional.interpolate(grid, scale_factor=96 // grid.shape[-1], mode="nearest")
     out = args.out or os.path.splitext(args.diffusion_model_path)[0] + "_dissolving.png"
     _atomic_save_png(grid, out, nrow=len(pick))
     mode = "range-correct ([-1,1] in, (x0+1)/2 shown)" if args.range_correct else \

@@ -294,7 +294,8 @@ def test_script_train_resume_eval(tmp_path):
 
     with Image.open(png) as im:
         im.load()
-        assert im.size == (2 + 4 * 34, 2 + 3 * 34)  # 4 images per row, 3 rows, 2-px padding
+        # 4 images per row, 3 rows, 32-px images enlarged 3x to 96 px, 2-px padding
+        assert im.size == (2 + 4 * 98, 2 + 3 * 98)
     assert sorted(os.listdir(tmp_path)) == ["ck", "grid.png", "straight.pt"]
 
 

@@ -52,7 +52,9 @@ class Trainer:
             return torch.cat([v1, v2]), 2
         # K fresh flips, each dissolved with its own strength in one batched call; the
         # sampler sees the 0-based index of the running epoch
-        d = self.dissolve.dissolve_chunks([self.hflip(x) for _ in range(K)], self.epoch)
+        with autocast_for(self.device, self.P.amp):  # --amp covers the dissolver's UNet too
+            d = self.dissolve.dissolve_chunks([self.hflip(x) for _ in range(K)], self.epoch)
+        d = [c.float() for c in d]
         v3 = torch.cat([shift(c, k) for k, c in enumerate(d)])
         return torch.cat([v1, v2, v3]), 3
 

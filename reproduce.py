@@ -1,0 +1,803 @@
+"""One command from a dataset to the paper's table: dissolvers, training, evaluation, figures.
+
+    python reproduce.py --preset quick                  # synth_lesion, CPU-sized, about 10 minutes
+    python reproduce.py --dataset kvasir --data_root ../data --one_class_idx 0 \
+        --shift_trans_type rotation blurgaussian_rotation diffusion_rotation --seeds 0 1 2
+
+For every combination of dataset, normal class, transformation, resolution and seed it
+
+1. trains the dissolver (a DDPM, ``diffusion_models/train_eval_ddpm.py``) when a
+   ``diffusion_*`` transformation needs it: one per dataset, class, resolution and DDPM
+   budget, cached under ``<out>/dissolvers/`` with its dissolving grid and MACs;
+2. trains the model (``train.py``: ``--mode simclr_CSI`` for ``rotation``/``cutperm``,
+   ``--mode simclr_DIA`` for the dissolving transformations);
+3. evaluates it (``eval.py --mode ood_pre --ood_score CSI``, the paper's protocol) with
+   per-image scores;
+4. draws the figures (ROC, score histograms, loss curves, dissolving grid);
+
+each step as a subprocess whose output goes to a log in the run's folder
+``<out>/<dataset>/class_<i>/<transformation>_<res>px/seed_<s>/``. The command writes
+``<out>/results.csv`` (one row per run) and ``<out>/results.md`` (the seed README's
+"Different transformations" table: mean ± std of the pooled AUROC over seeds, then one row
+per run) and prints the table.
+
+A run is finished when its ``results.json`` exists; repeating the command skips it (and a
+dissolver whose checkpoint is complete). A failed run is reported in the table and the
+other runs go on; the command then exits with status 1 (2 for bad flags or data).
+"""
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+from common.errors import UserError, exit_on_user_error
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+CSI_SHIFTS = ("rotation", "cutperm")
+DISSOLVE_TYPES = ("diffusion", "blurgaussian", "blurmedian", "blurnone")
+TRANSFORMATIONS = CSI_SHIFTS + tuple(f"{d}_{s}" for d in DISSOLVE_TYPES for s in CSI_SHIFTS)
+SHORT_NAMES = {d: f"{d}_rotation" for d in DISSOLVE_TYPES}
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet18_imagenet", "resnet50_imagenet")
+
+# Values a flag takes when neither the command line nor a preset sets it.
+DEFAULTS = {
+    "dataset": None, "data_root": "../data", "one_class_idx": [0],
+    "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"], "seeds": [0],
+    "diff_resolution": [32], "resize_to_constant": False, "model": None,
+    "epochs": None, "batch_size": 32, "max_batches_per_epoch": None, "max_steps": None, "warmup": None,
+    "resnet_width": None, "log_every": None, "ood_samples": 10, "amp": False, "device": None,
+    "ddpm_epochs": 5, "ddpm_max_steps": None, "ddpm_unet_dim": 64, "ddpm_batch_size": 32,
+    "train_args": "", "out": None,
+}
+
+# --preset quick: the README's main job, sized (by measurement) to finish in about ten
+# minutes on a 2-core CPU: a small UNet trained briefly, a narrow ResNet-18 in bf16.
+PRESETS = {
+    "quick": {
+        "dataset": ["synth_lesion"], "one_class_idx": [0], "seeds": [0], "diff_resolution": [32],
+        "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"],
+        "epochs": 5, "max_batches_per_epoch": 25, "batch_size": 32, "warmup": 1, "resnet_width": 16,
+        "log_every": 2, "ood_samples": 1, "amp": True,
+        "ddpm_epochs": 1, "ddpm_max_steps": None, "ddpm_unet_dim": 16, "ddpm_batch_size": 32,
+        "out": os.path.join("runs", "synth_lesion_quick"),
+    },
+}
+
+FIGURES = ("roc.png", "score_hist.png", "loss_curves.png")
+GRID_TIMESTEPS = (10, 30, 50, 70, 100, 150)  # rows of the dissolving grid (the training range is 30..100)
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="reproduce.py",
+        description="DIA reproduction pipeline: dissolver, training, evaluation, figures and the paper's "
+                    "table for every dataset x class x transformation x resolution x seed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags left out take the preset's value (--preset), else the default shown. Runs already "
+               "finished in --out are skipped.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="quick: synth_lesion, rotation vs blurgaussian_rotation vs diffusion_rotation, a "
+                        "CPU-sized budget (about 10 minutes on 2 cores)")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--dataset", nargs="+", default=None, help="one or more dataset names (required without --preset)")
+    g.add_argument("--data_root", default=None, help="folder holding the datasets (default ../data)")
+    g.add_argument("--one_class_idx", type=int, nargs="+", default=None, help="normal class(es) (default 0)")
+    g.add_argument("--shift_trans_type", nargs="+", default=None, metavar="TRANSFORMATION",
+                   help=f"transformations to compare (default rotation blurgaussian_rotation diffusion_rotation; "
+                        f"any of {', '.join(TRANSFORMATIONS)})")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0)")
+    g.add_argument("--diff_resolution", type=int, nargs="+", default=None,
+                   help="dissolving resolution(s) (default 32); one dissolver is trained per resolution")
+    g.add_argument("--resize_to_constant", action="store_true", default=None,
+                   help="blur* transformations blur at --diff_resolution (otherwise at the image size)")
+    g.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
+    g = p.add_argument_group("training and evaluation budget (passed to train.py / eval.py)")
+    g.add_argument("--model", choices=MODELS, default=None,
+                   help="default: resnet18 for datasets of <= 64 px, resnet18_imagenet for larger ones")
+    g.add_argument("--epochs", type=int, default=None, help="train.py --epochs (default: train.py's)")
+    g.add_argument("--batch_size", type=int, default=None, help="train.py --batch_size (default 32, the paper's)")
+    g.add_argument("--max_batches_per_epoch", type=int, default=None, help="train.py --max_batches_per_epoch")
+    g.add_argument("--max_steps", type=int, default=None, help="train.py --max_steps")
+    g.add_argument("--warmup", type=int, default=None, help="train.py --warmup (epochs)")
+    g.add_argument("--resnet_width", type=int, default=None, help="train.py --resnet_width (default 64)")
+    g.add_argument("--log_every", type=int, default=None, help="train.py --log_every (steps between loss records)")
+    g.add_argument("--ood_samples", type=int, default=None, help="eval.py --ood_samples (default 10, the paper's)")
+    g.add_argument("--amp", action="store_true", default=None, help="mixed precision (bf16 on CPU) in train and eval")
+    g.add_argument("--no_amp", action="store_false", dest="amp", default=None, help="turn --amp of a preset off")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N for every step (default: CUDA when present)")
+    g.add_argument("--train_args", default=None,
+                   help="more train.py flags as one string, written with '=' "
+                        "(e.g. --train_args='--diffusion_scheduler beta_skewed')")
+    g = p.add_argument_group("dissolver budget (passed to diffusion_models/train_eval_ddpm.py)")
+    g.add_argument("--ddpm_epochs", type=int, default=None, help="default 5 (the paper's)")
+    g.add_argument("--ddpm_max_steps", type=int, default=None, help="stop the DDPM after this many steps")
+    g.add_argument("--ddpm_unet_dim", type=int, default=None, help="UNet width (default 64, the paper's)")
+    g.add_argument("--ddpm_batch_size", type=int, default=None, help="default 32")
+    return p
+
+
+def resolve_args(argv=None):
+    """Parse ``argv`` and fill unset flags from the preset, then from ``DEFAULTS``."""
+    ns = build_parser().parse_args(argv)
+    preset = PRESETS.get(ns.preset, {})
+    for key, default in DEFAULTS.items():
+        if getattr(ns, key) is None:
+            setattr(ns, key, preset.get(key, default))
+    return ns
+
+
+def normalise_transformations(names):
+    out = []
+    for name in names:
+        full = SHORT_NAMES.get(name, name)
+        if full not in TRANSFORMATIONS:
+            raise UserError(f"unknown transformation {name!r}; use any of {', '.join(TRANSFORMATIONS)}")
+        if full not in out:
+            out.append(full)
+    return out
+
+
+def check_args(a):
+    """Everything that can be wrong with the flags, before anything runs."""
+    if not a.dataset:
+        raise UserError("give --dataset NAME [NAME ...] (or --preset quick for the built-in synth_lesion)")
+    a.dataset = list(dict.fromkeys(a.dataset))
+    a.one_class_idx = list(dict.fromkeys(a.one_class_idx))
+    a.seeds = list(dict.fromkeys(a.seeds))
+    a.diff_resolution = sorted(set(a.diff_resolution))
+    a.shift_trans_type = normalise_transformations(a.shift_trans_type)
+    for name in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "resnet_width", "log_every",
+                 "ood_samples", "ddpm_epochs", "ddpm_max_steps", "ddpm_unet_dim", "ddpm_batch_size"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name} must be at least 1, got {v}")
+    if a.warmup is not None and a.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {a.warmup}")
+    bad = [s for s in a.seeds if s < 0]
+    if bad:
+        raise UserError(f"--seeds must be >= 0, got {' '.join(map(str, bad))}")
+    bad = [r for r in a.diff_resolution if r < 8 or r % 8]
+    if bad and any(uses_resolution(t, a) for t in a.shift_trans_type):
+        raise UserError(f"--diff_resolution {' '.join(map(str, bad))}: use multiples of 8 (e.g. 32, 64, 128); the "
+                        f"dissolver's UNet halves the image three times")
+    try:
+        a.train_args = shlex.split(a.train_args or "")
+    except ValueError as exc:
+        raise UserError(f"--train_args {a.train_args!r} cannot be split into flags: {exc}") from None
+    owned = {"--dataset", "--data_root", "--one_class_idx", "--mode", "--shift_trans_type", "--logdir", "--seed",
+             "--diffusion_model_path", "--diff_resolution", "--no_eval", "--resume_path", "--load_path", "--model",
+             "--resnet_width", "--amp", "--device"}
+    clash = [f for f in a.train_args if f.split("=")[0] in owned]
+    if clash:
+        raise UserError(f"--train_args must not set {' '.join(clash)}: reproduce.py sets those per run")
+    if a.device:
+        from common.device import pick_device
+
+        pick_device(a.device)
+    a.data_root = os.path.abspath(a.data_root)
+    if a.out is None:
+        a.out = os.path.join("runs", "+".join(a.dataset))
+    a.out = os.path.abspath(a.out)
+    return a
+
+
+def uses_resolution(transformation, a):
+    """Whether the transformation depends on the dissolving resolution."""
+    kind = transformation.split("_")[0] if "_" in transformation else None
+    return kind == "diffusion" or (kind is not None and a.resize_to_constant)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class Run:
+    """One training + evaluation: dataset, class, transformation, resolution, seed."""
+
+    def __init__(self, a, dataset, info, cls, transformation, resolution, seed, model):
+        self.dataset, self.cls, self.transformation = dataset, cls, transformation
+        self.resolution, self.seed, self.model = resolution, seed, model
+        self.info, self.out = info, a.out
+        self.dissolve_type = transformation.split("_")[0] if "_" in transformation else None
+        self.dir = os.path.join(a.out, dataset, f"class_{cls}", f"{transformation}_{resolution}px", f"seed_{seed}")
+        self.dissolver = dissolver_spec(a, dataset, cls, resolution) if self.dissolve_type == "diffusion" else None
+        self.config = {
+            "dataset": dataset, "one_class_idx": cls, "transformation": transformation, "resolution": resolution,
+            "seed": seed, "model": model, "train": train_budget(a), "eval": {"ood_samples": a.ood_samples,
+                                                                            "amp": bool(a.amp)},
+            "dissolver": self.dissolver["name"] if self.dissolver else None,
+            "resize_to_constant": bool(a.resize_to_constant) if self.dissolve_type else None,
+        }
+        self.status, self.error, self.reused = "pending", "", False
+        self.results, self.train_seconds, self.eval_seconds, self.gmacs = None, None, None, None
+        self.notes = []
+        self.log = None
+
+    @property
+    def label(self):
+        return (f"{self.dataset} class {self.cls} {self.transformation} {self.resolution}px seed {self.seed}")
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+def train_budget(a):
+    budget = {k: getattr(a, k) for k in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "warmup",
+                                         "resnet_width")}
+    budget.update(amp=bool(a.amp), extra=list(a.train_args))
+    return budget
+
+
+def dissolver_spec(a, dataset, cls, resolution):
+    name = f"{dataset}_class{cls}_{resolution}px_unet{a.ddpm_unet_dim}_e{a.ddpm_epochs}"
+    if a.ddpm_max_steps:
+        name += f"_s{a.ddpm_max_steps}"
+    name += f"_b{a.ddpm_batch_size}"
+    folder = os.path.join(a.out, "dissolvers")
+    return {"name": name, "dataset": dataset, "cls": cls, "resolution": resolution,
+            "ckpt": os.path.join(folder, name + ".pt"), "done": os.path.join(folder, name + ".json"),
+            "log": os.path.join(folder, name + ".train.log"), "grid": os.path.join(folder, name + "_dissolving.png"),
+            "grid_log": os.path.join(folder, name + ".grid.log")}
+
+
+def default_model(info):
+    return "resnet18" if info.image_size[0] <= 64 else "resnet18_imagenet"
+
+
+def make_plan(a):
+    """Check the datasets (through ``datasets.get_dataset``) and list the runs in table order."""
+    from datasets import get_dataset
+
+    runs = []
+    for dataset in a.dataset:
+        _, _, info = get_dataset(dataset, a.data_root)  # unknown name or missing files: UserError
+        bad = [c for c in a.one_class_idx if not 0 <= c < info.n_classes]
+        if bad:
+            names = ", ".join(f"{i}={n}" for i, n in enumerate(info.class_names))
+            raise UserError(f"--one_class_idx {' '.join(map(str, bad))} is out of range for {dataset}: use "
+                            f"0..{info.n_classes - 1} ({names})")
+        model = a.model or default_model(info)
+        native = info.image_size[0]
+        for cls in a.one_class_idx:
+            for transformation in a.shift_trans_type:
+                resolutions = a.diff_resolution if uses_resolution(transformation, a) else [native]
+                for res in resolutions:
+                    for seed in a.seeds:
+                        runs.append(Run(a, dataset, info, cls, transformation, res, seed, model))
+    if any(r.dissolver for r in runs):
+        from diffusion_models.ddpm import ddpm_config
+
+        for res in a.diff_resolution:
+            ddpm_config(image_size=res, unet_dim=a.ddpm_unet_dim)  # UserError for an impossible UNet
+    for run in runs:  # a finished run made with other settings must not slip into this table
+        if os.path.exists(run.path("results.json")) and os.path.exists(run.path("run.json")):
+            try:
+                with open(run.path("run.json")) as fh:
+                    old = json.load(fh).get("config")
+            except (OSError, ValueError):
+                old = None
+            if old is not None and old != json.loads(json.dumps(run.config)):
+                diff = [f"{k}: {old.get(k)} (now {run.config[k]})" for k in run.config if old.get(k) != run.config[k]]
+                raise UserError(f"{run.dir} holds a finished run made with other settings ({'; '.join(diff)[:300]}); "
+                                f"use another --out, or delete that folder to redo it")
+    return runs
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def last_line(log_path, rc):
+    """The line that says why a step failed: the ``error: ...`` line, else the log's last line."""
+    try:
+        with open(log_path, errors="replace") as fh:
+            lines = [ln.strip() for ln in fh.read().replace("\r", "\n").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    for ln in reversed(lines[-30:]):
+        if ln.startswith("error:"):
+            return ln[len("error:"):].strip()
+    if rc is not None and rc < 0:
+        return f"killed by signal {-rc}" + (" (out of memory?)" if -rc == 9 else "")
+    return lines[-1] if lines else f"exit status {rc} without output"
+
+
+def run_step(cmd, log_path):
+    """Run ``cmd`` (a list, ``python`` first) from the repository root, stdout and stderr into
+    ``log_path``; returns ``(ok, seconds, reason)``."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    seconds = time.time() - t0
+    return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc))
+
+
+def py(script, *args):
+    return [sys.executable, os.path.join(ROOT, script)] + [str(x) for x in args]
+
+
+# --------------------------------------------------------------------------- dissolvers
+
+
+class Dissolvers:
+    """Trains (or reuses) each dissolver once, draws its grid and counts its MACs."""
+
+    def __init__(self, a):
+        self.a = a
+        self.state = {}  # name -> dict(ok, reason, gmacs, seconds)
+
+    def get(self, spec):
+        if spec["name"] in self.state:
+            return self.state[spec["name"]]
+        a, t0 = self.a, time.time()
+        head = f"dissolver {spec['dataset']} class {spec['cls']} {spec['resolution']}px ({spec['name']})"
+        print(f"{head} ...", end="", flush=True)
+        info = None
+        if os.path.exists(spec["done"]):
+            try:
+                with open(spec["done"]) as fh:
+                    info = json.load(fh)
+            except (OSError, ValueError):
+                info = None
+        if info is not None and os.path.exists(spec["ckpt"]):
+            state = dict(info, ok=True, reason="", reused=True)
+        else:
+            cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", spec["dataset"],
+                     "--data_root", a.data_root, "--one_class_idx", spec["cls"], "--image_size", spec["resolution"],
+                     "--epochs", a.ddpm_epochs, "--batch_size", a.ddpm_batch_size, "--unet_dim", a.ddpm_unet_dim,
+                     "--save_path", spec["ckpt"], "--seed", 0, "--no_progress")
+            if a.ddpm_max_steps:
+                cmd += ["--max_steps", str(a.ddpm_max_steps)]
+            if a.device:
+                cmd += ["--device", a.device]
+            if os.path.exists(spec["ckpt"]):  # an interrupted training: continue it exactly
+                cmd.append("--resume")
+            ok, seconds, reason = run_step(cmd, spec["log"])
+            if not ok:
+                state = {"ok": False, "reason": f"training failed: {reason}", "gmacs": None,
+                         "train_seconds": seconds, "log": spec["log"]}
+                self.state[spec["name"]] = state
+                print(f" FAILED after {seconds:.0f} s: {reason} (log {rel(spec['log'], a.out)})", flush=True)
+                return state
+            gmacs = dissolver_gmacs(spec["ckpt"])
+            state = {"ok": True, "reason": "", "gmacs": gmacs, "train_seconds": round(seconds, 2), "reused": False}
+            from utils import atomic_write_json
+
+            atomic_write_json({"gmacs": gmacs, "train_seconds": round(seconds, 2), "checkpoint": spec["ckpt"],
+                               "ddpm": {"unet_dim": a.ddpm_unet_dim, "epochs": a.ddpm_epochs,
+                                        "max_steps": a.ddpm_max_steps, "batch_size": a.ddpm_batch_size}},
+                              spec["done"])
+        if not os.path.exists(spec["grid"]):
+            cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", spec["dataset"],
+                     "--data_root", a.data_root, "--one_class_idx", spec["cls"],
+                     "--diffusion_model_path", spec["ckpt"], "--out", spec["grid"],
+                     "--timesteps_to_show", *GRID_TIMESTEPS)
+            if a.device:
+                cmd += ["--device", a.device]
+            ok, _, reason = run_step(cmd, spec["grid_log"])
+            if not ok:
+                state["grid_error"] = reason
+                print(f" (grid failed: {reason})", end="")
+        self.state[spec["name"]] = state
+        what = "reused" if state.get("reused") else f"trained in {state['train_seconds']:.0f} s"
+        macs = f"{state['gmacs']:.3f} GMACs/image" if state.get("gmacs") is not None else "MACs unknown"
+        print(f" {what}, {macs} ({time.time() - t0:.0f} s)", flush=True)
+        return state
+
+
+def dissolver_gmacs(ckpt_path):
+    """GMACs of one dissolving call (the UNet on one image), counted as ``train_eval_ddpm.py
+    --mode macs`` does; None when it cannot be counted."""
+    try:
+        import warnings
+
+        import torch
+
+        from diffusion_models.ddpm import build_unet, read_dissolver_checkpoint
+
+        cfg = read_dissolver_checkpoint(ckpt_path, "cpu")["config"]
+        unet = build_unet(cfg).eval()
+        r = cfg["image_size"]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # thop still uses distutils' LooseVersion
+            import thop
+
+            n_macs, _ = thop.profile(unet, inputs=(torch.randn(1, cfg["channels"], r, r),
+                                                   torch.zeros(1, dtype=torch.long)), verbose=False)
+        return round(float(n_macs) / 1e9, 4)
+    except Exception as exc:  # noqa: BLE001 - a figure of merit, not worth failing the run for
+        from utils import warn
+
+        warn(f"could not count the MACs of {ckpt_path}: {type(exc).__name__}: {exc}")
+        return None
+
+
+# --------------------------------------------------------------------------- one run
+
+
+TRAIN_FILES = ("last.model", "scalars.csv", "log.txt", "config.json", "train_done.json")
+
+
+def clean_partial_training(run):
+    """Remove what an interrupted or failed training left, so train.py starts afresh."""
+    for name in os.listdir(run.dir):
+        if name in TRAIN_FILES or name.startswith("events.out.tfevents") or (
+                name.startswith("best_") and name.endswith(".model")):
+            os.remove(run.path(name))
+
+
+def train_command(a, run, dissolver_ckpt):
+    mode = "simclr_DIA" if run.dissolve_type else "simclr_CSI"
+    cmd = py("train.py", "--dataset", run.dataset, "--data_root", a.data_root, "--one_class_idx", run.cls,
+             "--model", run.model, "--mode", mode, "--shift_trans_type", run.transformation, "--seed", run.seed,
+             "--logdir", run.dir, "--no_eval")
+    for flag in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "warmup", "resnet_width",
+                 "log_every"):
+        v = getattr(a, flag)
+        if v is not None:
+            cmd += [f"--{flag}", str(v)]
+    if run.dissolve_type:
+        cmd += ["--diff_resolution", str(run.resolution)]
+        if a.resize_to_constant:
+            cmd.append("--resize_to_constant")
+    if dissolver_ckpt:
+        cmd += ["--diffusion_model_path", dissolver_ckpt]
+    if a.amp:
+        cmd.append("--amp")
+    if a.device:
+        cmd += ["--device", a.device]
+    return cmd + list(a.train_args)
+
+
+def eval_command(a, run):
+    cmd = py("eval.py", "--mode", "ood_pre", "--dataset", run.dataset, "--data_root", a.data_root,
+             "--model", run.model, "--ood_score", "CSI", "--shift_trans_type", "rotation",
+             "--ood_samples", a.ood_samples, "--resize_factor", 0.54, "--resize_fix",
+             "--one_class_idx", run.cls, "--seed", run.seed, "--load_path", run.path("last.model"),
+             "--save_results", run.path("results.json"), "--save_scores_csv", run.path("scores.csv"))
+    if a.resnet_width is not None:
+        cmd += ["--resnet_width", str(a.resnet_width)]
+    if a.amp:
+        cmd.append("--amp")
+    if a.device:
+        cmd += ["--device", a.device]
+    return cmd
+
+
+def needs_dissolver(run):
+    """Whether the run still needs its dissolver (to train, or to draw its grid)."""
+    return run.dissolver is not None and not (os.path.exists(run.path("results.json"))
+                                              and os.path.exists(run.path("dissolving.png")))
+
+
+def read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def execute(a, run, dissolvers):
+    """Train, evaluate and draw one run (or reuse it when finished); fills ``run``'s fields."""
+    from utils import atomic_write_json
+
+    results = read_json(run.path("results.json"))
+    dissolver = None
+    if run.dissolver is not None:  # a finished run only reads the dissolver's record
+        dissolver = dissolvers.get(run.dissolver) if needs_dissolver(run) else (read_json(run.dissolver["done"]) or {})
+        run.gmacs = dissolver.get("gmacs")
+    if results is not None:
+        run.reused = True
+    else:
+        os.makedirs(run.dir, exist_ok=True)
+        for name in ("failed.json", "dissolving.png") + FIGURES:  # nothing stale from an earlier attempt
+            if os.path.exists(run.path(name)):
+                os.remove(run.path(name))
+        if dissolver is not None and not dissolver["ok"]:
+            return fail(run, "dissolver", dissolver["reason"], log=dissolver["log"])
+        ckpt = run.dissolver["ckpt"] if run.dissolver else None
+        train_cmd, eval_cmd = train_command(a, run, ckpt), eval_command(a, run)
+        old = (read_json(run.path("run.json")) or {}).get("config")
+        if old is not None and old != json.loads(json.dumps(run.config)):
+            with contextlib.suppress(FileNotFoundError):  # trained with other settings: train again
+                os.remove(run.path("train_done.json"))
+        atomic_write_json({"config": run.config, "train_command": train_cmd, "eval_command": eval_cmd},
+                          run.path("run.json"))
+        done = read_json(run.path("train_done.json"))
+        if done is None or not os.path.exists(run.path("last.model")):
+            clean_partial_training(run)
+            ok, seconds, reason = run_step(train_cmd, run.path("train.log"))
+            if not ok:
+                return fail(run, "train", reason, seconds=seconds)
+            atomic_write_json({"seconds": round(seconds, 2)}, run.path("train_done.json"))
+        ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"))
+        if not ok:
+            return fail(run, "eval", reason)
+        results = read_json(run.path("results.json"))
+        if results is None:
+            return fail(run, "eval", "eval.py finished without writing results.json")
+        results["eval_seconds"] = round(seconds, 2)
+        atomic_write_json(results, run.path("results.json"))
+    run.results = results
+    run.status = "ok"
+    run.train_seconds = (read_json(run.path("train_done.json")) or {}).get("seconds")
+    run.eval_seconds = results.get("eval_seconds")
+    draw_run_figures(run, dissolver)
+    return run
+
+
+def fail(run, stage, reason, seconds=None, log=None):
+    from utils import atomic_write_json
+
+    reason = reason.replace(run.out + os.sep, "")  # paths inside the run folder, relative to it
+    run.status, run.error = "failed", f"{stage}: {reason}"
+    run.log = log or run.path(f"{stage}.log")
+    run.train_seconds = round(seconds, 2) if seconds is not None and stage == "train" else None
+    os.makedirs(run.dir, exist_ok=True)
+    atomic_write_json({"stage": stage, "reason": reason, "log": run.log}, run.path("failed.json"))
+    return run
+
+
+def draw_run_figures(run, dissolver):
+    """The run's figures; a figure that cannot be drawn is a note, not a failure."""
+    from evals import plots
+
+    title = f"{run.dataset} class {run.cls}, {run.transformation} {run.resolution}px, seed {run.seed}"
+    jobs = [("roc.png", plots.plot_roc, "scores.csv"), ("score_hist.png", plots.plot_score_hist, "scores.csv"),
+            ("loss_curves.png", plots.plot_loss_curves, "scalars.csv")]
+    for out, fn, src in jobs:
+        if os.path.exists(run.path(out)):
+            continue
+        try:
+            fn(run.path(src), run.path(out), title=title)
+        except Exception as exc:  # noqa: BLE001
+            run.notes.append(f"{out} not drawn: {type(exc).__name__}: {exc}")
+    if dissolver is not None and not os.path.exists(run.path("dissolving.png")):
+        grid = run.dissolver["grid"]
+        if os.path.exists(grid):
+            labels = ["input"] + [f"t = {t}" for t in GRID_TIMESTEPS]
+            try:
+                plots.plot_image_grid(grid, run.path("dissolving.png"), labels,
+                                      title=f"dissolving ({run.dissolver['name']}): first half normal, "
+                                            f"second half anomalous test images")
+            except Exception as exc:  # noqa: BLE001 - the dissolver's own grid then
+                run.notes.append(f"dissolving grid not labelled ({type(exc).__name__}: {exc}); copied as is")
+                shutil.copyfile(grid, run.path("dissolving.png"))
+        else:
+            run.notes.append("dissolving.png missing: " + dissolver.get("grid_error", "grid not drawn"))
+
+
+def draw_comparisons(a, runs):
+    """``<out>/<dataset>_class<i>_roc.png``: the ROC curves of every transformation."""
+    from evals import plots
+
+    written = []
+    groups = {}
+    for r in runs:
+        if r.status == "ok" and os.path.exists(r.path("scores.csv")):
+            groups.setdefault((r.dataset, r.cls), {}).setdefault(column_key(r), []).append(r.path("scores.csv"))
+    labels = column_labels(runs)
+    for (dataset, cls), by_col in groups.items():
+        out = os.path.join(a.out, f"{dataset}_class{cls}_roc.png")
+        try:
+            plots.plot_roc_comparison([(labels[k], v) for k, v in by_col.items()], out,
+                                      title=f"{dataset}, normal class {cls}: ROC per transformation")
+            written.append(out)
+        except Exception as exc:  # noqa: BLE001
+            from utils import warn
+
+            warn(f"{out} not drawn: {type(exc).__name__}: {exc}")
+    return written
+
+
+# --------------------------------------------------------------------------- tables
+
+
+CSV_FIELDS = ["dataset", "one_class_idx", "transformation", "resolution", "seed", "status", "auroc_pooled",
+              "auroc_one_class_mean", "auroc_per_class", "train_seconds", "eval_seconds", "dissolver_gmacs",
+              "model", "reused", "run_dir", "error"]
+
+
+def csv_row(a, r):
+    auroc = (r.results or {}).get("auroc", {})
+    per_class = ";".join(f"{k[len('one_class_'):]}:{v:.6g}" for k, v in auroc.items()
+                         if k.startswith("one_class_") and k != "one_class_mean")
+    return {"dataset": r.dataset, "one_class_idx": r.cls, "transformation": r.transformation,
+            "resolution": r.resolution, "seed": r.seed, "status": r.status,
+            "auroc_pooled": num(auroc.get("pooled")), "auroc_one_class_mean": num(auroc.get("one_class_mean")),
+            "auroc_per_class": per_class,
+            "train_seconds": "" if r.train_seconds is None else r.train_seconds,
+            "eval_seconds": "" if r.eval_seconds is None else r.eval_seconds,
+            "dissolver_gmacs": "" if r.gmacs is None else r.gmacs, "model": r.model, "reused": int(r.reused),
+            "run_dir": rel(r.dir, a.out), "error": r.error}
+
+
+def num(v):
+    return "" if v is None else round(float(v), 10)
+
+
+def rel(path, start):
+    return os.path.relpath(path, start)
+
+
+def column_key(r):
+    return (r.transformation, r.resolution if r.dissolve_type else None)
+
+
+def column_labels(runs):
+    """Column of each (transformation, resolution): the transformation's name, plus the
+    resolution when it was run at several."""
+    keys = list(dict.fromkeys(column_key(r) for r in runs))
+    counts = {}
+    for t, _ in keys:
+        counts[t] = counts.get(t, 0) + 1
+    return {k: (f"{k[0]} @ {k[1]}px" if counts[k[0]] > 1 else k[0]) for k in keys}
+
+
+def md_escape(text, limit=None, first_clause=False):
+    """``text`` on one line for a table cell; ``first_clause`` keeps what comes before the first
+    '; ' (the messages say what is wrong, then what to do); ``limit`` cuts it with an ellipsis."""
+    text = " ".join(str(text).split())
+    if first_clause:
+        text = text.split("; ")[0]
+    if limit and len(text) > limit:
+        text = text[:limit - 1].rstrip() + "…"
+    return text.replace("|", "\\|")
+
+
+def summary_cell(group):
+    """``mean ± std (n)`` of the pooled AUROC (std: numpy's, over the seeds that finished)."""
+    import numpy as np
+
+    ok = [float(r.results["auroc"]["pooled"]) for r in group if r.status == "ok"]
+    failed = [r for r in group if r.status == "failed"]
+    if not ok:
+        if failed:
+            return "failed: " + md_escape(failed[0].error, 160, first_clause=True)
+        return "—"
+    cell = f"{np.mean(ok):.3f} ± {np.std(ok):.3f} ({len(ok)})"
+    if failed:
+        cell += f"; {len(failed)} failed: " + md_escape(failed[0].error, 120, first_clause=True)
+    return cell
+
+
+def summary_table(runs):
+    """The "Different transformations" table: rows dataset (and class), columns transformations."""
+    labels = column_labels(runs)
+    classes = {r.cls for r in runs}
+    rows = list(dict.fromkeys((r.dataset, r.cls) for r in runs))
+    lines = ["| Dataset | " + " | ".join(labels.values()) + " |",
+             "|---|" + "---|" * len(labels)]
+    for dataset, cls in rows:
+        name = dataset + (f" (class {cls})" if len(classes) > 1 else "")
+        cells = [summary_cell([r for r in runs if (r.dataset, r.cls) == (dataset, cls) and column_key(r) == key])
+                 for key in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fmt(v, digits=3):
+    return "" if v is None or v == "" else f"{float(v):.{digits}f}"
+
+
+def runs_table(a, runs):
+    lines = ["| dataset | class | transformation | res | seed | AUROC pooled | AUROC class mean | train s | "
+             "eval s | dissolver GMACs | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        auroc = (r.results or {}).get("auroc", {})
+        if r.status == "ok":
+            status = "ok (reused)" if r.reused else "ok"
+            if r.notes:
+                status += "; " + md_escape("; ".join(r.notes), 200)
+        else:
+            status = r.status if r.status != "failed" else "failed: " + md_escape(r.error, 300)
+        lines.append(f"| {r.dataset} | {r.cls} | {r.transformation} | {r.resolution} | {r.seed} | "
+                     f"{fmt(auroc.get('pooled'))} | {fmt(auroc.get('one_class_mean'))} | "
+                     f"{fmt(r.train_seconds, 1)} | {fmt(r.eval_seconds, 1)} | {fmt(r.gmacs, 3)} | {status} |")
+    return "\n".join(lines)
+
+
+def write_tables(a, runs, command):
+    from utils import atomic_write_csv, atomic_write_text
+
+    done = [r for r in runs if r.status != "pending"]
+    atomic_write_csv([csv_row(a, r) for r in done], CSV_FIELDS, os.path.join(a.out, "results.csv"))
+    budget = train_budget(a)
+    text = [
+        f"# DIA reproduction: {', '.join(a.dataset)}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "## Different transformations",
+        "",
+        "Pooled AUROC (normal test images against all others; eval.py --mode ood_pre --ood_score CSI, rotation), "
+        "mean ± std over seeds (number of finished runs).",
+        "",
+        summary_table(runs),
+        "",
+        "## Runs",
+        "",
+        runs_table(a, runs),
+        "",
+        "## Budget",
+        "",
+        f"- train.py: model {', '.join(sorted({r.model for r in runs}))}, "
+        + ", ".join((k if v is True else f"{k} {v}") for k, v in budget.items() if v not in (None, [], False)),
+        f"- eval.py: ood_samples {a.ood_samples}, resize_factor 0.54 (fixed)",
+        f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_epochs} epoch(s)"
+        + (f", at most {a.ddpm_max_steps} steps" if a.ddpm_max_steps else "") + f", batch {a.ddpm_batch_size}",
+        "- std: numpy's (population) standard deviation over the seeds; MACs: one dissolving call on one image "
+        "(thop, as train_eval_ddpm.py --mode macs).",
+        "- figures per run: roc.png, score_hist.png, loss_curves.png, dissolving.png (diffusion_*); "
+        "per dataset and class: <dataset>_class<i>_roc.png",
+        "",
+    ]
+    atomic_write_text("\n".join(text), os.path.join(a.out, "results.md"))
+
+
+# --------------------------------------------------------------------------- main
+
+
+@exit_on_user_error
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = check_args(resolve_args(argv))
+    runs = make_plan(a)
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {a.out}: {exc.strerror}") from None
+    if not os.access(a.out, os.W_OK):
+        raise UserError(f"--out {a.out} is not writable")
+    command = "python reproduce.py " + " ".join(shlex.quote(x) for x in argv)
+    n_todo = sum(not os.path.exists(r.path("results.json")) for r in runs)
+    print(f"{len(runs)} run(s) in {a.out} ({len(runs) - n_todo} finished already, {n_todo} to do)", flush=True)
+
+    dissolvers = Dissolvers(a)
+    t_all = time.time()
+    for i, run in enumerate(runs, 1):
+        if needs_dissolver(run):
+            dissolvers.get(run.dissolver)  # its own progress line, before the run's
+        t0 = time.time()
+        print(f"[{i}/{len(runs)}] {run.label}:", end="", flush=True)
+        execute(a, run, dissolvers)
+        if run.status == "ok":
+            auroc = run.results["auroc"]["pooled"]
+            if run.reused:
+                what = "finished before, skipped"
+            else:
+                what = f"trained {run.train_seconds:.0f} s, evaluated {run.eval_seconds:.0f} s"
+            print(f" {what}; AUROC {auroc:.3f} ({time.time() - t0:.0f} s)", flush=True)
+            for note in run.notes:
+                print(f"    note: {note}", flush=True)
+        else:
+            print(f" FAILED ({run.error}); log {rel(run.log, a.out)} ({time.time() - t0:.0f} s)", flush=True)
+        write_tables(a, runs, command)
+    draw_comparisons(a, runs)
+    write_tables(a, runs, command)
+
+    n_failed = sum(r.status == "failed" for r in runs)
+    print()
+    print(summary_table(runs))
+    print()
+    print(f"{len(runs) - n_failed} of {len(runs)} run(s) finished, {n_failed} failed; {time.time() - t_all:.0f} s. "
+          f"Tables: {os.path.join(a.out, 'results.md')}, {os.path.join(a.out, 'results.csv')}", flush=True)
+    return 1 if n_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

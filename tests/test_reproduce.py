@@ -1,0 +1,270 @@
+"""The reproduction pipeline (reproduce.py) and its figures (evals/plots.py), end to end on
+synth_lesion with the tiniest budget: one pipeline run (rotation + diffusion_rotation) is
+shared by the tests; the failure test works on a copy of it."""
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0",
+        "--resnet_width", "8", "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--log_every", "1",
+        "--ood_samples", "1", "--amp", "--device", "cpu",
+        "--ddpm_unet_dim", "8", "--ddpm_epochs", "1", "--ddpm_max_steps", "2", "--ddpm_batch_size", "8"]
+TRANSFORMATIONS = ["rotation", "diffusion_rotation"]
+
+
+def run_main(argv):
+    """reproduce.main in this process: (exit status, stdout, stderr, seconds)."""
+    import reproduce
+
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.time()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = reproduce.main(argv)
+        except SystemExit as exc:
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue(), time.time() - t0
+
+
+def run_dir(out, transformation, seed=0):
+    return os.path.join(out, "synth_lesion", "class_0", f"{transformation}_32px", f"seed_{seed}")
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def md_tables(path):
+    """The markdown tables of results.md as lists of rows (lists of cells), header first."""
+    tables, current = [], []
+    with open(path) as fh:
+        for line in fh:
+            line = line.rstrip("\n")
+            if line.startswith("|"):
+                if not re.fullmatch(r"\|(-+\|)+", line):
+                    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+                    current.append(cells)
+            elif current:
+                tables.append(current)
+                current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reproduce") / "out")
+    argv = TINY + ["--shift_trans_type", *TRANSFORMATIONS, "--out", out]
+    rc, stdout, stderr, seconds = run_main(argv)
+    return {"out": out, "argv": argv, "rc": rc, "stdout": stdout, "stderr": stderr, "seconds": seconds}
+
+
+def test_pipeline_end_to_end(pipeline):
+    out = pipeline["out"]
+    assert pipeline["rc"] == 0, pipeline["stdout"] + pipeline["stderr"]
+    rows = read_csv(os.path.join(out, "results.csv"))
+    assert [(r["transformation"], r["status"]) for r in rows] == [("rotation", "ok"), ("diffusion_rotation", "ok")]
+    dissolvers = [f for f in os.listdir(os.path.join(out, "dissolvers")) if f.endswith(".pt")]
+    assert len(dissolvers) == 1  # one per dataset, class and resolution
+    ckpt = os.path.join(out, "dissolvers", dissolvers[0])
+    for t in TRANSFORMATIONS:
+        d = run_dir(out, t)
+        for name in ("results.json", "scores.csv", "last.model", "scalars.csv", "train.log", "eval.log"):
+            assert os.path.getsize(os.path.join(d, name)) > 0, (t, name)
+        with open(os.path.join(d, "run.json")) as fh:
+            cmd = json.load(fh)["train_command"]
+        if t == "rotation":
+            assert cmd[cmd.index("--mode") + 1] == "simclr_CSI"
+            assert "--diffusion_model_path" not in cmd
+        else:
+            assert cmd[cmd.index("--mode") + 1] == "simclr_DIA"
+            assert cmd[cmd.index("--diffusion_model_path") + 1] == ckpt
+        with open(os.path.join(d, "scores.csv"), newline="") as fh:
+            scores = list(csv.DictReader(fh))
+        assert len(scores) == 1000 and {s["normal"] for s in scores} == {"0", "1"}
+    # progress lines, then the table
+    assert re.search(r"\[1/2\] synth_lesion class 0 rotation 32px seed 0: trained \d+ s, evaluated \d+ s; "
+                     r"AUROC 0\.\d{3}", pipeline["stdout"])
+    assert "| Dataset | rotation | diffusion_rotation |" in pipeline["stdout"]
+
+
+def test_csv_and_tables_agree_with_results_json(pipeline):
+    out = pipeline["out"]
+    rows = read_csv(os.path.join(out, "results.csv"))
+    summary, per_run = md_tables(os.path.join(out, "results.md"))[:2]
+    assert summary[0] == ["Dataset", "rotation", "diffusion_rotation"]
+    assert per_run[0][:6] == ["dataset", "class", "transformation", "res", "seed", "AUROC pooled"]
+    with open(os.path.join(out, "dissolvers", [f for f in os.listdir(os.path.join(out, "dissolvers"))
+                                                if f.endswith(".json")][0])) as fh:
+        dissolver = json.load(fh)
+    assert dissolver["gmacs"] > 0
+    for row, md_row in zip(rows, per_run[1:]):
+        with open(os.path.join(out, row["run_dir"], "results.json")) as fh:
+            res = json.load(fh)
+        pooled = res["auroc"]["pooled"]
+        assert float(row["auroc_pooled"]) == pytest.approx(pooled, abs=1e-12)
+        assert float(row["auroc_one_class_mean"]) == pytest.approx(res["auroc"]["one_class_mean"], abs=1e-12)
+        assert md_row[:5] == [row["dataset"], row["one_class_idx"], row["transformation"], row["resolution"],
+                              row["seed"]]
+        assert md_row[5] == f"{pooled:.3f}"
+        assert float(row["train_seconds"]) > 0 and md_row[7] == f"{float(row['train_seconds']):.1f}"
+        if row["transformation"] == "diffusion_rotation":
+            assert float(row["dissolver_gmacs"]) == pytest.approx(dissolver["gmacs"])
+            assert md_row[9] == f"{dissolver['gmacs']:.3f}"
+        else:
+            assert row["dissolver_gmacs"] == "" and md_row[9] == ""
+        col = summary[0].index(row["transformation"])
+        assert summary[1][0] == "synth_lesion"
+        assert summary[1][col] == f"{pooled:.3f} ± 0.000 (1)"
+
+
+def test_figures_are_png(pipeline):
+    out = pipeline["out"]
+    paths = [os.path.join(out, "synth_lesion_class0_roc.png")]
+    for t in TRANSFORMATIONS:
+        paths += [os.path.join(run_dir(out, t), n) for n in ("roc.png", "score_hist.png", "loss_curves.png")]
+    paths.append(os.path.join(run_dir(out, "diffusion_rotation"), "dissolving.png"))
+    assert not os.path.exists(os.path.join(run_dir(out, "rotation"), "dissolving.png"))
+    for p in paths:
+        assert os.path.getsize(p) > 0, p
+        with Image.open(p) as im:
+            assert im.format == "PNG", p
+            assert im.size[0] > 100 and im.size[1] > 100, (p, im.size)
+            im.verify()
+
+
+def test_rerun_skips_finished_runs(pipeline):
+    out = pipeline["out"]
+    watched = [os.path.join(out, "dissolvers", f) for f in os.listdir(os.path.join(out, "dissolvers"))]
+    for t in TRANSFORMATIONS:
+        watched += [os.path.join(run_dir(out, t), n) for n in
+                    ("last.model", "results.json", "scores.csv", "scalars.csv", "roc.png", "train.log")]
+    before = {p: os.stat(p).st_mtime_ns for p in watched}
+    rc, stdout, stderr, seconds = run_main(pipeline["argv"])
+    assert rc == 0, stdout + stderr
+    assert {p: os.stat(p).st_mtime_ns for p in watched} == before
+    assert stdout.count("finished before, skipped") == 2
+    assert "(2 finished already, 0 to do)" in stdout
+    assert seconds < max(60.0, pipeline["seconds"] / 2)
+    rows = read_csv(os.path.join(out, "results.csv"))
+    assert [r["reused"] for r in rows] == ["1", "1"] and all(r["status"] == "ok" for r in rows)
+
+
+def test_finished_run_with_other_budget_is_refused(pipeline, capsys):
+    import reproduce
+
+    argv = [a if a != "2" or i == 0 or pipeline["argv"][i - 1] != "--max_steps" else "3"
+            for i, a in enumerate(pipeline["argv"])]
+    assert argv != pipeline["argv"]
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "other settings" in err[0] and "max_steps" in err[0]
+
+
+def test_failing_run_is_reported_and_others_finish(pipeline, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(pipeline["out"], out)
+    # a corrupt dissolver: the diffusion run fails; the rotation run is evaluated again and finishes
+    ckpt = [os.path.join(out, "dissolvers", f) for f in os.listdir(os.path.join(out, "dissolvers"))
+            if f.endswith(".pt")][0]
+    with open(ckpt, "wb") as fh:
+        fh.write(b"this is not a checkpoint")
+    shutil.rmtree(run_dir(out, "diffusion_rotation"))
+    for name in ("results.json", "scores.csv", "roc.png"):
+        os.remove(os.path.join(run_dir(out, "rotation"), name))
+    argv = [a for a in pipeline["argv"]]
+    argv[argv.index("--out") + 1] = out
+    i = argv.index("--shift_trans_type")
+    argv[i + 1:i + 3] = ["diffusion_rotation", "rotation"]  # the failing run comes first
+    rc, stdout, stderr, _ = run_main(argv)
+    assert rc == 1, stdout + stderr
+    assert re.search(r"diffusion_rotation 32px seed 0: FAILED \(train: .*not a torch checkpoint", stdout)
+    rows = {r["transformation"]: r for r in read_csv(os.path.join(out, "results.csv"))}
+    assert rows["diffusion_rotation"]["status"] == "failed"
+    assert "not a torch checkpoint" in rows["diffusion_rotation"]["error"]
+    assert rows["diffusion_rotation"]["auroc_pooled"] == ""
+    assert rows["rotation"]["status"] == "ok" and rows["rotation"]["reused"] == "0"
+    with open(os.path.join(run_dir(out, "rotation"), "results.json")) as fh:
+        pooled = json.load(fh)["auroc"]["pooled"]
+    assert float(rows["rotation"]["auroc_pooled"]) == pytest.approx(pooled)
+    assert os.path.exists(os.path.join(run_dir(out, "rotation"), "roc.png"))
+    summary, per_run = md_tables(os.path.join(out, "results.md"))[:2]
+    assert summary[0] == ["Dataset", "diffusion_rotation", "rotation"]
+    assert summary[1][1].startswith("failed: train:") and "not a torch checkpoint" in summary[1][1]
+    assert summary[1][2] == f"{pooled:.3f} ± 0.000 (1)"
+    assert per_run[1][2] == "diffusion_rotation" and per_run[1][-1].startswith("failed: train:")
+    with open(os.path.join(run_dir(out, "diffusion_rotation"), "failed.json")) as fh:
+        assert json.load(fh)["stage"] == "train"
+    with open(os.path.join(run_dir(out, "diffusion_rotation"), "train.log")) as fh:
+        assert "not a torch checkpoint" in fh.read()
+    assert not os.path.exists(os.path.join(run_dir(out, "diffusion_rotation"), "results.json"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "synth_lesion", "--shift_trans_type", "rotation", "rotate"], "unknown transformation 'rotate'"),
+    (["--preset", "quick", "--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), *args, "--out", str(out)],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert not out.exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
+    (["--dataset", "synth_lesion", "--one_class_idx", "5"], "--one_class_idx 5 is out of range for synth_lesion"),
+    (["--dataset", "kvasir", "--data_root", "{tmp}"], "{tmp}"),  # the dataset's folder is missing
+    (["--dataset", "synth_lesion", "--diff_resolution", "36"], "--diff_resolution 36"),
+])
+def test_bad_data_flags_are_user_errors(args, message, tmp_path, capsys):
+    import reproduce
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(args + ["--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message.replace("{tmp}", str(tmp_path)) in err[0], err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_plots_on_small_files(tmp_path):
+    from evals import plots
+
+    scores = tmp_path / "scores.csv"
+    scores.write_text("index,name,label,normal,score_CSI\n0,a,0,1,0.9\n1,b,1,0,0.1\n2,c,0,1,0.8\n3,d,2,0,0.85\n")
+    assert plots.plot_roc(str(scores), str(tmp_path / "roc.png")) == pytest.approx(0.75)
+    plots.plot_score_hist(str(scores), str(tmp_path / "hist.png"))
+    scalars = tmp_path / "scalars.csv"
+    scalars.write_text("step,tag,value,time\n1,epoch/loss,5.0,0\n2,epoch/loss,4.0,0\n")
+    plots.plot_loss_curves(str(scalars), str(tmp_path / "loss.png"))  # only per-epoch means: still drawn
+    for name in ("roc.png", "hist.png", "loss.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    assert sorted(os.listdir(tmp_path)) == ["hist.png", "loss.png", "roc.png", "scalars.csv", "scores.csv"]
+    with pytest.raises(ValueError, match="not a scores CSV"):
+        plots.plot_roc(str(scalars), str(tmp_path / "bad.png"))
+    assert not (tmp_path / "bad.png").exists()

@@ -44,24 +44,6 @@ def folder_dataset(folder, image_size):
     return ImageDataset(store, torch.zeros(len(paths), dtype=torch.long), names)
 
 
-def loo_csi_train_scores(train_feats, n_shifts, ood_score):
-    """Scores of the normal training images, each against the axes of the others
-    (its own axis would match it perfectly), for choosing a threshold."""
-    from evals.ood_pre import _split_shifts, csi_statistics
-
-    axis, w_sim, w_shi = csi_statistics(train_feats, n_shifts)
-    f = _split_shifts(train_feats["simclr"].float(), n_shifts).mean(dim=2)  # M x K x d
-    sim = torch.einsum("nkd,kmd->nkm", f, axis)
-    eye = torch.eye(f.shape[0], dtype=torch.bool).unsqueeze(1)
-    sim = sim.masked_fill(eye, -float("inf")).max(dim=2).values
-    if ood_score == "simclr":
-        return sim.mean(dim=1)
-    g = _split_shifts(train_feats["shift"].float(), n_shifts)
-    k = torch.arange(n_shifts)
-    shi = g[:, k, :, k].mean(dim=2).transpose(0, 1)
-    return (sim * w_sim + shi * w_shi).mean(dim=1)
-
-
 def print_quantiles(name, scores):
     q = np.quantile(scores, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1])
     print(f"{name}: " + " ".join(f"{v:.4f}" for v in q) + "  (min q10 q25 median q75 q90 max)")
@@ -71,7 +53,7 @@ def print_quantiles(name, scores):
 def main(argv=None):
     P = parse_args("eval", argv)
     from datasets import get_dataset, one_class_split
-    from evals.ood_pre import auroc_report, csi_scores, extract_features
+    from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features
     from models.resnet import build_model
     from train import load_model_checkpoint
 
@@ -142,7 +124,7 @@ def main(argv=None):
             per_image[score] = csi_scores(f_train, f_test, 4, score).numpy()
         if P.score_folder:
             score = scores_wanted[0]
-            train_scores = loo_csi_train_scores(f_train, 4, score).numpy()
+            train_scores = csi_train_scores_loo(f_train, 4, score).numpy()
             thr = float(np.quantile(train_scores, P.threshold_quantile))
             rows = [{"name": n, "score": f"{s:.6f}", "threshold": f"{thr:.6f}", "anomalous": int(s < thr)}
                     for n, s in zip(target.names, per_image[score])]

@@ -62,7 +62,6 @@ def build_dissolve(P, device, info):
         return None
     from models.dissolve import make_dissolve_fn
 
-    P.range_correct = P.diffusion_range_correct
     return make_dissolve_fn(P.shift_trans_type, P, device, info.native_kind)
 
 

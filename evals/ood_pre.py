@@ -69,23 +69,44 @@ def csi_statistics(train_feats, n_shifts):
     return axis, w_sim, w_shi
 
 
+def _scores_against(stats, feats, n_shifts, ood_score, exclude_self=False):
+    """Score ``feats`` against the statistics of the normal training set; with
+    ``exclude_self`` feats are those training images and image i skips its own axis i."""
+    axis, w_sim, w_shi = stats
+    f = _split_shifts(feats["simclr"].float(), n_shifts).mean(dim=2)  # N x K x d
+    sim = torch.einsum("nkd,kmd->nkm", f, axis)  # N x K x M
+    if exclude_self:
+        sim = sim.masked_fill(torch.eye(f.shape[0], dtype=torch.bool).unsqueeze(1), -float("inf"))
+    sim = sim.max(dim=2).values  # N x K
+    if ood_score == "simclr":
+        return sim.mean(dim=1)
+    g = _split_shifts(feats["shift"].float(), n_shifts)
+    k = torch.arange(n_shifts)
+    shi = g[:, k, :, k].mean(dim=2).transpose(0, 1)  # N x K
+    return (sim * w_sim + shi * w_shi).mean(dim=1)
+
+
+def _check_score(ood_score):
+    if ood_score not in ("CSI", "simclr"):
+        raise ValueError(f"CSI scoring computes 'CSI' or 'simclr', not {ood_score!r}")
+
+
 def csi_scores(train_feats, test_feats, n_shifts, ood_score="CSI"):
     """The CSI score of each test image (higher = more normal), a pure function.
 
     ``score = (1/K) sum_k [w_sim_k * max_m <mean_s f[k,s], axis_k[m]> + w_shi_k * mean_s g[k,s][k]]``;
     ``ood_score="simclr"`` keeps only the similarity term, with weight 1.
     """
-    if ood_score not in ("CSI", "simclr"):
-        raise ValueError(f"csi_scores computes 'CSI' or 'simclr', not {ood_score!r}")
-    axis, w_sim, w_shi = csi_statistics(train_feats, n_shifts)
-    f = _split_shifts(test_feats["simclr"].float(), n_shifts).mean(dim=2)  # N x K x d
-    sim = torch.einsum("nkd,kmd->nkm", f, axis).max(dim=2).values  # N x K
-    if ood_score == "simclr":
-        return sim.mean(dim=1)
-    g = _split_shifts(test_feats["shift"].float(), n_shifts)
-    k = torch.arange(n_shifts)
-    shi = g[:, k, :, k].mean(dim=2).transpose(0, 1)  # N x K
-    return (sim * w_sim + shi * w_shi).mean(dim=1)
+    _check_score(ood_score)
+    return _scores_against(csi_statistics(train_feats, n_shifts), test_feats, n_shifts, ood_score)
+
+
+def csi_train_scores_loo(train_feats, n_shifts, ood_score="CSI"):
+    """Scores of the normal training images themselves, each against the axes of the others
+    (its own axis would match it perfectly): what a threshold for new images is set on."""
+    _check_score(ood_score)
+    return _scores_against(csi_statistics(train_feats, n_shifts), train_feats, n_shifts, ood_score,
+                           exclude_self=True)
 
 
 def auroc(scores_normal, scores_anomalous):

@@ -19,13 +19,7 @@ SCRIPT = os.path.join(ROOT, "diffusion_models", "train_eval_ddpm.py")
 TINY = ["--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size", "8", "--no_progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny networks here run 5-10x faster on one thread when other jobs share the CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**kw):

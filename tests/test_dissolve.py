@@ -12,13 +12,7 @@ from models.dissolve import (BlurShift, Dissolver, StepSampler, beta_by_epoch_pa
                              timestep, to_dissolve_resolution)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny networks here run 5-10x faster on one thread when other jobs share the CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

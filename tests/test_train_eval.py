@@ -195,16 +195,16 @@ def test_score_folder_flags_against_training_threshold(trained, tmp_path):
 
 
 def test_leave_one_out_training_scores_match_loop():
-    from evals.ood_pre import csi_scores
+    from evals.ood_pre import csi_scores, csi_train_scores_loo
 
     g = torch.Generator().manual_seed(0)
     tr = {"simclr": torch.randn(5, 8, 6, generator=g), "shift": torch.randn(5, 8, 4, generator=g) + 2}
-    loo = eval_program.loo_csi_train_scores(tr, 4, "CSI")
+    loo = csi_train_scores_loo(tr, 4, "CSI")
     for i in range(5):
         others = {k: torch.cat([v[:i], v[i + 1:]]) for k, v in tr.items()}
         one = {k: v[i:i + 1] for k, v in tr.items()}
         # the same weights (from all M images) but the maximum over the other images' axes
         full = csi_scores(tr, one, 4).item()
         assert loo[i].item() <= full + 1e-6
-        sim_only_loo = eval_program.loo_csi_train_scores(tr, 4, "simclr")[i].item()
+        sim_only_loo = csi_train_scores_loo(tr, 4, "simclr")[i].item()
         assert sim_only_loo == pytest.approx(csi_scores(others, one, 4, "simclr").item(), rel=1e-5)

@@ -18,7 +18,7 @@ import zipfile
 import torch
 
 from common.errors import UserError
-from utils import atomic_torch_save, atomic_write  # noqa: F401  (atomic_write: re-exported)
+from utils import atomic_torch_save
 
 CHECKPOINT_KIND = "dia_dissolver"
 FORMAT_VERSION = 1

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import utils
+
 from common.errors import UserError
 from diffusion_models import ddpm
 from diffusion_models.ddpm import (build_diffusion, ddpm_config, load_dissolver, read_dissolver_checkpoint,
@@ -134,7 +136,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        ddpm.atomic_write(path, boom)
+        utils.atomic_write(path, boom)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["d.pt"]
 
 

@@ -1,5 +1,4 @@
 """Shifts are exact; augmentation layers behave as specified and follow the seed."""
-import pytest
 import torch
 
 from models.transform_layers import (ColorJitterLayer, CutPerm, HorizontalFlipRandom, RandomColorGrayLayer,

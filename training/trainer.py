@@ -89,8 +89,8 @@ class Trainer:
         self.linear_optim.zero_grad(set_to_none=True)
         loss_linear.backward()
         self.linear_optim.step()
-        return {"loss": loss.item(), "loss_sim": loss_sim.item(), "loss_shift": loss_shift.item(),
-                "loss_linear": loss_linear.item()}
+        values = torch.stack([loss, loss_sim, loss_shift, loss_linear]).detach().tolist()  # one device sync
+        return dict(zip(("loss", "loss_sim", "loss_shift", "loss_linear"), values))
 
     # ----- checkpoints ------------------------------------------------------------------
     def state(self, meta):

@@ -8,7 +8,8 @@ import torch
 
 from common.errors import UserError
 from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver
-from models.dissolve import (BlurShift, Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn,
+from models.blur import BlurShift
+from models.dissolve import (Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn,
                              timestep, to_dissolve_resolution)
 
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/bench_cpu}
 PY=${PY:-.venv/bin/python}
 BUDGET=(--epochs 6 --max_batches_per_epoch 25 --batch_size 32 --warmup 1 --resnet_width 16 --amp
-        --ood_samples 4 --ddpm_unet_dim 16 --ddpm_epochs 3 --ddpm_batch_size 32)
+        --ood_samples 4 --ddpm_unet_dim 16 --ddpm_train_steps 188 --ddpm_batch_size 32 --ddpm_grad_accum 1)
 
 # CSI vs blur vs DIA (the paper's input range) on the built-in dataset
 "$PY" reproduce.py --dataset synth_lesion --one_class_idx 0 \

@@ -6,14 +6,18 @@
         --diffusion_model_path diffusion_models/ckpts/covid_1_32px.pt --out dissolving.png
     python diffusion_models/train_eval_ddpm.py --mode macs --image_size 32 64 128
 
-Training uses the normal class of the training split only, brought to the dissolving
-resolution exactly as dissolving later does (MedMNIST: pad 2 -> 32; 32-px data: as is;
-224-px data: antialiased bilinear resize), random horizontal flips, Adam (lr 8e-5, betas
-(0.9, 0.99) as the package's Trainer), and an EMA of the weights from ``ema_pytorch`` (the
-package's own EMA, as its Trainer uses it: decay 0.995, updated every 10 steps, after its
-usual warm-up). Checkpoints are written atomically and can be resumed exactly (``--resume``).
+Training follows the paper's recipe (its script drives the package's ``Trainer``): the normal
+class of the training split, each original image resized bilinearly without antialiasing to
+the dissolving resolution (MedMNIST: pad 2 -> 32; 32-px data: as is) with random horizontal
+flips; micro-batches of ``--batch_size`` 256 with ``--grad_accum`` 2 (512 images per
+optimiser step); Adam lr 8e-5, betas (0.9, 0.99); gradient-norm clipping at 1.0; an EMA
+(``ema_pytorch``, 0.995 every 10 steps). Training counts optimiser steps: a milestone every
+``--save_every`` 31,250 steps, and the default ``--train_steps`` 156,250 is the paper's
+``model-5.pt``. Checkpoints are written atomically at each milestone and resume exactly
+(``--resume``); a diverged (non-finite) model is never written.
 """
 import argparse
+import math
 import os
 import random
 import sys
@@ -53,25 +57,27 @@ def build_parser():
                    help="normal class (default: 1 for covid, the non-COVID folder; else 0; eval: the checkpoint's)")
     p.add_argument("--image_size", type=int, nargs="+", default=None,
                    help="dissolving resolution (train: default 32; macs: list, default 32 64 128)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=256, help="images per micro-batch (the paper's 16 * 16)")
+    p.add_argument("--grad_accum", type=int, default=2, help="micro-batches per optimiser step (the paper's 2)")
+    p.add_argument("--train_steps", type=int, default=156_250,
+                   help="optimiser steps in total (default: the paper's model-5.pt, 5 milestones of 31,250; its "
+                        "Trainer was set to run on to 312,500)")
+    p.add_argument("--save_every", type=int, default=31_250, help="optimiser steps per milestone checkpoint")
     p.add_argument("--lr", type=float, default=8e-5)
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping (the package Trainer's 1.0)")
     p.add_argument("--unet_dim", type=int, default=64)
     p.add_argument("--dim_mults", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--sampling_timesteps", type=int, default=250)
-    p.add_argument("--objective", default="pred_noise", choices=["pred_noise", "pred_x0", "pred_v"])
-    p.add_argument("--beta_schedule", default="cosine", choices=["linear", "cosine", "sigmoid"])
+    p.add_argument("--objective", default="pred_noise", choices=["pred_noise", "pred_x0"])
+    p.add_argument("--beta_schedule", default="cosine", choices=["linear", "cosine"])
     p.add_argument("--loss_type", default="l1", choices=["l1", "l2"])
     p.add_argument("--ema_decay", type=float, default=0.995)
     p.add_argument("--ema_every", type=int, default=10)
     p.add_argument("--save_path", default=None,
                    help="checkpoint file (default diffusion_models/ckpts/<dataset>_<idx>_<res>px.pt)")
-    p.add_argument("--save_every_epochs", type=int, default=1)
-    p.add_argument("--save_every_steps", type=int, default=0, help="also save every N steps (0: off)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from --save_path")
+    p.add_argument("--resume", action="store_true", help="continue exactly from --save_path (by steps)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_path instead of refusing")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps in total")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
@@ -80,6 +86,8 @@ def build_parser():
     p.add_argument("--timesteps_to_show", type=int, nargs="+", default=None,
                    help=f"eval: timesteps of the rows (default {' '.join(map(str, DEFAULT_SHOW_TIMESTEPS))})")
     p.add_argument("--n_show", type=int, default=8, help="eval: images per row (half normal, half anomalous)")
+    p.add_argument("--diffusion_weights", default="online", choices=["online", "ema"],
+                   help="eval: which weights dissolve (online: the paper's, the Trainer file's 'model')")
     p.add_argument("--range_correct", action="store_true",
                    help="eval: feed x*2-1 and show (x0+1)/2 (default: the paper's raw [0,1] in, [-1,1] out)")
     p.add_argument("--out", default=None, help="eval: PNG path (default: next to the checkpoint)")
@@ -128,21 +136,58 @@ def _epoch_order(n, seed, epoch):
 # --------------------------------------------------------------------------- train
 
 
+RECIPE_KEYS = ("batch_size", "grad_accum", "lr", "grad_clip", "ema_decay", "ema_every", "seed")
+
+
+def _check_writable(path):
+    """Fail before any work when the checkpoint cannot be written."""
+    if os.path.isdir(path):
+        raise UserError(f"--save_path {path} is a folder; give a file name, e.g. {os.path.join(path, 'dissolver.pt')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder of --save_path {path} ({exc.strerror}); choose another --save_path")\
+            from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {folder} (permission denied); choose another --save_path")
+
+
+def accumulate_and_step(diffusion, opt, micro_batches, grad_clip):
+    """One optimiser step as the package's Trainer makes it: each micro-batch's loss divided by
+    their number and back-propagated, the gradient norm clipped to ``grad_clip``, then the step.
+
+    Returns ``(loss, grad_norm)``: the mean micro-batch loss and the norm before clipping. A
+    non-finite loss skips the update (the caller stops with an error).
+    """
+    total = 0.0
+    for x in micro_batches:
+        loss = diffusion(x) / len(micro_batches)
+        loss.backward()
+        total += loss.item()
+    if not math.isfinite(total):
+        opt.zero_grad(set_to_none=True)
+        return total, float("nan")
+    norm = torch.nn.utils.clip_grad_norm_(diffusion.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, float(norm)
+
+
 def train(args):
     from ema_pytorch import EMA
     from tqdm import tqdm
 
     from datasets import one_class_split
-    from diffusion_models.ddpm import (build_diffusion, package_version, read_dissolver_checkpoint,
-                                       save_dissolver)
-    from models.dissolve import to_dissolve_resolution
+    from diffusion_models.ddpm import build_diffusion, package_version, read_dissolver_checkpoint, save_dissolver
+    from diffusion_models.ddpm_data import ddpm_training_images
 
     resolution = _single_size(args, 32)
-    for name in ("epochs", "batch_size", "ema_every", "save_every_epochs"):
+    for name in ("train_steps", "batch_size", "grad_accum", "save_every", "ema_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not args.lr > 0 or not args.grad_clip > 0:
+        raise UserError(f"--lr ({args.lr}) and --grad_clip ({args.grad_clip}) must be positive")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
     config = _config_from_args(args, resolution)
@@ -156,15 +201,31 @@ def train(args):
     if not args.resume and os.path.exists(save_path) and not args.overwrite:
         raise UserError(f"{save_path} already exists; pass --resume to continue it, --overwrite to start over, "
                         "or another --save_path")
+    _check_writable(save_path)
     ckpt = read_dissolver_checkpoint(save_path, device) if args.resume else None
+    recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
+    if ckpt is not None:
+        stored = ckpt["config"]
+        diffs = [f"{k} {stored.get(k)} (now {v})" for k, v in config.items() if stored.get(k) != v]
+        saved = (ckpt["train_state"] or {}).get("recipe", {})
+        diffs += [f"--{k} {saved[k]} (now {v})" for k, v in recipe.items() if k in saved and saved[k] != v]
+        if diffs:
+            raise UserError(f"--resume: {save_path} was trained with {', '.join(diffs)}; pass the same flags "
+                            "(only --train_steps and --save_every may change) or another --save_path")
+        meta = ckpt["meta"]
+        if meta.get("dataset") != args.dataset or meta.get("one_class_idx") != idx:
+            raise UserError(f"--resume: {save_path} was trained on {meta.get('dataset')} class "
+                            f"{meta.get('one_class_idx')}, not {args.dataset} class {idx}; use another --save_path")
+        if ckpt["train_state"] is None:
+            raise UserError(f"--resume: {save_path} holds no training state; start over with --overwrite")
 
     train_set, test_set, info = _load_data(args)
     _check_class(idx, info)
     normal_train, _ = one_class_split(train_set, test_set, info, idx)
     n = len(normal_train)
-    if n == 0:
-        raise UserError(f"class {idx} of {args.dataset} has no training images under {args.data_root}; "
-                        "check --data_root and --one_class_idx")
+    images = ddpm_training_images(normal_train, info.native_kind, resolution,
+                                  progress=lambda it: tqdm(it, desc="decoding originals", disable=args.no_progress,
+                                                           leave=False))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -174,99 +235,83 @@ def train(args):
     ema.to(device)
     opt = torch.optim.Adam(diffusion.parameters(), lr=args.lr, betas=(0.9, 0.99))
     flip_gen = torch.Generator().manual_seed(args.seed)
-    epoch, batch_in_epoch, step = 0, 0, 0
+    step, epoch, pos = 0, 0, 0  # optimiser steps; pass over the data; next micro-batch within it
 
     if ckpt is not None:
-        stored = ckpt["config"]
-        diffs = [f"{k} {stored.get(k)} (now {v})" for k, v in config.items() if stored.get(k) != v]
-        if diffs:
-            raise UserError(f"--resume: {save_path} was trained with {', '.join(diffs)}; pass the same "
-                            "architecture flags or another --save_path")
-        meta = ckpt["meta"]
-        if meta.get("dataset") != args.dataset or meta.get("one_class_idx") != idx:
-            raise UserError(f"--resume: {save_path} was trained on {meta.get('dataset')} class "
-                            f"{meta.get('one_class_idx')}, not {args.dataset} class {idx}; use another --save_path")
         ts = ckpt["train_state"]
-        if ts is None:
-            raise UserError(f"--resume: {save_path} holds no training state; start over with --overwrite")
         diffusion.load_state_dict(ckpt["model_state"])
         ema.ema_model.load_state_dict(ckpt["ema_state"])
         opt.load_state_dict(ts["optimizer"])
         ema.step.fill_(int(ts["ema_step"]))
         ema.initted.fill_(bool(ts["ema_initted"]))
-        epoch, batch_in_epoch, step = int(ts["epoch"]), int(ts["batch_in_epoch"]), int(ts["step"])
+        step, epoch, pos = int(ts["step"]), int(ts["epoch"]), int(ts["pos"])
         set_rng_state(ts["rng"])
         flip_gen.set_state(ts["rng"]["flip"].cpu())
-        print(f"resuming {save_path} at epoch {epoch} batch {batch_in_epoch} (step {step})")
+        print(f"resuming {save_path} at step {step}")
         del ckpt
 
-    n_batches = (n + args.batch_size - 1) // args.batch_size
+    n_micro = (n + args.batch_size - 1) // args.batch_size
+    per_step = args.batch_size * args.grad_accum
     print(f"dissolver: {args.dataset} class {idx} ({info.class_names[idx]}), {n} normal training images "
-          f"({info.native_kind}) -> {resolution} px, {n_batches} steps/epoch, device {device}, "
+          f"({info.native_kind}) -> {resolution} px, {args.train_steps} optimiser steps of {args.grad_accum} x "
+          f"{args.batch_size} images ({per_step * args.train_steps / max(n, 1):.1f} passes over the data), "
+          f"milestone every {args.save_every} steps, device {device}, "
           f"Unet(dim={config['unet_dim']}, dim_mults={tuple(config['dim_mults'])}), {config['objective']}, "
           f"{config['beta_schedule']}, {config['loss_type']}")
 
     def checkpoint(reason):
         train_state = {
-            "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "pos": pos,
             "ema_step": int(ema.step.item()), "ema_initted": bool(ema.initted.item()),
-            "rng": dict(rng_state(), flip=flip_gen.get_state()),
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            "rng": dict(rng_state(), flip=flip_gen.get_state()), "recipe": recipe,
         }
         meta = {
             "dataset": args.dataset, "one_class_idx": idx, "class_name": str(info.class_names[idx]),
             "native_kind": info.native_kind, "package_version": package_version(),
-            "epochs": round(epoch + batch_in_epoch / n_batches, 4), "steps": step,
-            "normal_train_images": n, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+            "steps": step, "milestone": step // args.save_every, "images_seen": step * per_step,
+            "normal_train_images": n, "seed": args.seed, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "lr": args.lr, "grad_clip": args.grad_clip,
             "ema": f"ema_pytorch EMA(beta={args.ema_decay}, update_every={args.ema_every}, defaults otherwise)",
-            "train_transform": f"to_dissolve_resolution({info.native_kind}, {resolution}) + random hflip",
+            "train_transform": "original -> hflip -> bilinear resize without antialias (MedMNIST: pad 2)",
         }
         save_dissolver(save_path, diffusion, ema.ema_model, config, meta, train_state)
-        print(f"saved {save_path} ({reason}: epoch {meta['epochs']}, step {step})")
+        print(f"saved {save_path} ({reason}: step {step}, milestone {meta['milestone']})")
 
-    def done():
-        return args.max_steps is not None and step >= args.max_steps
-
-    if epoch >= args.epochs or done():
-        print(f"nothing to do: {save_path} is at epoch {epoch}, step {step}")
+    if step >= args.train_steps:
+        print(f"nothing to do: {save_path} is at step {step} of --train_steps {args.train_steps}")
         return
     diffusion.train()
-    saved_at = step
-    while epoch < args.epochs and not done():
-        order = _epoch_order(n, args.seed, epoch)
-        losses, t0 = [], time.time()
-        bar = tqdm(range(batch_in_epoch, n_batches), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=args.no_progress, dynamic_ncols=True)
-        for b in bar:
-            x, _ = normal_train.get_batch(order[b * args.batch_size:(b + 1) * args.batch_size])
-            x = to_dissolve_resolution(x.to(device, torch.float32), info.native_kind, resolution)[0]
+    bar = tqdm(total=args.train_steps, initial=step, desc="DDPM steps", disable=args.no_progress, dynamic_ncols=True)
+    t0, t_steps, recent = time.time(), 0, []
+    order = _epoch_order(n, args.seed, epoch)
+    while step < args.train_steps:
+        micro = []
+        for _ in range(args.grad_accum):
+            if pos >= n_micro:
+                epoch, pos = epoch + 1, 0
+                order = _epoch_order(n, args.seed, epoch)
+            idx_b = order[pos * args.batch_size:(pos + 1) * args.batch_size]
+            pos += 1
+            x = images.index_select(0, idx_b).to(device)
             flip = (torch.rand(x.shape[0], generator=flip_gen) < 0.5).to(device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = diffusion(x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema.update()
-            step += 1
-            batch_in_epoch = b + 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
-            if args.save_every_steps and step % args.save_every_steps == 0 and batch_in_epoch < n_batches:
-                checkpoint("every-steps")
-                saved_at = step
-            if done():
-                break
-        bar.close()
-        if batch_in_epoch >= n_batches:
-            epoch, batch_in_epoch = epoch + 1, 0
-        mean = sum(losses) / max(len(losses), 1)
-        print(f"epoch {epoch if batch_in_epoch == 0 else epoch + 1}/{args.epochs}: {len(losses)} steps, "
-              f"mean loss {mean:.4f}, {time.time() - t0:.1f} s, step {step}")
-        if batch_in_epoch == 0 and epoch % args.save_every_epochs == 0 and not done() and epoch < args.epochs:
-            checkpoint("epoch")
-            saved_at = step
-    if saved_at != step or not os.path.exists(save_path):
-        checkpoint("final")
+            micro.append(torch.where(flip[:, None, None, None], x.flip(-1), x))
+        total, _ = accumulate_and_step(diffusion, opt, micro, args.grad_clip)
+        if not math.isfinite(total):
+            bar.close()
+            raise UserError(f"the DDPM loss became {total} at step {step + 1}; nothing was written after the last "
+                            f"milestone. Lower --lr (now {args.lr}) or check the training images")
+        step += 1
+        ema.update()
+        t_steps += 1
+        recent.append(total)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}", s_per_step=f"{(time.time() - t0) / t_steps:.2f}")
+        if step % args.save_every == 0 or step == args.train_steps:
+            print(f"step {step}: mean loss {sum(recent) / len(recent):.4f} over the last {len(recent)} steps, "
+                  f"{(time.time() - t0) / t_steps:.2f} s per optimiser step")
+            recent = []
+            checkpoint("milestone" if step % args.save_every == 0 else "final")
+    bar.close()
 
 
 # --------------------------------------------------------------------------- eval
@@ -291,7 +336,8 @@ def evaluate(args):
     device = pick_device(args.device)
     resolution = _single_size(args, None)
     diffusion, ck = load_dissolver(args.diffusion_model_path, device, expect_resolution=resolution,
-                                   expect_channels=3, resolution_flag="--image_size")
+                                   expect_channels=3, resolution_flag="--image_size",
+                                   weights=args.diffusion_weights)
     resolution = ck["config"]["image_size"]
     show = args.timesteps_to_show or DEFAULT_SHOW_TIMESTEPS
     bad = [t for t in show if not 0 <= t < diffusion.num_timesteps]
@@ -304,7 +350,7 @@ def evaluate(args):
         idx = meta.get("one_class_idx") if meta.get("dataset") == args.dataset else None
         idx = default_one_class_idx(args.dataset) if idx is None else idx
     _check_class(idx, info)
-    if meta.get("dataset") != args.dataset:
+    if meta.get("dataset") is not None and meta.get("dataset") != args.dataset:
         print(f"note: the dissolver was trained on {meta.get('dataset')}, shown here on {args.dataset}")
 
     labels = torch.as_tensor(test_set.labels).long()

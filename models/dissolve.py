@@ -97,17 +97,20 @@ def _check_kind(native_kind):
 
 
 def _resize(x, size):
+    """Bilinear resize without antialiasing, as the paper's torchvision ``Resize`` on tensors
+    (``antialias=None``, i.e. off) and its DDPM training data."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
 
 
 def to_dissolve_resolution(x, native_kind, resolution):
     """Bring ``x`` (N x C x H x W) to ``resolution`` x ``resolution``.
 
     ``medmnist28``: zero-pad 2 px on each side (28 -> 32), then resize if ``resolution`` is not
-    32. Otherwise: identity when the size already matches, else bilinear resize with
-    antialiasing. Returns ``(y, undo)`` where ``undo(y')`` maps a result back to ``x``'s size.
+    32. Otherwise: identity when the size already matches, else bilinear resize without
+    antialiasing (the paper's path: 224 -> 32 -> 224). Returns ``(y, undo)`` where ``undo(y')``
+    maps a result back to ``x``'s size.
     """
     _check_kind(native_kind)
     size = tuple(x.shape[-2:])
@@ -155,10 +158,11 @@ class Dissolver(torch.nn.Module):
                  range_correct=False, step_scale=STEP_SCALE, generator=None):
         super().__init__()
         _check_kind(native_kind)
-        res = tuple(int(s) for s in diffusion.image_size)
-        if res != (int(diff_resolution), int(diff_resolution)):
-            raise UserError(f"the dissolver works at {res[0]} px but --diff_resolution is {diff_resolution}; pass "
-                            f"--diff_resolution {res[0]} or retrain the dissolver at {diff_resolution} px")
+        res = diffusion.image_size
+        res = int(res[0]) if isinstance(res, (tuple, list)) else int(res)
+        if res != int(diff_resolution):
+            raise UserError(f"the dissolver works at {res} px but --diff_resolution is {diff_resolution}; pass "
+                            f"--diff_resolution {res} or retrain the dissolver at {diff_resolution} px")
         self.diffusion = diffusion.eval().requires_grad_(False)
         self.native_kind = native_kind
         self.diff_resolution = int(diff_resolution)
@@ -174,6 +178,25 @@ class Dissolver(torch.nn.Module):
             raise UserError(f"--diffusion_offset {offset} / --diffusion_upper_offset {upper} give timesteps "
                             f"{min(t_lo, t_hi)}..{max(t_lo, t_hi)} but the dissolver has timesteps 0..{n - 1}; "
                             f"keep {step_scale} * offset within that range")
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", native_kind="small32", diff_resolution=32, weights="online",
+                        **kwargs):
+        """A dissolver from our checkpoint or the paper's ``model-<milestone>.pt``.
+
+        ``weights``: ``'online'`` (the paper's dissolver loads the Trainer file's ``"model"``) or
+        ``'ema'``. ``kwargs`` go to the constructor (``offset``, ``upper``, ``scheduler``,
+        ``range_correct``). Calling the result as ``dissolver(x, ts)`` returns what the paper's
+        ``pre_process -> p_sample(x, t)[1] -> post_process`` returns for each chunk. The
+        checkpoint's description is kept in ``.info``.
+        """
+        from diffusion_models.ddpm import load_dissolver
+
+        diffusion, info = load_dissolver(path, device, expect_resolution=diff_resolution, expect_channels=3,
+                                         weights=weights)
+        dissolver = cls(diffusion, native_kind, diff_resolution=diff_resolution, **kwargs)
+        dissolver.info = info
+        return dissolver
 
     def train(self, mode=True):
         # The network stays frozen in eval mode whatever the surrounding model does.
@@ -227,11 +250,27 @@ def _arg(P, name, default):
     return default if value is None else value
 
 
+def warn_if_other_data(info, dataset, one_class_idx):
+    """One warning line when a dissolver was trained on another dataset or normal class.
+
+    Using one is allowed (it can be a deliberate experiment); a Trainer file records neither.
+    """
+    meta = info.get("meta") or {}
+    trained = (meta.get("dataset"), meta.get("one_class_idx"))
+    if trained[0] is None or dataset is None:
+        return
+    if trained[0] != dataset or (one_class_idx is not None and trained[1] != one_class_idx):
+        from utils import warn
+
+        warn(f"the dissolver {info.get('path')} was trained on {trained[0]} class {trained[1]}, this run is "
+             f"{dataset} class {one_class_idx}; dissolving with it anyway")
+
+
 def make_dissolve_fn(shift_trans_type, P, device, native_kind):
     """The dissolve generator for ``--shift_trans_type`` (``None`` when it has no dissolving part).
 
-    Prefixes: ``diffusion_*`` (loads ``P.diffusion_model_path`` with
-    ``expect_resolution=P.diff_resolution``), ``blurgaussian_*``, ``blurmedian_*``, ``blurnone_*``.
+    Prefixes: ``diffusion_*`` (``Dissolver.from_checkpoint(P.diffusion_model_path)`` at
+    ``P.diff_resolution`` with ``P.diffusion_weights``, default ``'online'``), ``blurgaussian_*``, ``blurmedian_*``, ``blurnone_*``.
     Options read from ``P`` (missing ones take the paper's defaults): ``diff_resolution`` (32),
     ``diffusion_offset`` (0.3), ``diffusion_upper_offset`` (1.0), ``diffusion_scheduler``
     ('uniform'), ``range_correct`` or ``diffusion_range_correct`` (False), ``kernel_size`` (3),
@@ -245,16 +284,16 @@ def make_dissolve_fn(shift_trans_type, P, device, native_kind):
             raise UserError(f"--shift_trans_type {shift_trans_type} needs a dissolver: pass --diffusion_model_path "
                             "CKPT (train one with python diffusion_models/train_eval_ddpm.py --mode train "
                             "--dataset <DATASET>)")
-        from diffusion_models.ddpm import load_dissolver
-
-        diffusion, _ = load_dissolver(path, device, expect_resolution=resolution, expect_channels=3)
-        return Dissolver(
-            diffusion, native_kind, diff_resolution=resolution,
+        dissolver = Dissolver.from_checkpoint(
+            path, device, native_kind, diff_resolution=resolution,
+            weights=str(_arg(P, "diffusion_weights", "online")),
             offset=float(_arg(P, "diffusion_offset", 0.3)),
             upper=float(_arg(P, "diffusion_upper_offset", 1.0)),
             scheduler=_arg(P, "diffusion_scheduler", "uniform"),
             range_correct=bool(_arg(P, "range_correct", False) or _arg(P, "diffusion_range_correct", False)),
         )
+        warn_if_other_data(dissolver.info, getattr(P, "dataset", None), getattr(P, "one_class_idx", None))
+        return dissolver
     from models.blur import BlurShift
 
     blurs = {"blurgaussian": "gaussian", "blurmedian": "median", "blurnone": "none"}

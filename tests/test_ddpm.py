@@ -18,7 +18,7 @@ from diffusion_models.ddpm import (build_diffusion, ddpm_config, load_dissolver,
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "diffusion_models", "train_eval_ddpm.py")
-TINY = ["--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size", "8", "--no_progress"]
+TINY = ["--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size", "8", "--grad_accum", "1", "--no_progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,8 +35,7 @@ def tiny_diffusion(seed=0, **kw):
 
 def save_tiny(path, seed=0, **kw):
     d, e = tiny_diffusion(seed, **kw), tiny_diffusion(seed + 1, **kw)
-    save_dissolver(path, d, e, tiny_config(**kw), {"dataset": "synth_lesion", "one_class_idx": 0, "epochs": 1,
-                                                   "steps": 7})
+    save_dissolver(path, d, e, tiny_config(**kw), {"dataset": "synth_lesion", "one_class_idx": 0, "steps": 7})
     return d, e
 
 
@@ -57,14 +56,27 @@ def test_config_is_the_papers():
     assert (c["objective"], c["beta_schedule"], c["loss_type"]) == ("pred_noise", "cosine", "l1")
 
 
-def test_build_sets_objective_and_schedule():
+def test_build_is_the_papers_package_network():
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
     from denoising_diffusion_pytorch.denoising_diffusion_pytorch import cosine_beta_schedule
 
+    assert ddpm.package_version() == "0.27.12"
     d = tiny_diffusion()
+    assert type(d) is GaussianDiffusion and type(d.model) is Unet
     assert d.objective == "pred_noise" and d.loss_type == "l1"
     assert torch.allclose(d.betas, cosine_beta_schedule(1000).float())
-    assert tuple(d.image_size) == (32, 32) and d.num_timesteps == 1000
-    assert isinstance(d, ddpm.DissolverDiffusion)
+    assert d.image_size == 32 and d.num_timesteps == 1000 and d.sampling_timesteps == 10
+    # the paper's UNet: 36.25 M parameters, strided 4x4 convolutions between stages
+    assert round(ddpm.unet_parameter_count(ddpm_config()) / 1e6, 2) == 36.25
+    down = d.model.downs[0][3]
+    assert isinstance(down, torch.nn.Conv2d) and down.kernel_size == (4, 4) and down.stride == (2, 2)
+
+
+def test_other_package_version_is_refused(monkeypatch):
+    monkeypatch.setattr(ddpm, "package_version", lambda: "2.1.1")
+    with pytest.raises(UserError) as e:
+        tiny_diffusion()
+    assert_one_line(e, "0.27.12", "2.1.1", "setup.sh")
 
 
 @pytest.mark.parametrize("kw, needle", [(dict(image_size=31), "divisible"), (dict(objective="x"), "objective"),
@@ -79,19 +91,17 @@ def test_bad_config_is_user_error(kw, needle):
 def test_l1_loss_is_mean_abs_error():
     d = tiny_diffusion()
     g = torch.Generator().manual_seed(1)
-    img = torch.rand(3, 3, 32, 32, generator=g)
+    x0 = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
     noise = torch.randn(3, 3, 32, 32, generator=g)
     t = torch.tensor([5, 300, 999])
-    loss = d(img, times=t, noise=noise)  # forward normalises [0, 1] -> [-1, 1]
-    x0 = img * 2 - 1
+    loss = d.p_losses(x0, t, noise=noise)
     ac = d.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
     with torch.no_grad():
         hand = (d.model(x_t, t) - noise).abs().mean()
     assert torch.allclose(loss.detach(), hand, atol=1e-6)
-    # l2 defers to the package (MSE)
     d2 = tiny_diffusion(loss_type="l2")
-    loss2 = d2(img, times=t, noise=noise)
+    loss2 = d2.p_losses(x0, t, noise=noise)
     with torch.no_grad():
         hand2 = F.mse_loss(d2.model(x_t, t), noise)
     assert torch.allclose(loss2.detach(), hand2, atol=1e-6)
@@ -115,13 +125,13 @@ def test_checkpoint_round_trip(tmp_path):
     loaded, info = load_dissolver(path, "cpu", expect_resolution=32, expect_channels=3)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(_predict(loaded, x), _predict(ema, x))  # EMA weights by default
-    assert not torch.equal(_predict(loaded, x), _predict(online, x))
-    raw, _ = load_dissolver(path, torch.device("cpu"), use_ema=False)
-    assert torch.equal(_predict(raw, x), _predict(online, x))
-    assert info["config"] == tiny_config() and info["format_version"] == 1
+    assert torch.equal(_predict(loaded, x), _predict(online, x))  # online weights by default, as the paper
+    assert not torch.equal(_predict(loaded, x), _predict(ema, x))
+    averaged, _ = load_dissolver(path, torch.device("cpu"), weights="ema")
+    assert torch.equal(_predict(averaged, x), _predict(ema, x))
+    assert info["config"] == tiny_config() and info["format"] == "ours" and info["weights"] == "online"
     meta = info["meta"]
-    assert (meta["dataset"], meta["one_class_idx"], meta["epochs"], meta["steps"]) == ("synth_lesion", 0, 1, 7)
+    assert (meta["dataset"], meta["one_class_idx"], meta["steps"]) == ("synth_lesion", 0, 7)
     assert meta["package_version"] == ddpm.package_version()
     ck = read_dissolver_checkpoint(path)
     assert ck["kind"] == "dia_dissolver" and ck["train_state"] is None
@@ -186,11 +196,11 @@ def test_every_bad_checkpoint_is_one_line(tmp_path):
         load_dissolver(bare, "cpu")
     assert_one_line(e, "not a dissolver checkpoint")
 
-    trainer = tmp_path / "trainer.pt"  # the package Trainer's own format
-    torch.save({"step": 5, "model": {}, "ema": {}, "opt": {}, "version": "2.3.4"}, trainer)
+    trainer = tmp_path / "trainer.pt"  # a Trainer-shaped file whose 'model' is not the 0.27.12 network
+    torch.save({"step": 5, "model": {"w": torch.zeros(2)}, "ema": {}, "opt": {}, "scaler": None}, trainer)
     with pytest.raises(UserError) as e:
         load_dissolver(trainer, "cpu")
-    assert_one_line(e, "Trainer checkpoint")
+    assert_one_line(e, "Trainer checkpoint", "0.27.12")
 
     pick = tmp_path / "obj.pkl"  # a pickle of arbitrary Python objects
     with open(pick, "wb") as fh:
@@ -219,6 +229,19 @@ def test_every_bad_checkpoint_is_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         load_dissolver(future, "cpu")
     assert_one_line(e, "format version 99")
+    old = tmp_path / "old.pt"  # format 1 held the 2.x network
+    torch.save(dict(ck, format_version=1), old)
+    with pytest.raises(UserError) as e:
+        load_dissolver(old, "cpu")
+    assert_one_line(e, "format version 1", "2.x network", "retrain")
+
+    nan = tmp_path / "nan.pt"  # a diverged file written by older code is refused, not used
+    poisoned = dict(ck["model_state"])
+    poisoned["model.final_conv.weight"] = poisoned["model.final_conv.weight"] * float("nan")
+    torch.save(dict(ck, model_state=poisoned), nan)
+    with pytest.raises(UserError) as e:
+        load_dissolver(nan, "cpu")
+    assert_one_line(e, "NaN or infinity", "model.final_conv.weight")
 
     damaged = tmp_path / "damaged.pt"
     torch.save({k: v for k, v in ck.items() if k != "ema_state"}, damaged)
@@ -237,7 +260,18 @@ def test_built_from_stored_config(tmp_path):
     path = tmp_path / "d64.pt"
     save_tiny(path, image_size=64, dim_mults=(1, 2, 2))
     d, info = load_dissolver(path, "cpu", expect_resolution=64)
-    assert tuple(d.image_size) == (64, 64) and len(d.model.downs) == 3
+    assert d.image_size == 64 and len(d.model.downs) == 3
+
+
+def test_non_finite_state_is_never_written(tmp_path):
+    d, e = tiny_diffusion(), tiny_diffusion(1)
+    with torch.no_grad():
+        e.model.final_conv.bias.fill_(float("inf"))
+    path = tmp_path / "d.pt"
+    with pytest.raises(UserError) as exc:
+        save_dissolver(path, d, e, tiny_config(), {"dataset": "synth_lesion"})
+    assert_one_line(exc, "NaN or infinity", "final_conv.bias")
+    assert not os.listdir(tmp_path)
 
 
 # --------------------------------------------------------------------------- the script
@@ -253,29 +287,37 @@ def test_script_train_resume_eval(tmp_path):
 
     # train, run from inside diffusion_models/ as the paper's README does
     ckpt = tmp_path / "ck" / "synth.pt"
-    r = _run(["train_eval_ddpm.py", "--mode", "train", "--dataset", "synth_lesion", "--max_steps", "3",
-              "--save_path", str(ckpt), *TINY], cwd=os.path.join(ROOT, "diffusion_models"))
+    r = _run(["train_eval_ddpm.py", "--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3",
+              "--save_every", "2", "--save_path", str(ckpt), *TINY], cwd=os.path.join(ROOT, "diffusion_models"))
     assert r.returncode == 0, r.stderr
+    assert "milestone: step 2" in r.stdout and "final: step 3" in r.stdout, r.stdout
     d, info = load_dissolver(ckpt, "cpu", expect_resolution=32)
     assert info["meta"]["steps"] == 3 and info["meta"]["dataset"] == "synth_lesion"
-    assert info["config"]["unet_dim"] == 8
+    assert info["config"]["unet_dim"] == 8 and info["meta"]["images_seen"] == 3 * 8
     ts = read_dissolver_checkpoint(ckpt)["train_state"]
-    assert (ts["step"], ts["epoch"], ts["batch_in_epoch"]) == (3, 0, 3)
+    assert (ts["step"], ts["epoch"], ts["pos"]) == (3, 0, 3)
 
-    # --resume continues from the saved step (in-process: same code path, no interpreter start-up)
-    script.main(["--mode", "train", "--dataset", "synth_lesion", "--max_steps", "5", "--save_path", str(ckpt),
-                 "--resume", *TINY])
+    # --resume continues by steps (in-process: same code path, no interpreter start-up)
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "5", "--save_every", "2",
+                 "--save_path", str(ckpt), "--resume", *TINY])
     resumed = read_dissolver_checkpoint(ckpt)
     assert resumed["train_state"]["step"] == 5 and resumed["meta"]["steps"] == 5
 
     # ... and exactly: 3 + 2 steps equal 5 uninterrupted steps
     straight = tmp_path / "straight.pt"
-    script.main(["--mode", "train", "--dataset", "synth_lesion", "--max_steps", "5", "--save_path",
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "5", "--save_path",
                  str(straight), *TINY])
     ref = read_dissolver_checkpoint(straight)
     for key in ("model_state", "ema_state"):
         for name, tensor in ref[key].items():
             assert torch.equal(tensor, resumed[key][name]), (key, name)
+
+    # a resume that would change the recipe is refused, and the file is left alone
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "6", "--save_path", str(ckpt),
+                     "--resume", *TINY, "--lr", "1e-3"])
+    assert e.value.code == 2 and ckpt.read_bytes() == before
 
     # an existing checkpoint is not overwritten by accident
     with pytest.raises(SystemExit) as e:
@@ -293,6 +335,37 @@ def test_script_train_resume_eval(tmp_path):
         # 4 images per row, 3 rows, 32-px images enlarged 3x to 96 px, 2-px padding
         assert im.size == (2 + 4 * 98, 2 + 3 * 98)
     assert sorted(os.listdir(tmp_path)) == ["ck", "grid.png", "straight.pt"]
+
+
+def test_optimiser_step_accumulates_and_clips():
+    """Two micro-batches, clipping at 0.05: against a hand computation of the same step."""
+    from diffusion_models.train_eval_ddpm import accumulate_and_step
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.rand(3, 3, 32, 32, generator=g) for _ in range(2)]
+    d = tiny_diffusion(5)
+    ref = tiny_diffusion(5)
+    opt = torch.optim.SGD(d.parameters(), lr=0.5)
+    torch.manual_seed(11)
+    loss, norm = accumulate_and_step(d, opt, batches, grad_clip=0.05)
+
+    torch.manual_seed(11)  # the same t and noise draws, in the same order
+    grads = [torch.zeros_like(p) for p in ref.parameters()]
+    total = 0.0
+    for x in batches:
+        ref.zero_grad()
+        lo = ref(x)
+        lo.backward()
+        total += lo.item() / 2
+        for acc, p in zip(grads, ref.parameters()):
+            acc += p.grad / 2
+    hand_norm = torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads)).item()
+    assert hand_norm > 0.05  # clipping is active
+    assert abs(norm - hand_norm) < 1e-4 * hand_norm and abs(loss - total) < 1e-6
+    scale = 0.05 / (hand_norm + 1e-6)
+    with torch.no_grad():
+        for p, q, gr in zip(d.parameters(), ref.parameters(), grads):
+            assert torch.allclose(p, q - 0.5 * scale * gr, atol=1e-6)
 
 
 def test_script_bad_input_is_one_line(tmp_path):

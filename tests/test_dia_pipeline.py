@@ -16,7 +16,8 @@ TINY = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8",
 def dissolver(tmp_path_factory):
     path = tmp_path_factory.mktemp("ddpm") / "synth_0_32px.pt"
     train_eval_ddpm.main(["--mode", "train", "--dataset", "synth_lesion", "--unet_dim", "8", "--dim_mults", "1", "2",
-                          "--batch_size", "8", "--max_steps", "2", "--no_progress", "--save_path", str(path)])
+                          "--batch_size", "8", "--grad_accum", "1", "--train_steps", "2", "--no_progress",
+                          "--save_path", str(path)])
     assert path.exists()
     return path
 

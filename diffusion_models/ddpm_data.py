@@ -1,0 +1,53 @@
+"""The DDPM's training images, prepared as the paper's dissolver training prepares them.
+
+The paper's DDPM reads the normal class of the training split and applies, per image:
+to tensor -> random horizontal flip -> bilinear resize to the dissolving resolution without
+antialiasing (MedMNIST: pad 2 to 32 instead; 32-px sets: as they are). For folder datasets
+that resize starts from the *original* file, not from the 224-px copy the ResNet sees.
+
+Flipping and a bilinear resize with ``align_corners=False`` commute, so the images are
+resized once here and flipped per batch by the training loop.
+"""
+import torch
+import torch.nn.functional as F
+
+from models.dissolve import to_dissolve_resolution
+
+
+def _folder_paths(dataset):
+    """The original file of each item of a folder-backed dataset view, or None."""
+    store = getattr(dataset, "_store", None)
+    paths = getattr(store, "paths", None)
+    if paths is None:
+        return None
+    return [paths[i] for i in dataset._index.tolist()]
+
+
+def ddpm_training_images(dataset, native_kind, resolution, progress=None):
+    """``N x 3 x resolution x resolution`` float images in [0, 1] of ``dataset`` (one class).
+
+    Folder datasets: each original file decoded (``datasets.base.decode_image`` at its own
+    size) and resized bilinearly without antialiasing. In-memory datasets: the stored images
+    through :func:`models.dissolve.to_dissolve_resolution` (MedMNIST pad 2, 32 px as is).
+    ``progress`` wraps the per-file iterable (e.g. ``tqdm``).
+    """
+    size = (int(resolution), int(resolution))
+    paths = _folder_paths(dataset)
+    if paths is None:
+        out = []
+        for s in range(0, len(dataset), 1024):
+            x, _ = dataset.get_batch(torch.arange(s, min(s + 1024, len(dataset))))
+            out.append(to_dissolve_resolution(x.float(), native_kind, resolution)[0])
+        if not out:
+            return torch.zeros(0, 3, *size)
+        return torch.cat(out)
+    from datasets.base import decode_image
+
+    out = torch.empty(len(paths), 3, *size)
+    it = paths if progress is None else progress(paths)
+    for i, path in enumerate(it):
+        img = decode_image(path, None).float().div_(255.0)[None]
+        if tuple(img.shape[-2:]) != size:
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=False)
+        out[i] = img[0]
+    return out

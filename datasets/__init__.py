@@ -1,11 +1,14 @@
 """Datasets of DIA: the paper's medical sets, CIFAR, and two offline sets (digits, synth_lesion).
 
-    train_set, test_set, info = get_dataset(name, data_root, image_size=None, seed=0)
+    train_set, test_set, info = get_dataset(name, data_root, image_size=None, seed=0,
+                                            aptos_all_grades=False)
     normal_train, test_set = one_class_split(train_set, test_set, info, one_class_idx,
                                              contamination_ratio=0.0, seed=0)
 
 Every set is an :class:`ImageDataset` of RGB images in [0, 1] (``get_batch`` for training
-loops). Nothing is downloaded; missing or bad data is a ``common.errors.UserError``.
+loops). Nothing is downloaded; missing or bad data is a ``common.errors.UserError`` (folder
+datasets: every file is checked when loaded, all bad files named in one error). APTOS is the
+paper's grade 0 against grade 1 unless ``aptos_all_grades``.
 """
 from .base import DatasetInfo, ImageDataset
 from .registry import DATASET_NAMES, get_dataset

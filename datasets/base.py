@@ -9,8 +9,13 @@ Two stores exist:
 
 * :class:`ArrayStore`: everything already in one ``uint8`` tensor (MedMNIST, CIFAR, digits,
   synth_lesion).
-* :class:`FolderStore`: image files decoded with PIL on first access (``convert('RGB')``,
-  bilinear resize to the target size) and kept in memory, so later epochs never decode again.
+* :class:`FolderStore`: image files decoded with PIL on first access (:func:`decode_image`:
+  bilinear resize to the target size, 3 channels) and kept in memory, so later epochs never
+  decode again. Every file is checked once when the store is made (:func:`check_image_files`),
+  so a corrupt file stops the run before training, with all bad files named at once.
+
+High-bit-depth images (medical PNG/TIFF) are scaled to their full range before they become
+8-bit, never clipped (see :func:`high_bit_to_unit`).
 """
 from __future__ import annotations
 
@@ -94,26 +99,149 @@ class ArrayStore:
         return self.images.index_select(0, idx)
 
 
-def decode_image(path: str, size_hw: Tuple[int, int], shown_name: str | None = None) -> torch.Tensor:
-    """Decode one file into ``uint8 3 x H x W`` (RGB, bilinear resize); a bad file is a UserError."""
+# Pillow modes that hold more than 8 bits per pixel (one channel): 16-bit unsigned in
+# several byte orders, 32-bit signed integers, 32-bit floats.
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I", "F")
+
+
+def high_bit_to_unit(arr: np.ndarray) -> np.ndarray:
+    """A one-channel high-bit-depth image as ``float32`` in [0, 1], by a fixed rule.
+
+    * integer data whose values all lie in 0..65535 (every 16-bit image, and 16-bit data that
+      Pillow hands over as 32-bit mode ``'I'``): ``value / 65535``;
+    * other integer data (negative values, or above 65535, e.g. CT numbers): stretched from
+      the image's own minimum (-> 0) to its maximum (-> 1);
+    * float data (mode ``'F'``): kept when within [0, 1], otherwise stretched min -> max.
+
+    A constant image that has to be stretched becomes 0. NaN or infinite values are a ValueError.
+    """
+    a = np.asarray(arr).astype(np.float64)
+    if a.size and not np.isfinite(a).all():
+        raise ValueError("the image holds NaN or infinite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if np.issubdtype(np.asarray(arr).dtype, np.integer):
+        if lo >= 0.0 and hi <= 65535.0:
+            return (a / 65535.0).astype(np.float32)
+    elif lo >= 0.0 and hi <= 1.0:
+        return a.astype(np.float32)
+    if hi > lo:
+        return ((a - lo) / (hi - lo)).astype(np.float32)
+    return np.zeros(a.shape, dtype=np.float32)
+
+
+def _to_rgb_uint8(img, size_hw: Tuple[int, int] | None) -> np.ndarray:
+    """An open PIL image as ``uint8 H x W x 3`` at ``size_hw`` (bilinear; ``None``: its own size)."""
+    from PIL import Image
+
+    h, w = (img.size[1], img.size[0]) if size_hw is None else size_hw
+    if img.mode in HIGH_BIT_MODES:
+        # full range -> [0, 1] in float, resized in float, then quantised once: nothing saturates
+        unit = Image.fromarray(high_bit_to_unit(np.asarray(img)))      # mode 'F'
+        if unit.size != (w, h):
+            unit = unit.resize((w, h), Image.BILINEAR)
+        grey = np.clip(np.rint(np.asarray(unit, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    img = img.convert("RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(path: str, size_hw: Tuple[int, int] | None, shown_name: str | None = None) -> torch.Tensor:
+    """Decode one file into ``uint8 3 x H x W`` (bilinear resize to ``size_hw``, ``None`` keeps
+    the file's own size); a bad file is a UserError.
+
+    8-bit images go through ``convert('RGB')``; high-bit-depth ones (:data:`HIGH_BIT_MODES`)
+    through :func:`high_bit_to_unit`, then ``round(255 * v)``, grey copied to 3 channels.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            h, w = size_hw
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = _to_rgb_uint8(img, size_hw)
     except FileNotFoundError:
-        raise UserError(f"image file {path} has disappeared since the dataset was listed; "
-                        f"restore it or remove it from the dataset folder") from None
+        err = UserError(f"image file {path} has disappeared since the dataset was listed; "
+                        f"restore it or remove it from the dataset folder")
+        err.reason = "the file has disappeared"
+        raise err from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        raise UserError(f"cannot read image file {path} ({type(exc).__name__}: {exc}); "
-                        f"the file is corrupt or not an image: replace or delete it") from None
-    if arr.ndim != 3 or arr.shape[2] != 3:  # pragma: no cover - convert('RGB') guarantees this
+        err = UserError(f"cannot read image file {path} ({_reason(exc)}); "
+                        f"the file is corrupt or not an image: replace or delete it")
+        err.reason = _reason(exc)
+        raise err from None
+    if arr.ndim != 3 or arr.shape[2] != 3:  # pragma: no cover - both paths give H x W x 3
         raise UserError(f"image file {path} did not decode to an RGB image")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def _reason(exc: BaseException, limit: int = 120) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _jpeg_ends_cleanly(path: str) -> bool:
+    """True when the file's last two bytes are the JPEG end-of-image marker FF D9."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 4:
+            return False
+        f.seek(-2, os.SEEK_END)
+        return f.read(2) == b"\xff\xd9"
+
+
+def check_image_file(path: str) -> str | None:
+    """``None`` when ``path`` looks like a readable image, else the reason (one short line).
+
+    Cheaper than decoding: PNG files have every chunk's CRC checked (``Image.verify``), which
+    finds truncated and damaged files; a JPEG has its header parsed and must end with the
+    end-of-image marker (if it does not, it is decoded at 1/8 scale, so a truncated file is
+    found and a file with trailing bytes still passes); other formats are decoded fully.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.format == "PNG":
+                img.verify()
+            elif img.format == "JPEG":
+                if not _jpeg_ends_cleanly(path):
+                    w, h = img.size
+                    img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                    img.load()
+            else:
+                img.load()
+    except Exception as exc:  # anything PIL raises means the file will not decode
+        return _reason(exc)
+    return None
+
+
+def check_image_files(paths: Sequence[str], what: str = "the dataset", workers: int | None = None,
+                      shown: int = 5) -> None:
+    """Check every file (:func:`check_image_file`, a few threads); all bad files make one UserError.
+
+    The message gives the count and the first ``shown`` paths with their reasons.
+    """
+    paths = list(paths)
+    if not paths:
+        return
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    if workers > 1 and len(paths) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+            reasons = list(pool.map(check_image_file, paths))
+    else:
+        reasons = [check_image_file(p) for p in paths]
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if bad:
+        _raise_bad_files(bad, len(paths), what, shown,
+                         "(every file is checked when the data is loaded, before any training)")
+
+
+def _raise_bad_files(bad, n_total: int, what: str, shown: int = 5, note: str = ""):
+    listed = "; ".join(f"{p} ({r})" for p, r in bad[:shown])
+    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+    raise UserError(f"{len(bad)} of {n_total} image files of {what} cannot be read (corrupt, truncated or not "
+                    f"images): {listed}{more}. Replace or delete these files and run again {note}".rstrip())
 
 
 class FolderStore:
@@ -121,10 +249,14 @@ class FolderStore:
 
     ``paths`` are absolute file paths. The cache is a list with one slot per file, shared by
     every dataset view built on this store. Decoding of a batch with several new files runs
-    on a small thread pool (PIL releases the GIL while decoding and resizing).
+    on a small thread pool (PIL releases the GIL while decoding and resizing). With ``check``
+    (the default) every file is checked when the store is made (:func:`check_image_files`);
+    a file that passes the check yet fails to decode is reported, with any other failure of
+    the same batch, in one UserError.
     """
 
-    def __init__(self, paths: Sequence[str], size_hw: Tuple[int, int], workers: int | None = None):
+    def __init__(self, paths: Sequence[str], size_hw: Tuple[int, int], workers: int | None = None,
+                 check: bool = True, what: str = "the image folder"):
         self.paths = list(paths)
         self.size_hw = (int(size_hw[0]), int(size_hw[1]))
         self._cache: List[torch.Tensor | None] = [None] * len(self.paths)
@@ -132,6 +264,8 @@ class FolderStore:
         if workers is None:
             workers = min(8, os.cpu_count() or 1)
         self.workers = max(1, int(workers))
+        if check:  # every file once, now: a corrupt file stops the run before any training
+            check_image_files(self.paths, what, workers=self.workers)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,10 +288,12 @@ class FolderStore:
     def n_cached(self) -> int:
         return sum(1 for c in self._cache if c is not None)
 
-    def _load(self, i: int) -> torch.Tensor:
-        img = decode_image(self.paths[i], self.size_hw)
-        self._cache[i] = img
-        return img
+    def _load(self, i: int) -> UserError | None:
+        try:
+            self._cache[i] = decode_image(self.paths[i], self.size_hw)
+        except UserError as exc:
+            return exc
+        return None
 
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
         ids = idx.tolist()
@@ -167,10 +303,15 @@ class FolderStore:
                 missing = [i for i in missing if self._cache[i] is None]
                 if len(missing) > 1 and self.workers > 1:
                     with ThreadPoolExecutor(max_workers=min(self.workers, len(missing))) as pool:
-                        list(pool.map(self._load, missing))
+                        errors = list(pool.map(self._load, missing))
                 else:
-                    for i in missing:
-                        self._load(i)
+                    errors = [self._load(i) for i in missing]
+            failed = [(i, e) for i, e in zip(missing, errors) if e is not None]
+            if len(failed) == 1:
+                raise failed[0][1]
+            if failed:
+                _raise_bad_files([(self.paths[i], getattr(e, "reason", str(e))) for i, e in failed],
+                                 len(missing), "a batch", note="(they passed the quick check at load time)")
         if not ids:
             h, w = self.size_hw
             return torch.zeros(0, 3, h, w, dtype=torch.uint8)

@@ -3,7 +3,12 @@
 Classes are the sub-folders of a split, sorted by name (Python string order, as
 torchvision's ImageFolder). Files are found recursively below each class folder, sorted,
 hidden entries skipped; the extensions accepted are :data:`IMAGE_EXTENSIONS` (any case).
-Images are decoded lazily and cached by :class:`~datasets.base.FolderStore`.
+Every file of both splits is checked once when the dataset is loaded (all bad files are
+named in one UserError); images are then decoded lazily and cached by
+:class:`~datasets.base.FolderStore`.
+
+APTOS comes in two forms (:func:`folder_spec`): the paper's (test set = grade 0 against
+grade 1 only) and, on request, every grade 1-4 as an anomaly.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 
 from common.errors import UserError
 
-from .base import DatasetInfo, FolderStore, ImageDataset, native_kind_for
+from .base import DatasetInfo, FolderStore, ImageDataset, check_image_files, native_kind_for
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
@@ -27,7 +32,8 @@ class FolderSpec:
 
     ``relabel`` maps the sorted class-folder names of a split to ``(folder -> label dict,
     class_names)``; ``None`` means label = position in the sorted train classes, and the
-    test split must have the same class folders.
+    test split must have the same class folders. ``test_classes``, when not empty, are the
+    only class folders of the test split that are used (the others are left out).
     """
 
     name: str
@@ -35,13 +41,30 @@ class FolderSpec:
     source: str                       # where the data comes from, for error messages
     required_classes: Tuple[str, ...] = ()
     relabel: Optional[Callable[[Sequence[str]], Tuple[Dict[str, int], List[str]]]] = None
+    test_classes: Tuple[str, ...] = ()
 
 
-def _binary_relabel(normal_folder: str, normal_name: str):
+def _binary_relabel(normal_folder: str, normal_name: str, other_name: str = "abnormal"):
     def relabel(folders: Sequence[str]):
-        return {f: (0 if f == normal_folder else 1) for f in folders}, [normal_name, "abnormal"]
+        return {f: (0 if f == normal_folder else 1) for f in folders}, [normal_name, other_name]
 
     return relabel
+
+
+def _aptos_paper_relabel(folders: Sequence[str]):
+    """The paper's APTOS classes: grade folder '0' is class 0, '1' is class 1.
+
+    The other grade folders keep labels of their own (2, 3, ... in sorted order), outside
+    the two classes: they never enter the test set, and in training they are only
+    ``--contamination_ratio`` material, as the paper's raw ImageFolder indices are.
+    """
+    others = [f for f in sorted(folders) if f not in ("0", "1")]
+    mapping = {"0": 0, "1": 1, **{f: 2 + i for i, f in enumerate(others)}}
+    return mapping, ["grade_0", "grade_1"]
+
+
+_APTOS_SOURCE = ("Kaggle competition 'aptos2019-blindness-detection' (images sorted by you into grade "
+                 "folders 0..4 from train.csv's diagnosis column, under split/train and split/test)")
 
 
 FOLDER_SPECS: Dict[str, FolderSpec] = {
@@ -58,20 +81,37 @@ FOLDER_SPECS: Dict[str, FolderSpec] = {
         "Kaggle dataset 'paultimothymooney/kermany2018' (its OCT2017 folder with train/ and test/, "
         "class folders CNV DME DRUSEN NORMAL)",
         required_classes=("NORMAL",), relabel=_binary_relabel("NORMAL", "NORMAL")),
+    # as the paper's code evaluates it: grade 0 against grade 1, grades 2-4 left out of the test set
     "aptos": FolderSpec(
-        "aptos", os.path.join("APTOS2019", "split"),
-        "Kaggle competition 'aptos2019-blindness-detection' (images sorted by you into grade "
-        "folders 0..4 from train.csv's diagnosis column, under split/train and split/test)",
-        required_classes=("0",), relabel=_binary_relabel("0", "grade_0")),
+        "aptos", os.path.join("APTOS2019", "split"), _APTOS_SOURCE,
+        required_classes=("0", "1"), relabel=_aptos_paper_relabel, test_classes=("0", "1")),
     "chestxray": FolderSpec(
         "chestxray", "chest_xray",
         "Kaggle dataset 'paultimothymooney/chest-xray-pneumonia' (chest_xray/ with train/ and "
         "test/, class folders NORMAL and PNEUMONIA)",
         required_classes=("NORMAL", "PNEUMONIA")),
+    "breakhis": FolderSpec(
+        "breakhis", "BreaKHis400X",
+        "the BreaKHis database (https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-"
+        "database-breakhis/), its 400X images arranged by you as class folders (e.g. benign, malignant) "
+        "under train/ and test/"),
     "imagefolder": FolderSpec(
         "imagefolder", "",
         "your own images, one sub-folder per class under train/ and test/"),
 }
+
+
+# --aptos_all_grades: every grade 1-4 is an anomaly (one class 'grades_1-4')
+APTOS_ALL_GRADES = FolderSpec(
+    "aptos", os.path.join("APTOS2019", "split"), _APTOS_SOURCE,
+    required_classes=("0",), relabel=_binary_relabel("0", "grade_0", "grades_1-4"))
+
+
+def folder_spec(name: str, aptos_all_grades: bool = False) -> FolderSpec:
+    """The :class:`FolderSpec` of folder dataset ``name`` (APTOS: the paper's, or all grades)."""
+    if name == "aptos" and aptos_all_grades:
+        return APTOS_ALL_GRADES
+    return FOLDER_SPECS[name]
 
 
 def _is_hidden(name: str) -> bool:
@@ -95,7 +135,10 @@ def _list_images(class_dir: str) -> List[str]:
 
 
 def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str], Dict[str, List[str]]]:
-    """Class folders (sorted) of one split and their image files; every problem is a UserError."""
+    """Class folders (sorted) of one split and their image files; every problem is a UserError.
+
+    In the test split of a spec with ``test_classes`` only those folders are returned.
+    """
     base = os.path.abspath(os.path.join(data_root, spec.subdir))
     split_dir = os.path.join(base, split)
     layout = f"{base}{os.sep}{{train,test}}{os.sep}<class>{os.sep}<images>"
@@ -118,6 +161,8 @@ def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str],
         raise UserError(
             f"dataset '{spec.name}': split folder {split_dir} lacks the class folder(s) "
             f"{', '.join(missing)} (found: {', '.join(classes)}); data from {spec.source}.")
+    if split == "test" and spec.test_classes:
+        classes = [c for c in classes if c in spec.test_classes]
     files = {}
     for c in classes:
         cdir = os.path.join(split_dir, c)
@@ -150,15 +195,20 @@ def load_folder_dataset(spec: FolderSpec, data_root: str,
         all_folders = sorted(set(train_classes) | set(scanned["test"][0]))
         mapping, class_names = spec.relabel(all_folders)
 
-    sets = []
+    listed = []
     for split in SPLITS:
         classes, files = scanned[split]
         paths, labels = [], []
         for c in classes:
             paths.extend(files[c])
             labels.extend([mapping[c]] * len(files[c]))
+        listed.append((paths, labels))
+    # every file of both splits once, now: all bad files in one error, before any training
+    check_image_files([p for paths, _ in listed for p in paths], f"dataset '{spec.name}'")
+    sets = []
+    for paths, labels in listed:
         names = [os.path.relpath(p, root_abs).replace(os.sep, "/") for p in paths]
-        store = FolderStore(paths, size_hw)
+        store = FolderStore(paths, size_hw, check=False)
         sets.append(ImageDataset(store, torch.tensor(labels, dtype=torch.long), names))
     h, w = size_hw
     info = DatasetInfo(name=spec.name, image_size=(h, w, 3), n_classes=len(class_names),

@@ -1,20 +1,21 @@
 """``get_dataset``: one entry point for every dataset the programs know."""
 from __future__ import annotations
 
+import sys
 from typing import Tuple
 
 from common.errors import UserError
 
 from .base import DatasetInfo, ImageDataset
-from .folders import FOLDER_SPECS, load_folder_dataset
+from .folders import FOLDER_SPECS, folder_spec, load_folder_dataset
 from .medmnist_sets import MEDMNIST_NAMES
 
-DATASET_NAMES = ("covid", "kvasir", "retina", "aptos", "chestxray",
+DATASET_NAMES = ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray",
                  "pneumoniamnist", "breastmnist", "chestmnist",
                  "cifar10", "cifar100", "imagefolder", "digits", "synth_lesion")
 
 FOLDER_SIZE = 224                      # the paper's 224-px datasets
-_NATIVE_SIZE = {**{n: FOLDER_SIZE for n in ("covid", "kvasir", "retina", "aptos", "chestxray")},
+_NATIVE_SIZE = {**{n: FOLDER_SIZE for n in ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray")},
                 **{n: 28 for n in MEDMNIST_NAMES},
                 "cifar10": 32, "cifar100": 32, "digits": 32, "synth_lesion": 32}
 
@@ -39,17 +40,29 @@ def _parse_size(name: str, image_size) -> Tuple[int, int]:
     return hw
 
 
-def get_dataset(name: str, data_root: str = "../data", image_size=None,
-                seed: int = 0) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
+APTOS_PAPER_NOTE = ("aptos: as the paper, anomalies are grade 1 only (grades 2-4 left out); "
+                    "--aptos_all_grades scores every grade")
+APTOS_ALL_NOTE = ("aptos: --aptos_all_grades, anomalies are grades 1-4 (the paper's code scores grade 1 only)")
+
+
+def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: int = 0,
+                aptos_all_grades: bool = False) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
     """Train set, test set and :class:`DatasetInfo` of dataset ``name`` (see ``DATASET_NAMES``).
 
     ``image_size`` is the resize target of ``imagefolder`` (default 224); the other datasets
     have a fixed size and accept only ``None`` or that size. ``seed`` drives ``synth_lesion``'s
     generator (the other datasets are files, or a fixed split for ``digits``).
+    ``aptos_all_grades`` (``aptos`` only): every grade 1-4 is an anomaly (labels 0 = grade 0,
+    1 = grades 1-4) instead of the paper's grade 0 against grade 1 (grades 2-4 left out of the
+    test set; in the training set they keep labels 2-4, for contamination only). Either way
+    one line on stdout says which is used.
     Nothing is ever downloaded; a missing or bad dataset is a :class:`UserError`.
     """
     if not isinstance(name, str) or name not in DATASET_NAMES:
         raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if aptos_all_grades and name != "aptos":
+        print(f"warning: --aptos_all_grades applies to --dataset aptos only; ignored for {name}",
+              file=sys.stderr, flush=True)
 
     if name == "imagefolder":
         hw = _parse_size(name, FOLDER_SIZE if image_size is None else image_size)
@@ -61,7 +74,10 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None,
                         f"applies only to 'imagefolder' (leave it unset for '{name}')")
 
     if name in FOLDER_SPECS:
-        return load_folder_dataset(FOLDER_SPECS[name], data_root, (native, native))
+        loaded = load_folder_dataset(folder_spec(name, aptos_all_grades), data_root, (native, native))
+        if name == "aptos":
+            print(APTOS_ALL_NOTE if aptos_all_grades else APTOS_PAPER_NOTE, flush=True)
+        return loaded
     if name in MEDMNIST_NAMES:
         from .medmnist_sets import load_medmnist
         return load_medmnist(name, data_root)

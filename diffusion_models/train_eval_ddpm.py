@@ -90,7 +90,10 @@ def build_parser():
                    help="eval: which weights dissolve (online: the paper's, the Trainer file's 'model')")
     p.add_argument("--range_correct", action="store_true",
                    help="eval: feed x*2-1 and show (x0+1)/2 (default: the paper's raw [0,1] in, [-1,1] out)")
-    p.add_argument("--out", default=None, help="eval: PNG path (default: next to the checkpoint)")
+    p.add_argument("--out", default=None,
+                   help="eval: PNG path (default: next to the checkpoint); the dissolving-quality JSON goes beside it")
+    p.add_argument("--quality_images", type=int, default=256,
+                   help="eval: images measured per timestep (frequency split; lesion removal on synth_lesion)")
     return p
 
 
@@ -139,18 +142,17 @@ def _epoch_order(n, seed, epoch):
 RECIPE_KEYS = ("batch_size", "grad_accum", "lr", "grad_clip", "ema_decay", "ema_every", "seed")
 
 
-def _check_writable(path):
-    """Fail before any work when the checkpoint cannot be written."""
+def _check_writable(path, flag="--save_path"):
+    """Fail before any work when ``path`` cannot be written."""
     if os.path.isdir(path):
-        raise UserError(f"--save_path {path} is a folder; give a file name, e.g. {os.path.join(path, 'dissolver.pt')}")
+        raise UserError(f"{flag} {path} is a folder; give a file name inside it")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create the folder of --save_path {path} ({exc.strerror}); choose another --save_path")\
-            from None
+        raise UserError(f"cannot create the folder of {flag} {path} ({exc.strerror}); choose another {flag}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into {folder} (permission denied); choose another --save_path")
+        raise UserError(f"cannot write into {folder} (permission denied); choose another {flag}")
 
 
 def accumulate_and_step(diffusion, opt, micro_batches, grad_clip):
@@ -339,6 +341,10 @@ def evaluate(args):
                                    expect_channels=3, resolution_flag="--image_size",
                                    weights=args.diffusion_weights)
     resolution = ck["config"]["image_size"]
+    out = args.out or os.path.splitext(args.diffusion_model_path)[0] + "_dissolving.png"
+    quality_path = os.path.splitext(out)[0] + ".json"
+    for path in (out, quality_path):
+        _check_writable(path, "--out")
     show = args.timesteps_to_show or DEFAULT_SHOW_TIMESTEPS
     bad = [t for t in show if not 0 <= t < diffusion.num_timesteps]
     if bad:
@@ -373,12 +379,47 @@ def evaluate(args):
     grid = torch.cat(rows).clamp(0, 1).cpu()
     if grid.shape[-1] < 96:  # small images: enlarge (nearest) so the fine details stay visible
         grid = torch.nn.functional.interpolate(grid, scale_factor=96 // grid.shape[-1], mode="nearest")
-    out = args.out or os.path.splitext(args.diffusion_model_path)[0] + "_dissolving.png"
     _atomic_save_png(grid, out, nrow=len(pick))
     mode = "range-correct ([-1,1] in, (x0+1)/2 shown)" if args.range_correct else \
         "paper range ([0,1] in as is, [-1,1] prediction shown clipped to [0,1])"
     print(f"wrote {out}: row 0 = {n_norm} normal + {n_anom} anomalous {args.dataset} test images; rows 1.."
           f"{len(show)} = dissolved at t = {', '.join(map(str, show))} ({resolution} px, {mode})")
+    report = dissolving_quality(dissolver, test_set, labels, idx, show, args, device)
+    report.update(checkpoint=args.diffusion_model_path, weights=args.diffusion_weights, mode=mode,
+                  dataset=args.dataset, resolution=resolution)
+    from utils import atomic_write_json
+
+    atomic_write_json(report, quality_path)
+    for row in report["timesteps"]:
+        extra = (f", lesion removal ratio {row['removal_ratio']:.3f}, tissue change {row['tissue_change']:.3f}"
+                 if "removal_ratio" in row else "")
+        print(f"  t={row['t']:>4}: high-frequency energy removed {row['hf_removed']:.3f}, low-frequency change "
+              f"{row['lf_change']:.3f}{extra}")
+    print(f"wrote {quality_path}")
+
+
+def dissolving_quality(dissolver, test_set, labels, idx, show, args, device):
+    """Per timestep: the frequency report on up to ``--quality_images`` normal test images and,
+    on ``synth_lesion``, the lesion report on the same tissue drawn with and without lesions."""
+    from evals.dissolve_quality import frequency_report, lesion_report
+
+    normal = torch.nonzero(labels == idx).flatten()[:args.quality_images]
+    x, _ = test_set.get_batch(normal)
+    x = x.to(device, torch.float32)
+    pairs = None
+    if args.dataset == "synth_lesion":
+        from datasets.synth_lesion import generate_synth_lesion
+
+        lesioned, _, clean, _ = generate_synth_lesion(0, args.quality_images, seed=args.seed + 7919, split_id=5,
+                                                      return_parts=True)
+        pairs = (lesioned.float().div(255).to(device), clean.float().div(255).to(device))
+    rows = []
+    for t in show:
+        row = {"t": int(t), **frequency_report(x, dissolver(x, [t]))}
+        if pairs is not None:
+            row.update(lesion_report(lambda z, t=t: dissolver(z, [t]), *pairs))
+        rows.append(row)
+    return {"n_images": int(x.shape[0]), "timesteps": rows}
 
 
 # --------------------------------------------------------------------------- macs

@@ -334,7 +334,14 @@ def test_script_train_resume_eval(tmp_path):
         im.load()
         # 4 images per row, 3 rows, 32-px images enlarged 3x to 96 px, 2-px padding
         assert im.size == (2 + 4 * 98, 2 + 3 * 98)
-    assert sorted(os.listdir(tmp_path)) == ["ck", "grid.png", "straight.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ck", "grid.json", "grid.png", "straight.pt"]
+    import json
+
+    quality = json.loads((tmp_path / "grid.json").read_text())
+    assert [r["t"] for r in quality["timesteps"]] == [10, 50] and quality["n_images"] == 256
+    for row in quality["timesteps"]:
+        assert -1e3 < row["hf_removed"] <= 1 and row["lf_change"] >= 0 and row["n_images"] == 256
+        assert "removal_ratio" in row and "tissue_change" in row
 
 
 def test_optimiser_step_accumulates_and_clips():

@@ -1,12 +1,33 @@
 """Blur "dissolving" for the paper's ablation (``blurgaussian_*``, ``blurmedian_*``, ``blurnone_*``).
 
-Same call shape as the diffusion dissolver: ``dissolve_chunks(list_of_chunks, epoch) -> list``.
+Two behaviours, chosen by ``third_chunk_only``:
+
+* the paper's (default). Its blur shift ignores the ``diffusion=False`` argument the training
+  step passes for the two ordinary chunks, so **every** view is blurred: ``x1``, ``x2`` and the
+  "dissolved" ``x3``. For each chunk and shift k the paper computes
+  ``resize_back(T_k(blur(resize(x))))``: with ``--resize_to_constant`` the images are resized
+  with nearest-neighbour interpolation (``F.interpolate``'s default) to
+  ``--diff_resolution`` and back, for every dataset kind; the Gaussian blur is a convolution
+  with the outer product of OpenCV's 1-D kernel and zero padding; the median blur pads with
+  zeros too (kornia 0.6.8, the paper's pin, had no other border).
+* ours before the paper's was matched (``--blur_third_chunk_only``): only ``x3`` is blurred,
+  with OpenCV-like borders (reflect-101 for the Gaussian, replicate for the median), the
+  dissolver's resolution change (:func:`models.dissolve.to_dissolve_resolution`), and the
+  shift applied after the resolution is restored.
+
+``applies_to`` names the chunks (0 = x1, 1 = x2, 2 = x3) the strategy changes; the trainer
+passes those chunks through :meth:`BlurShift.dissolve_chunks`, which applies the shift itself
+(``shift_inside``) so that its position relative to the resizing is the mode's.
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.errors import UserError
 from models.dissolve import NATIVE_KINDS, to_dissolve_resolution
+
+ALL_CHUNKS = (0, 1, 2)
+THIRD_CHUNK = (2,)
 
 
 def _check_kind(native_kind):
@@ -31,18 +52,25 @@ def opencv_sigma(kernel_size):
     return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
 
 
-class BlurShift(torch.nn.Module):
-    """Blur "dissolving": ``'gaussian'`` (OpenCV's kernel, reflect-101 borders like
-    ``cv2.GaussianBlur``), ``'median'`` (replicate borders like ``cv2.medianBlur``) or ``'none'``.
+def resize_nearest(x, size):
+    """``F.interpolate(x, size)`` with its default mode (nearest), as the paper resizes for blurs."""
+    return F.interpolate(x, size=tuple(size), mode="nearest")
 
-    With ``resize_to_constant`` the images are first brought to ``diff_resolution`` (as the
-    diffusion dissolver does) and back afterwards. Same call shape as :class:`Dissolver`:
-    ``dissolve_chunks(list_of_chunks, epoch) -> list_of_chunks``.
+
+class BlurShift(torch.nn.Module):
+    """Blur "dissolving": ``'gaussian'`` (OpenCV's kernel), ``'median'`` or ``'none'``.
+
+    Call shape of the diffusion dissolver plus the shift:
+    ``dissolve_chunks(list_of_K_chunks, epoch, shift=None) -> list_of_K_chunks``, chunk k
+    shifted by ``shift(., k)`` when a shift is given. See the module docstring for the two
+    behaviours (``third_chunk_only``).
     """
 
     BLURS = ("gaussian", "median", "none")
+    shift_inside = True  # dissolve_chunks applies the shift (between blur and resize-back)
 
-    def __init__(self, blur, kernel_size=3, native_kind="small32", diff_resolution=32, resize_to_constant=False):
+    def __init__(self, blur, kernel_size=3, native_kind="small32", diff_resolution=32, resize_to_constant=False,
+                 third_chunk_only=False):
         super().__init__()
         if blur not in self.BLURS:
             raise UserError(f"unknown blur {blur!r}; use one of {', '.join(self.BLURS)}")
@@ -55,10 +83,44 @@ class BlurShift(torch.nn.Module):
         self.native_kind = native_kind
         self.diff_resolution = int(diff_resolution)
         self.resize_to_constant = bool(resize_to_constant)
+        self.third_chunk_only = bool(third_chunk_only)
+        self.applies_to = THIRD_CHUNK if self.third_chunk_only else ALL_CHUNKS
         kernel = opencv_gaussian_kernel(kernel_size) if blur == "gaussian" else torch.ones(1, dtype=torch.float64)
+        # 1-D kernel (ours) and its outer product in float32, as the paper builds its conv weight
         self.register_buffer("kernel", kernel.to(torch.float32), persistent=False)
+        self.register_buffer("kernel2d", torch.outer(kernel, kernel).to(torch.float32), persistent=False)
 
-    def _blur(self, x):
+    @classmethod
+    def from_args(cls, blur, P, native_kind):
+        """Build from the parsed flags (``--kernel_size``, ``--diff_resolution``,
+        ``--resize_to_constant``, ``--blur_third_chunk_only``)."""
+        def arg(name, default):
+            value = getattr(P, name, default)
+            return default if value is None else value
+
+        return cls(blur, kernel_size=int(arg("kernel_size", 3)), native_kind=native_kind,
+                   diff_resolution=int(arg("diff_resolution", 32)),
+                   resize_to_constant=bool(arg("resize_to_constant", False)),
+                   third_chunk_only=bool(arg("blur_third_chunk_only", False)))
+
+    # ----- the blurs ------------------------------------------------------------------------
+    def _blur_zero_padded(self, x):
+        """The paper's blurs: zero padding at the border."""
+        import kornia
+
+        if self.blur == "none":
+            return x
+        k = self.kernel_size
+        if self.blur == "gaussian":
+            c = x.shape[1]
+            weight = self.kernel2d.to(x.device, x.dtype).expand(c, 1, k, k)
+            return F.conv2d(x, weight, padding=k // 2, groups=c)
+        if k == 1:
+            return x
+        return kornia.filters.median_blur(x, (k, k), border_type="constant")
+
+    def _blur_opencv_borders(self, x):
+        """Our earlier blurs: OpenCV's borders (reflect-101 Gaussian, replicate median)."""
         import kornia
 
         if self.blur == "none" or self.kernel_size == 1:
@@ -68,14 +130,59 @@ class BlurShift(torch.nn.Module):
             return kornia.filters.filter2d_separable(x, k, k, border_type="reflect")
         return kornia.filters.median_blur(x, (self.kernel_size, self.kernel_size), border_type="replicate")
 
-    @torch.no_grad()
-    def forward(self, x, ts=None):
-        if not self.resize_to_constant:
-            return self._blur(x)
-        y, undo = to_dissolve_resolution(x, self.native_kind, self.diff_resolution)
-        return undo(self._blur(y))
+    def _start(self, x):
+        """Blur ``x``; returns ``(y, finish)`` with ``finish(y_k, k, shift)`` giving chunk k's views."""
+        if self.third_chunk_only:
+            if self.resize_to_constant:
+                y, undo = to_dissolve_resolution(x, self.native_kind, self.diff_resolution)
+                y = undo(self._blur_opencv_borders(y))
+            else:
+                y = self._blur_opencv_borders(x)
 
-    def dissolve_chunks(self, x_chunks, epoch=0):
-        sizes = [c.shape[0] for c in x_chunks]
-        out = self.forward(torch.cat(list(x_chunks)))
-        return list(out.split(sizes))
+            def finish(z, k, shift):
+                return z if shift is None else shift(z, k)
+
+            return y, finish
+
+        size = tuple(x.shape[-2:])
+        if self.resize_to_constant:
+            x = resize_nearest(x, (self.diff_resolution, self.diff_resolution))
+        y = self._blur_zero_padded(x)
+
+        def finish(z, k, shift):  # the paper's order: blur -> shift -> resize back
+            if shift is not None:
+                z = shift(z, k)
+            return resize_nearest(z, size) if self.resize_to_constant else z
+
+        return y, finish
+
+    # ----- calls ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x, k=0, shift=None):
+        """Blurred (and, given ``shift``, shifted by k) ``x``, at ``x``'s size."""
+        with torch.autocast(device_type=x.device.type, enabled=False):  # blur in float32, as the paper
+            y, finish = self._start(x.float())
+            return finish(y, k, shift)
+
+    @torch.no_grad()
+    def dissolve_chunks(self, x_chunks, epoch=0, shift=None):
+        """Chunk k -> its blurred view, shifted by ``shift(., k)`` when given.
+
+        Chunks that are the same tensor object (the trainer passes ``[x1] * K``) are blurred once.
+        ``epoch`` is unused (blurs have no random strength).
+        """
+        x_chunks = list(x_chunks)
+        uniq, slot = [], []
+        for c in x_chunks:
+            for j, u in enumerate(uniq):
+                if u is c:
+                    slot.append(j)
+                    break
+            else:
+                slot.append(len(uniq))
+                uniq.append(c)
+        dev = x_chunks[0].device
+        with torch.autocast(device_type=dev.type, enabled=False):
+            y, finish = self._start(torch.cat([u.float() for u in uniq]))
+            parts = y.split([u.shape[0] for u in uniq])
+            return [finish(parts[j], k, shift) for k, j in enumerate(slot)]

@@ -1,4 +1,4 @@
-"""Dissolving as a shift transformation (DIA, SPEC sections 2 and 3.3).
+"""Dissolving as a shift transformation (DIA, docs/method.md §2 and §3).
 
 A *dissolve generator* takes ``K`` chunks of ``B`` images (float, ``[0, 1]``,
 ``B x 3 x H x W``) and returns ``K`` chunks of the same shape, one random strength per
@@ -298,7 +298,5 @@ def make_dissolve_fn(shift_trans_type, P, device, native_kind):
 
     blurs = {"blurgaussian": "gaussian", "blurmedian": "median", "blurnone": "none"}
     if prefix in blurs:
-        return BlurShift(blurs[prefix], kernel_size=int(_arg(P, "kernel_size", 3)), native_kind=native_kind,
-                         diff_resolution=resolution,
-                         resize_to_constant=bool(_arg(P, "resize_to_constant", False))).to(device)
+        return BlurShift.from_args(blurs[prefix], P, native_kind).to(device)
     return None

@@ -10,6 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+HUE_SCALE = 255.0 / 360.0  # CSI adds f_h * 255/360 (of a turn) to the hue
+CROP_TRIALS = 10  # candidate crops drawn per image, as CSI's layer
+
 
 class Rotation(nn.Module):
     """Shift k: rotation by k * 90 degrees (counter-clockwise in the image plane)."""
@@ -66,7 +69,8 @@ class HorizontalFlipRandom(nn.Module):
 class ColorJitterLayer(nn.Module):
     """CSI's colour jitter: per image, with probability p, an HSV change (hue shift,
     saturation and value/brightness scaling) and a contrast change about each channel's
-    mean, the two applied in random order; the result is clipped to [0, 1]."""
+    mean, the two applied in random order; the result is clipped to [0, 1]. The hue moves
+    by up to ``hue * 255/360`` of a turn, as CSI's layer does."""
 
     def __init__(self, p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
         super().__init__()
@@ -81,8 +85,10 @@ class ColorJitterLayer(nn.Module):
         return (x - mean) * f.unsqueeze(1) + mean
 
     def _hsv(self, x, f_h, f_s, f_v):
+        # CSI's HSV holds hue as a fraction of a turn and adds f_h * 255/360 to it; kornia's
+        # hue is in radians, so the same shift is f_h * 255/360 * 2 pi
         hsv = kornia.color.rgb_to_hsv(x.clamp(0, 1))
-        h = torch.remainder(hsv[:, 0] + f_h * (2 * math.pi), 2 * math.pi)
+        h = torch.remainder(hsv[:, 0] + f_h * (HUE_SCALE * 2 * math.pi), 2 * math.pi)
         s = (hsv[:, 1] * f_s).clamp(0, 1)
         v = (hsv[:, 2] * f_v).clamp(0, 1)
         return kornia.color.hsv_to_rgb(torch.stack([h, s, v], dim=1))
@@ -116,25 +122,46 @@ class RandomColorGrayLayer(nn.Module):
 class RandomResizedCropLayer(nn.Module):
     """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio`` and resize it
     back to the input size, per image, through one affine resampling with reflection padding.
-    ``fix_scale`` pins the area fraction at ``scale[0]``."""
+    ``fix_scale`` pins the area fraction at ``scale[0]``.
+
+    Boxes follow CSI's layer (torchvision's rule, batched): ``10 N`` candidates are drawn for
+    ``N`` images, each with side lengths rounded to whole pixels; candidates wider or taller than
+    the image (or empty) are rejected, the valid ones are handed out in draw order, and images
+    left without one get the whole image. A box's centre sits on a half-pixel grid, uniformly
+    among the positions that keep it inside the image.
+    """
 
     def __init__(self, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), fix_scale=False):
         super().__init__()
         self.scale, self.ratio, self.fix_scale = scale, ratio, fix_scale
 
-    def forward(self, x):
-        n, dev = x.shape[0], x.device
+    def sample_boxes(self, n, height, width, device=None):
+        """``(w, h, cx, cy)`` for ``n`` images of ``height x width``: box size as fractions of
+        the image and centre in ``[-1, 1]`` coordinates (``affine_grid``'s), each of shape ``(n,)``."""
+        m = n * CROP_TRIALS
         if self.fix_scale:
-            area = torch.full((n,), float(self.scale[0]), device=dev)
+            area = torch.full((m,), float(self.scale[0]), device=device)
         else:
-            area = torch.empty(n, device=dev).uniform_(self.scale[0], self.scale[1])
-        log_r = torch.empty(n, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
-        r = torch.exp(log_r)
-        w = torch.sqrt(area * r).clamp(max=1.0)
-        h = torch.sqrt(area / r).clamp(max=1.0)
-        cx = (torch.rand(n, device=dev) * 2 - 1) * (1 - w)
-        cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - h)
-        theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+            area = torch.empty(m, device=device).uniform_(self.scale[0], self.scale[1])
+        area = area * (height * width)
+        r = torch.exp(torch.empty(m, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        w = torch.round(torch.sqrt(area * r))
+        h = torch.round(torch.sqrt(area / r))
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        # valid candidates first, in draw order; the first n are used
+        pick = torch.argsort((~ok).to(torch.uint8), stable=True)[:n]
+        got = ok[pick]
+        w = torch.where(got, w[pick], torch.full_like(w[pick], width))
+        h = torch.where(got, h[pick], torch.full_like(h[pick], height))
+        # centre offset j / size, j an integer uniform in [side - size, size - side]
+        jx = torch.floor(torch.rand(n, device=device) * (2 * (width - w) + 1)) + (w - width)
+        jy = torch.floor(torch.rand(n, device=device) * (2 * (height - h) + 1)) + (h - height)
+        return w / width, h / height, jx / width, jy / height
+
+    def forward(self, x):
+        n, _, height, width = x.shape
+        w, h, cx, cy = self.sample_boxes(n, height, width, x.device)
+        theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,7 +1,6 @@
-"""Dissolving as a shift transformation: timesteps, samplers, the DDPM step, blurs, the factory."""
+"""Dissolving as a shift transformation: timesteps, samplers, the DDPM step, the factory (blurs: test_blur.py)."""
 import types
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -159,40 +158,6 @@ def test_dissolver_settings_checked(diffusion):
     Dissolver(short, "small32", offset=0.0, upper=0.4)
     with pytest.raises(UserError):
         Dissolver(diffusion, "huge")
-
-
-# --------------------------------------------------------------------------- blurs
-
-
-def _np(t):
-    return t[0].permute(1, 2, 0).numpy()
-
-
-@pytest.mark.parametrize("k", [3, 5, 9])
-def test_gaussian_blur_matches_opencv(k):
-    img = np.random.RandomState(k).rand(21, 26, 3).astype(np.float32)
-    out = BlurShift("gaussian", k)(torch.from_numpy(img).permute(2, 0, 1)[None])
-    assert np.abs(_np(out) - cv2.GaussianBlur(img, (k, k), 0)).max() < 1e-5
-
-
-@pytest.mark.parametrize("k", [3, 5])
-def test_median_blur_matches_opencv(k):
-    img = (np.random.RandomState(k).rand(21, 26, 3) * 255).astype(np.uint8)
-    out = BlurShift("median", k)(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
-    assert np.array_equal(np.round(_np(out) * 255).astype(np.uint8), cv2.medianBlur(img, k))
-
-
-def test_blur_shapes_none_and_resize():
-    x = images(4, 224)
-    assert torch.equal(BlurShift("none")(x), x)
-    chunks = [x[:2], x[2:]]
-    for blur in ("gaussian", "median", "none"):
-        out = BlurShift(blur, 5, native_kind="large224", resize_to_constant=True).dissolve_chunks(chunks, 0)
-        assert [o.shape for o in out] == [c.shape for c in chunks]
-    small = BlurShift("none", native_kind="large224", resize_to_constant=True)(x)
-    assert not torch.equal(small, x)  # went through 32 px and back
-    with pytest.raises(UserError):
-        BlurShift("gaussian", 4)
 
 
 # --------------------------------------------------------------------------- factory

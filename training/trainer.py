@@ -10,9 +10,11 @@ from tqdm import tqdm
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
 from training.contrastive_loss import NT_xent, NT_xent_neg
 from training.optim import lr_at, make_optimizer, set_lr
-from utils import atomic_torch_save, autocast_for, batch_indices, rng_state, set_rng_state, set_seed
+from utils import (atomic_torch_save, atomic_write_json, autocast_for, batch_indices, rng_state, set_rng_state,
+                   set_seed)
 
 CHECKPOINT_KIND = "dia_model"
+LAST_RULE = "the model at the end of training (saved every --save_step epochs and at the last epoch)"
 
 
 class Trainer:
@@ -38,25 +40,42 @@ class Trainer:
                                              weight_decay=P.weight_decay)
         self.epoch = 0  # last completed epoch
         self.step = 0
-        self.best = {}
+        self.best = {}  # best_<score>.model -> what selected it (epoch, step, rule, metric, value, ...)
+        self.evaluations = []  # the AUROCs of every evaluation during training
+        self.last_saved = None  # epoch and step of the last.model written
+        self._resumed_rng = None
 
     # ----- one step -------------------------------------------------------------------
     def make_views(self, x):
         """The 2KB (simclr/CSI) or 3KB (DIA) views, shift-major within each chunk, and the
-        number of chunks."""
-        K, shift = self.K, self.shift
+        number of chunks.
+
+        Chunks: ``x1``, ``x2`` (two flips of ``x``) and, for DIA, ``x3`` (K fresh flips). The
+        dissolve strategy changes the chunks named by its ``applies_to`` (0-based; default the
+        third only, as the diffusion dissolver); a strategy with ``shift_inside`` applies the
+        shift itself (the paper's blurs shift before resizing back). Its sampler sees the
+        1-based running epoch, as the paper's train loop passes it.
+        """
+        K, shift, d = self.K, self.shift, self.dissolve
         x1, x2 = self.hflip(x.repeat(2, 1, 1, 1)).chunk(2)
-        v1 = torch.cat([shift(x1, k) for k in range(K)])
-        v2 = torch.cat([shift(x2, k) for k in range(K)])
-        if self.dissolve is None:
-            return torch.cat([v1, v2]), 2
-        # K fresh flips, each dissolved with its own strength in one batched call; the
-        # sampler sees the 0-based index of the running epoch
-        with autocast_for(self.device, self.P.amp):  # --amp covers the dissolver's UNet too
-            d = self.dissolve.dissolve_chunks([self.hflip(x) for _ in range(K)], self.epoch)
-        d = [c.float() for c in d]
-        v3 = torch.cat([shift(c, k) for k, c in enumerate(d)])
-        return torch.cat([v1, v2, v3]), 3
+        chunks = [[x1] * K, [x2] * K]
+        if d is not None:
+            chunks.append([self.hflip(x) for _ in range(K)])
+        applies = getattr(d, "applies_to", (2,)) if d is not None else ()
+        epoch = self.epoch + 1  # self.epoch counts completed epochs
+        views = []
+        for i, cs in enumerate(chunks):
+            if i not in applies:
+                views.append(torch.cat([shift(c, k) for k, c in enumerate(cs)]))
+                continue
+            # the K chunks in one batched call, each with its own strength
+            with autocast_for(self.device, self.P.amp):  # --amp covers the dissolver's UNet too
+                if getattr(d, "shift_inside", False):
+                    out = d.dissolve_chunks(cs, epoch, shift=shift)
+                else:
+                    out = [shift(c.float(), k) for k, c in enumerate(d.dissolve_chunks(cs, epoch))]
+            views.append(torch.cat([c.float() for c in out]))
+        return torch.cat(views), len(chunks)
 
     def train_step(self, x, y):
         P, model = self.P, self.model
@@ -93,27 +112,32 @@ class Trainer:
         return dict(zip(("loss", "loss_sim", "loss_shift", "loss_linear"), values))
 
     # ----- checkpoints ------------------------------------------------------------------
-    def state(self, meta):
+    def state(self, meta, selection=None):
         return {
             "kind": CHECKPOINT_KIND, "format_version": 1,
             "model": self.model.state_dict(),
             "optim": self.optimizer.state_dict(),
             "linear_optim": self.linear_optim.state_dict(),
             "epoch": self.epoch, "step": self.step, "best": dict(self.best),
+            "evaluations": list(self.evaluations),
+            "selection": selection,  # which file this is and which rule chose it
             "rng": rng_state(),
             "meta": meta,
         }
 
-    def save(self, path, meta):
-        atomic_torch_save(self.state(meta), path)
+    def save(self, path, meta, selection=None):
+        atomic_torch_save(self.state(meta, selection), path)
 
     def load_state(self, ckpt):
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optim"])
         self.linear_optim.load_state_dict(ckpt["linear_optim"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        self.best = dict(ckpt.get("best", {}))
+        self.best = {k: v for k, v in ckpt.get("best", {}).items() if isinstance(v, dict)}  # older: bare numbers
+        self.evaluations = list(ckpt.get("evaluations", []))
+        self.last_saved = {"epoch": self.epoch, "step": self.step}
         set_rng_state(ckpt["rng"])
+        self._resumed_rng = ckpt["rng"]
 
     # ----- the loop -----------------------------------------------------------------------
     def batches_per_epoch(self, n):
@@ -122,19 +146,40 @@ class Trainer:
         return max(1, min(full, P.max_batches_per_epoch))
 
     def fit(self, train_set, logger, meta, evaluate=None):
-        """Train from ``self.epoch + 1`` to ``--epochs``; save every ``--save_step`` epochs.
+        """Train from ``self.epoch + 1`` to ``--epochs``; save ``last.model`` every ``--save_step``
+        epochs and at the end.
 
-        Each epoch starts from the seed ``(seed, epoch)``, so a resumed run repeats exactly
-        what an uninterrupted run does. ``evaluate(trainer)`` returns a dict of metrics.
+        Randomness: by default each epoch starts from the seed ``(seed, epoch)``, so a resumed
+        run repeats an uninterrupted one and an evaluation changes no training draw. With
+        ``--paper_rng_replay`` only the first epoch is seeded and the generators run on; each
+        evaluation leaves them as the paper's does (seeded with its last sample's seed and
+        advanced by its draws), so every epoch that follows an evaluation replays the same
+        shuffle, flips, crops and timesteps. The checkpoint holds the generators' state, so a
+        resumed run is exact in both cases.
+
+        ``evaluate`` (``evals.selection.SelectionEvaluation`` or None) runs every
+        ``--error_step`` epochs and at epoch ``--epochs`` (not at a ``--max_steps`` stop: which
+        epochs are evaluated never depends on interruptions); the best result is kept as
+        ``evaluate.filename`` and ``selection.json`` records which rule produced which file.
         """
         P, model, device = self.P, self.model, self.device
+        replay = bool(getattr(P, "paper_rng_replay", False))
         n = len(train_set)
         n_batches = self.batches_per_epoch(n)
         last_path = os.path.join(logger.logdir, "last.model")
+        if evaluate is not None:
+            logger.log(f"evaluation every {P.error_step} epoch(s) and at epoch {P.epochs}: {evaluate.describe()}")
+        if replay:
+            logger.log("--paper_rng_replay: no per-epoch seeding; each evaluation leaves the generators seeded as "
+                       "the paper's does, so the epochs after it replay the same draws")
+            if self._resumed_rng is not None:  # whatever ran since load_state must not shift the stream
+                set_rng_state(self._resumed_rng)
+        self._resumed_rng = None
         model.train()
         stop = False
         for epoch in range(self.epoch + 1, P.epochs + 1):
-            set_seed(P.seed * 100_003 + epoch)
+            if not replay or epoch == 1:
+                set_seed(P.seed * 100_003 + epoch)
             perm = torch.randperm(n)
             t0 = time.time()
             sums = {}
@@ -173,18 +218,51 @@ class Trainer:
             logger.scalar("epoch/seconds_per_step", secs / max(done, 1), epoch)
             logger.log(f"[epoch {epoch}] " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                        + f" lr {lr:.4g} ({done} steps, {secs / max(done, 1):.3f} s/step)")
-            final = stop or epoch == P.epochs
+            final = epoch == P.epochs
             if evaluate is not None and (epoch % P.error_step == 0 or final):
-                metrics = evaluate(self)
-                for key, v in metrics.items():
-                    logger.scalar(f"eval/{key}", v, epoch)
-                    if v > self.best.get(key, -float("inf")):
-                        self.best[key] = v
-                        self.save(os.path.join(logger.logdir, f"best_{key}.model"), meta)
-                logger.log(f"[epoch {epoch}] eval " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if epoch % P.save_step == 0 or final:
-                self.save(last_path, meta)
+                self.evaluate_and_select(evaluate, logger, meta, restore_rng=not replay)
+            if epoch % P.save_step == 0 or final or stop:
+                self.save(last_path, meta, selection={"file": "last.model", "rule": LAST_RULE})
+                self.last_saved = {"epoch": self.epoch, "step": self.step}
+                self.write_selection(logger.logdir)
             logger.flush()
             if stop:
+                if evaluate is not None and not final and epoch % P.error_step:
+                    logger.log(f"stopped by --max_steps {P.max_steps} after epoch {epoch}, which is not an "
+                               f"evaluation epoch (every {P.error_step})")
                 break
         return last_path
+
+    def evaluate_and_select(self, evaluate, logger, meta, restore_rng=True):
+        """One evaluation: log its AUROCs, keep the model as ``evaluate.filename`` when its
+        ``evaluate.metric`` beats every earlier evaluation's (the paper's ``best_CSI.model``)."""
+        t0 = time.time()
+        metrics = evaluate(self.net, restore_rng=restore_rng)
+        epoch = self.epoch
+        for key, v in metrics.items():
+            logger.scalar(f"eval/{key}", v, epoch)
+        self.evaluations.append({"epoch": epoch, "step": self.step, **metrics})
+        value, name = metrics[evaluate.metric], evaluate.filename
+        best = self.best.get(name)
+        if best is None or value > best["value"]:
+            best = {"epoch": epoch, "step": self.step, "rule": evaluate.rule, "metric": evaluate.metric,
+                    "value": value, "protocol": evaluate.protocol(), "metrics": dict(metrics)}
+            self.best[name] = best
+            self.save(os.path.join(logger.logdir, name), meta, selection={"file": name, **best})
+            what = f"{name} <- epoch {epoch}"
+        else:
+            what = f"{name} stays at epoch {best['epoch']} ({best['value']:.4f})"
+        logger.scalar(f"eval/best_{evaluate.metric}", best["value"], epoch)
+        shown = {k: v for k, v in metrics.items() if k.endswith(("_one_class_mean", "_pooled"))}
+        logger.log(f"[epoch {epoch}] eval " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                   + f" ({time.time() - t0:.1f} s); {what}")
+        self.write_selection(logger.logdir)
+
+    def write_selection(self, logdir):
+        """``selection.json``: which rule produced which checkpoint file, and every evaluation."""
+        doc = {"last.model": dict(self.last_saved, rule=LAST_RULE) if self.last_saved else None}
+        doc.update({name: dict(best) for name, best in self.best.items()})
+        doc["randomness"] = ("paper_rng_replay: each evaluation leaves the generators seeded, later epochs replay"
+                             if getattr(self.P, "paper_rng_replay", False) else "each epoch seeded with (seed, epoch)")
+        doc["evaluations"] = list(self.evaluations)
+        atomic_write_json(doc, os.path.join(logdir, "selection.json"))

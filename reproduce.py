@@ -12,14 +12,15 @@ For every combination of dataset, normal class, transformation, resolution and s
 2. trains the model (``train.py``: ``--mode simclr_CSI`` for ``rotation``/``cutperm``,
    ``--mode simclr_DIA`` for the dissolving transformations);
 3. evaluates it (``eval.py --mode ood_pre --ood_score CSI``, the paper's protocol) with
-   per-image scores;
+   per-image scores: ``last.model`` (the honest figure) and ``best_CSI.model``, the checkpoint
+   train.py's evaluation during training found best on the test set (the paper's selection);
 4. draws the figures (ROC, score histograms, loss curves, dissolving grid);
 
 each step as a subprocess whose output goes to a log in the run's folder
 ``<out>/<dataset>/class_<i>/<transformation>_<res>px/seed_<s>/``. The command writes
 ``<out>/results.csv`` (one row per run) and ``<out>/results.md`` (the seed README's
-"Different transformations" table: mean ± std of the pooled AUROC over seeds, then one row
-per run) and prints the table.
+"Different transformations" table, once for ``last.model`` and once for ``best_CSI.model``:
+mean ± std of the pooled AUROC over seeds, then one row per run) and prints the tables.
 
 A run is finished when its ``results.json`` exists; repeating the command skips it (and a
 dissolver whose checkpoint is complete). A failed run is reported in the table and the
@@ -52,7 +53,8 @@ DEFAULTS = {
     "diff_resolution": [32], "resize_to_constant": False, "model": None,
     "epochs": None, "batch_size": 32, "max_batches_per_epoch": None, "max_steps": None, "warmup": None,
     "resnet_width": None, "log_every": None, "ood_samples": 10, "amp": False, "device": None,
-    "ddpm_epochs": 5, "ddpm_max_steps": None, "ddpm_unet_dim": 64, "ddpm_batch_size": 32,
+    "ddpm_train_steps": 156_250, "ddpm_unet_dim": 64, "ddpm_batch_size": 256, "ddpm_grad_accum": 2,
+    "save_step": 1, "selection": True, "selection_samples": 10, "selection_max_images": None,
     "train_args": "", "out": None,
 }
 
@@ -63,13 +65,15 @@ PRESETS = {
         "dataset": ["synth_lesion"], "one_class_idx": [0], "seeds": [0], "diff_resolution": [32],
         "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"],
         "epochs": 5, "max_batches_per_epoch": 25, "batch_size": 32, "warmup": 1, "resnet_width": 16,
-        "log_every": 2, "ood_samples": 1, "amp": True,
-        "ddpm_epochs": 1, "ddpm_max_steps": None, "ddpm_unet_dim": 16, "ddpm_batch_size": 32,
+        "log_every": 2, "ood_samples": 1, "amp": True, "selection_samples": 1,
+        "ddpm_train_steps": 63, "ddpm_unet_dim": 16, "ddpm_batch_size": 32, "ddpm_grad_accum": 1,
         "out": os.path.join("runs", "synth_lesion_quick"),
     },
 }
 
-FIGURES = ("roc.png", "score_hist.png", "loss_curves.png")
+FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
+BEST_FILE = "best_CSI.model"  # train.py's selection: the highest test AUROC during training
+BEST_LABEL = "best on test (paper's selection)"
 GRID_TIMESTEPS = (10, 30, 50, 70, 100, 150)  # rows of the dissolving grid (the training range is 30..100)
 
 
@@ -117,11 +121,22 @@ def build_parser():
     g.add_argument("--train_args", default=None,
                    help="more train.py flags as one string, written with '=' "
                         "(e.g. --train_args='--diffusion_scheduler beta_skewed')")
+    g = p.add_argument_group("checkpoint selection (train.py's evaluation during training, as the paper's)")
+    g.add_argument("--save_step", type=int, default=None,
+                   help="train.py --save_step: save and evaluate every N epochs (default 1, the paper's command)")
+    g.add_argument("--selection_samples", type=int, default=None,
+                   help="samples per image of that evaluation (train.py --ood_samples; default 10, the paper's)")
+    g.add_argument("--selection_max_images", type=int, default=None,
+                   help="evaluate on at most N normal training and N test images (default: all, as the paper)")
+    g.add_argument("--no_selection", action="store_false", dest="selection", default=None,
+                   help="no evaluation during training (train.py --no_eval): no best_CSI.model column")
     g = p.add_argument_group("dissolver budget (passed to diffusion_models/train_eval_ddpm.py)")
-    g.add_argument("--ddpm_epochs", type=int, default=None, help="default 5 (the paper's)")
-    g.add_argument("--ddpm_max_steps", type=int, default=None, help="stop the DDPM after this many steps")
+    g.add_argument("--ddpm_train_steps", type=int, default=None,
+                   help="optimiser steps (default 156,250: the paper's model-5.pt)")
     g.add_argument("--ddpm_unet_dim", type=int, default=None, help="UNet width (default 64, the paper's)")
-    g.add_argument("--ddpm_batch_size", type=int, default=None, help="default 32")
+    g.add_argument("--ddpm_batch_size", type=int, default=None, help="images per micro-batch (default 256, the paper's)")
+    g.add_argument("--ddpm_grad_accum", type=int, default=None,
+                   help="micro-batches per optimiser step (default 2, the paper's)")
     return p
 
 
@@ -156,7 +171,8 @@ def check_args(a):
     a.diff_resolution = sorted(set(a.diff_resolution))
     a.shift_trans_type = normalise_transformations(a.shift_trans_type)
     for name in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "resnet_width", "log_every",
-                 "ood_samples", "ddpm_epochs", "ddpm_max_steps", "ddpm_unet_dim", "ddpm_batch_size"):
+                 "ood_samples", "save_step", "selection_samples", "selection_max_images",
+                 "ddpm_train_steps", "ddpm_unet_dim", "ddpm_batch_size", "ddpm_grad_accum"):
         v = getattr(a, name)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be at least 1, got {v}")
@@ -175,7 +191,8 @@ def check_args(a):
         raise UserError(f"--train_args {a.train_args!r} cannot be split into flags: {exc}") from None
     owned = {"--dataset", "--data_root", "--one_class_idx", "--mode", "--shift_trans_type", "--logdir", "--seed",
              "--diffusion_model_path", "--diff_resolution", "--no_eval", "--resume_path", "--load_path", "--model",
-             "--resnet_width", "--amp", "--device"}
+             "--resnet_width", "--amp", "--device", "--save_step", "--error_step", "--ood_samples",
+             "--eval_max_train", "--eval_max_test"}
     clash = [f for f in a.train_args if f.split("=")[0] in owned]
     if clash:
         raise UserError(f"--train_args must not set {' '.join(clash)}: reproduce.py sets those per run")
@@ -213,11 +230,13 @@ class Run:
             "dataset": dataset, "one_class_idx": cls, "transformation": transformation, "resolution": resolution,
             "seed": seed, "model": model, "train": train_budget(a), "eval": {"ood_samples": a.ood_samples,
                                                                             "amp": bool(a.amp)},
+            "selection": selection_budget(a),
             "dissolver": self.dissolver["name"] if self.dissolver else None,
             "resize_to_constant": bool(a.resize_to_constant) if self.dissolve_type else None,
         }
         self.status, self.error, self.reused = "pending", "", False
         self.results, self.train_seconds, self.eval_seconds, self.gmacs = None, None, None, None
+        self.best = None  # results["best"]: best_CSI.model's epoch, AUROCs and what selected it
         self.notes = []
         self.log = None
 
@@ -236,11 +255,16 @@ def train_budget(a):
     return budget
 
 
+def selection_budget(a):
+    """train.py's evaluation during training (None: off), part of a run's settings."""
+    if not a.selection:
+        return None
+    return {"every": a.save_step, "samples": a.selection_samples, "max_images": a.selection_max_images}
+
+
 def dissolver_spec(a, dataset, cls, resolution):
-    name = f"{dataset}_class{cls}_{resolution}px_unet{a.ddpm_unet_dim}_e{a.ddpm_epochs}"
-    if a.ddpm_max_steps:
-        name += f"_s{a.ddpm_max_steps}"
-    name += f"_b{a.ddpm_batch_size}"
+    name = (f"{dataset}_class{cls}_{resolution}px_unet{a.ddpm_unet_dim}_s{a.ddpm_train_steps}"
+            f"_b{a.ddpm_batch_size}x{a.ddpm_grad_accum}")
     folder = os.path.join(a.out, "dissolvers")
     return {"name": name, "dataset": dataset, "cls": cls, "resolution": resolution,
             "ckpt": os.path.join(folder, name + ".pt"), "done": os.path.join(folder, name + ".json"),
@@ -356,10 +380,9 @@ class Dissolvers:
         else:
             cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", spec["dataset"],
                      "--data_root", a.data_root, "--one_class_idx", spec["cls"], "--image_size", spec["resolution"],
-                     "--epochs", a.ddpm_epochs, "--batch_size", a.ddpm_batch_size, "--unet_dim", a.ddpm_unet_dim,
-                     "--save_path", spec["ckpt"], "--seed", 0, "--no_progress")
-            if a.ddpm_max_steps:
-                cmd += ["--max_steps", str(a.ddpm_max_steps)]
+                     "--train_steps", a.ddpm_train_steps, "--save_every", a.ddpm_train_steps,
+                     "--batch_size", a.ddpm_batch_size, "--grad_accum", a.ddpm_grad_accum,
+                     "--unet_dim", a.ddpm_unet_dim, "--save_path", spec["ckpt"], "--seed", 0, "--no_progress")
             if a.device:
                 cmd += ["--device", a.device]
             if os.path.exists(spec["ckpt"]):  # an interrupted training: continue it exactly
@@ -376,8 +399,8 @@ class Dissolvers:
             from utils import atomic_write_json
 
             atomic_write_json({"gmacs": gmacs, "train_seconds": round(seconds, 2), "checkpoint": spec["ckpt"],
-                               "ddpm": {"unet_dim": a.ddpm_unet_dim, "epochs": a.ddpm_epochs,
-                                        "max_steps": a.ddpm_max_steps, "batch_size": a.ddpm_batch_size}},
+                               "ddpm": {"unet_dim": a.ddpm_unet_dim, "train_steps": a.ddpm_train_steps,
+                                        "batch_size": a.ddpm_batch_size, "grad_accum": a.ddpm_grad_accum}},
                               spec["done"])
         if not os.path.exists(spec["grid"]):
             cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", spec["dataset"],
@@ -427,7 +450,8 @@ def dissolver_gmacs(ckpt_path):
 # --------------------------------------------------------------------------- one run
 
 
-TRAIN_FILES = ("last.model", "scalars.csv", "log.txt", "config.json", "train_done.json")
+TRAIN_FILES = ("last.model", "scalars.csv", "log.txt", "config.json", "train_done.json", "selection.json")
+BEST_EVAL_FILES = ("results_best.json", "scores_best.csv", "eval_best.log")
 
 
 def clean_partial_training(run):
@@ -442,7 +466,13 @@ def train_command(a, run, dissolver_ckpt):
     mode = "simclr_DIA" if run.dissolve_type else "simclr_CSI"
     cmd = py("train.py", "--dataset", run.dataset, "--data_root", a.data_root, "--one_class_idx", run.cls,
              "--model", run.model, "--mode", mode, "--shift_trans_type", run.transformation, "--seed", run.seed,
-             "--logdir", run.dir, "--no_eval")
+             "--logdir", run.dir, "--save_step", a.save_step)
+    if a.selection:
+        cmd += ["--ood_samples", str(a.selection_samples)]
+        if a.selection_max_images:
+            cmd += ["--eval_max_train", str(a.selection_max_images), "--eval_max_test", str(a.selection_max_images)]
+    else:
+        cmd.append("--no_eval")
     for flag in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "warmup", "resnet_width",
                  "log_every"):
         v = getattr(a, flag)
@@ -461,12 +491,12 @@ def train_command(a, run, dissolver_ckpt):
     return cmd + list(a.train_args)
 
 
-def eval_command(a, run):
+def eval_command(a, run, model="last.model", results="results.json", scores="scores.csv"):
     cmd = py("eval.py", "--mode", "ood_pre", "--dataset", run.dataset, "--data_root", a.data_root,
              "--model", run.model, "--ood_score", "CSI", "--shift_trans_type", "rotation",
              "--ood_samples", a.ood_samples, "--resize_factor", 0.54, "--resize_fix",
-             "--one_class_idx", run.cls, "--seed", run.seed, "--load_path", run.path("last.model"),
-             "--save_results", run.path("results.json"), "--save_scores_csv", run.path("scores.csv"))
+             "--one_class_idx", run.cls, "--seed", run.seed, "--load_path", run.path(model),
+             "--save_results", run.path(results), "--save_scores_csv", run.path(scores))
     if a.resnet_width is not None:
         cmd += ["--resnet_width", str(a.resnet_width)]
     if a.amp:
@@ -503,7 +533,7 @@ def execute(a, run, dissolvers):
         run.reused = True
     else:
         os.makedirs(run.dir, exist_ok=True)
-        for name in ("failed.json", "dissolving.png") + FIGURES:  # nothing stale from an earlier attempt
+        for name in ("failed.json", "dissolving.png") + FIGURES + BEST_EVAL_FILES:  # nothing stale from before
             if os.path.exists(run.path(name)):
                 os.remove(run.path(name))
         if dissolver is not None and not dissolver["ok"]:
@@ -514,7 +544,8 @@ def execute(a, run, dissolvers):
         if old is not None and old != json.loads(json.dumps(run.config)):
             with contextlib.suppress(FileNotFoundError):  # trained with other settings: train again
                 os.remove(run.path("train_done.json"))
-        atomic_write_json({"config": run.config, "train_command": train_cmd, "eval_command": eval_cmd},
+        atomic_write_json({"config": run.config, "train_command": train_cmd, "eval_command": eval_cmd,
+                           "eval_best_command": eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2])},
                           run.path("run.json"))
         done = read_json(run.path("train_done.json"))
         if done is None or not os.path.exists(run.path("last.model")):
@@ -523,6 +554,9 @@ def execute(a, run, dissolvers):
             if not ok:
                 return fail(run, "train", reason, seconds=seconds)
             atomic_write_json({"seconds": round(seconds, 2)}, run.path("train_done.json"))
+        best, reason = evaluate_best(a, run)  # before last.model's: results.json marks a finished run
+        if reason:
+            return fail(run, "eval", reason, log=run.path("eval_best.log"))
         ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"))
         if not ok:
             return fail(run, "eval", reason)
@@ -530,13 +564,46 @@ def execute(a, run, dissolvers):
         if results is None:
             return fail(run, "eval", "eval.py finished without writing results.json")
         results["eval_seconds"] = round(seconds, 2)
+        if best is not None:
+            if best["same_as_last"]:
+                best["auroc"] = results["auroc"]
+            results["best"] = best
         atomic_write_json(results, run.path("results.json"))
     run.results = results
+    run.best = results.get("best")
     run.status = "ok"
     run.train_seconds = (read_json(run.path("train_done.json")) or {}).get("seconds")
     run.eval_seconds = results.get("eval_seconds")
     draw_run_figures(run, dissolver)
     return run
+
+
+def evaluate_best(a, run):
+    """Evaluate ``best_CSI.model`` as ``last.model`` is evaluated; returns ``(best, error)``.
+
+    ``best`` (None when train.py kept no such file: ``--no_selection``, or no evaluation epoch
+    was reached) holds the epoch, what selected it (train.py's test AUROC and its protocol) and
+    eval.py's AUROCs; a best epoch equal to last.model's is the same weights, not evaluated twice.
+    """
+    if not a.selection:
+        return None, ""
+    selection = read_json(run.path("selection.json")) or {}
+    info = selection.get(BEST_FILE)
+    if info is None or not os.path.exists(run.path(BEST_FILE)):
+        return None, ""
+    last_epoch = (selection.get("last.model") or {}).get("epoch")
+    best = {"file": BEST_FILE, "label": BEST_LABEL, "rule": info["rule"], "epoch": info["epoch"],
+            "last_epoch": last_epoch, "selected_on": {"metric": info["metric"], "value": info["value"],
+                                                      "protocol": info["protocol"]},
+            "same_as_last": info["epoch"] == last_epoch}
+    if best["same_as_last"]:
+        return best, ""
+    ok, seconds, reason = run_step(eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]), run.path("eval_best.log"))
+    res = read_json(run.path("results_best.json")) if ok else None
+    if res is None:
+        return None, f"{BEST_FILE}: " + (reason or "eval.py finished without writing results_best.json")
+    best.update(auroc=res["auroc"], eval_seconds=round(seconds, 2))
+    return best, ""
 
 
 def fail(run, stage, reason, seconds=None, log=None):
@@ -558,6 +625,8 @@ def draw_run_figures(run, dissolver):
     title = f"{run.dataset} class {run.cls}, {run.transformation} {run.resolution}px, seed {run.seed}"
     jobs = [("roc.png", plots.plot_roc, "scores.csv"), ("score_hist.png", plots.plot_score_hist, "scores.csv"),
             ("loss_curves.png", plots.plot_loss_curves, "scalars.csv")]
+    if run.best is not None:  # train.py evaluated during training and kept best_CSI.model
+        jobs.append(("selection.png", plots.plot_selection, "selection.json"))
     for out, fn, src in jobs:
         if os.path.exists(run.path(out)):
             continue
@@ -607,18 +676,26 @@ def draw_comparisons(a, runs):
 
 
 CSV_FIELDS = ["dataset", "one_class_idx", "transformation", "resolution", "seed", "status", "auroc_pooled",
-              "auroc_one_class_mean", "auroc_per_class", "train_seconds", "eval_seconds", "dissolver_gmacs",
+              "auroc_one_class_mean", "auroc_per_class", "auroc_pooled_best", "auroc_one_class_mean_best",
+              "best_epoch", "last_epoch", "best_selection_auroc", "train_seconds", "eval_seconds", "dissolver_gmacs",
               "model", "reused", "run_dir", "error"]
+# auroc_*: last.model (the honest figure); auroc_*_best: best_CSI.model, the best on test (the paper's
+# selection), both by eval.py; best_selection_auroc: the test AUROC during training that selected it
 
 
 def csv_row(a, r):
     auroc = (r.results or {}).get("auroc", {})
     per_class = ";".join(f"{k[len('one_class_'):]}:{v:.6g}" for k, v in auroc.items()
                          if k.startswith("one_class_") and k != "one_class_mean")
+    best = r.best or {}
     return {"dataset": r.dataset, "one_class_idx": r.cls, "transformation": r.transformation,
             "resolution": r.resolution, "seed": r.seed, "status": r.status,
             "auroc_pooled": num(auroc.get("pooled")), "auroc_one_class_mean": num(auroc.get("one_class_mean")),
             "auroc_per_class": per_class,
+            "auroc_pooled_best": num(best.get("auroc", {}).get("pooled")),
+            "auroc_one_class_mean_best": num(best.get("auroc", {}).get("one_class_mean")),
+            "best_epoch": best.get("epoch", ""), "last_epoch": best.get("last_epoch", ""),
+            "best_selection_auroc": num(best.get("selected_on", {}).get("value")),
             "train_seconds": "" if r.train_seconds is None else r.train_seconds,
             "eval_seconds": "" if r.eval_seconds is None else r.eval_seconds,
             "dissolver_gmacs": "" if r.gmacs is None else r.gmacs, "model": r.model, "reused": int(r.reused),
@@ -658,11 +735,19 @@ def md_escape(text, limit=None, first_clause=False):
     return text.replace("|", "\\|")
 
 
-def summary_cell(group):
+def pooled_auroc(r, which="last"):
+    """eval.py's pooled AUROC of a finished run's last.model or best_CSI.model (None: none)."""
+    if r.status != "ok":
+        return None
+    auroc = r.results["auroc"] if which == "last" else (r.best or {}).get("auroc", {})
+    return auroc.get("pooled")
+
+
+def summary_cell(group, which="last"):
     """``mean ± std (n)`` of the pooled AUROC (std: numpy's, over the seeds that finished)."""
     import numpy as np
 
-    ok = [float(r.results["auroc"]["pooled"]) for r in group if r.status == "ok"]
+    ok = [float(v) for v in (pooled_auroc(r, which) for r in group) if v is not None]
     failed = [r for r in group if r.status == "failed"]
     if not ok:
         if failed:
@@ -674,8 +759,9 @@ def summary_cell(group):
     return cell
 
 
-def summary_table(runs):
-    """The "Different transformations" table: rows dataset (and class), columns transformations."""
+def summary_table(runs, which="last"):
+    """The "Different transformations" table of ``last.model`` or (``which="best"``) of
+    ``best_CSI.model``: rows dataset (and class), columns transformations."""
     labels = column_labels(runs)
     classes = {r.cls for r in runs}
     rows = list(dict.fromkeys((r.dataset, r.cls) for r in runs))
@@ -683,8 +769,8 @@ def summary_table(runs):
              "|---|" + "---|" * len(labels)]
     for dataset, cls in rows:
         name = dataset + (f" (class {cls})" if len(classes) > 1 else "")
-        cells = [summary_cell([r for r in runs if (r.dataset, r.cls) == (dataset, cls) and column_key(r) == key])
-                 for key in labels]
+        cells = [summary_cell([r for r in runs if (r.dataset, r.cls) == (dataset, cls) and column_key(r) == key],
+                              which) for key in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -694,9 +780,9 @@ def fmt(v, digits=3):
 
 
 def runs_table(a, runs):
-    lines = ["| dataset | class | transformation | res | seed | AUROC pooled | AUROC class mean | train s | "
-             "eval s | dissolver GMACs | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | class | transformation | res | seed | AUROC pooled (last) | AUROC class mean (last) | "
+             "AUROC pooled (best on test) | best epoch / last | train s | eval s | dissolver GMACs | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         auroc = (r.results or {}).get("auroc", {})
         if r.status == "ok":
@@ -705,9 +791,12 @@ def runs_table(a, runs):
                 status += "; " + md_escape("; ".join(r.notes), 200)
         else:
             status = r.status if r.status != "failed" else "failed: " + md_escape(r.error, 300)
+        best = r.best or {}
+        epochs = f"{best['epoch']} / {best['last_epoch']}" if best else ""
         lines.append(f"| {r.dataset} | {r.cls} | {r.transformation} | {r.resolution} | {r.seed} | "
                      f"{fmt(auroc.get('pooled'))} | {fmt(auroc.get('one_class_mean'))} | "
-                     f"{fmt(r.train_seconds, 1)} | {fmt(r.eval_seconds, 1)} | {fmt(r.gmacs, 3)} | {status} |")
+                     f"{fmt(best.get('auroc', {}).get('pooled'))} | {epochs} | {fmt(r.train_seconds, 1)} | "
+                     f"{fmt(r.eval_seconds, 1)} | {fmt(r.gmacs, 3)} | {status} |")
     return "\n".join(lines)
 
 
@@ -725,9 +814,20 @@ def write_tables(a, runs, command):
         "## Different transformations",
         "",
         "Pooled AUROC (normal test images against all others; eval.py --mode ood_pre --ood_score CSI, rotation), "
-        "mean ± std over seeds (number of finished runs).",
+        "mean ± std over seeds (number of finished runs), of two checkpoints of each run.",
+        "",
+        "### last.model: the model at the end of training (the honest figure)",
         "",
         summary_table(runs),
+        "",
+        f"### {BEST_FILE}: {BEST_LABEL}",
+        "",
+        *(["The checkpoint whose test AUROC during training (CSI score, mean over the anomalous classes) was "
+           "highest: chosen on the test set itself, so an optimistic figure. The paper's train.py keeps this "
+           "file; which file its tables report is not said. Same evaluation as above; the AUROC that selected it "
+           "(train.py's evaluation, budget below) is results.csv's best_selection_auroc.",
+           "",
+           summary_table(runs, "best")] if a.selection else ["Not computed (--no_selection)."]),
         "",
         "## Runs",
         "",
@@ -738,11 +838,16 @@ def write_tables(a, runs, command):
         f"- train.py: model {', '.join(sorted({r.model for r in runs}))}, "
         + ", ".join((k if v is True else f"{k} {v}") for k, v in budget.items() if v not in (None, [], False)),
         f"- eval.py: ood_samples {a.ood_samples}, resize_factor 0.54 (fixed)",
-        f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_epochs} epoch(s)"
-        + (f", at most {a.ddpm_max_steps} steps" if a.ddpm_max_steps else "") + f", batch {a.ddpm_batch_size}",
+        (f"- checkpoint selection (train.py's evaluation during training, as the paper's): every {a.save_step} "
+         f"epoch(s), CSI score, {a.selection_samples} sample(s), crop scale in [0.54, 1], "
+         + (f"at most {a.selection_max_images}" if a.selection_max_images else "all")
+         + " normal training and test images" if a.selection else "- checkpoint selection: off (--no_selection)"),
+        f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_train_steps} optimiser steps of {a.ddpm_grad_accum} x "
+        f"{a.ddpm_batch_size} images (the paper's: 156,250 of 2 x 256, dim 64)",
         "- std: numpy's (population) standard deviation over the seeds; MACs: one dissolving call on one image "
         "(thop, as train_eval_ddpm.py --mode macs).",
-        "- figures per run: roc.png, score_hist.png, loss_curves.png, dissolving.png (diffusion_*); "
+        "- figures per run: roc.png, score_hist.png (last.model), loss_curves.png, selection.png (test AUROC during "
+        "training and the selected epoch), dissolving.png (diffusion_*); "
         "per dataset and class: <dataset>_class<i>_roc.png",
         "",
     ]
@@ -781,7 +886,9 @@ def main(argv=None):
                 what = "finished before, skipped"
             else:
                 what = f"trained {run.train_seconds:.0f} s, evaluated {run.eval_seconds:.0f} s"
-            print(f" {what}; AUROC {auroc:.3f} ({time.time() - t0:.0f} s)", flush=True)
+            best = pooled_auroc(run, "best")
+            best = f", {best:.3f} (best on test, epoch {run.best['epoch']})" if best is not None else ""
+            print(f" {what}; AUROC {auroc:.3f} (last){best} ({time.time() - t0:.0f} s)", flush=True)
             for note in run.notes:
                 print(f"    note: {note}", flush=True)
         else:
@@ -792,7 +899,11 @@ def main(argv=None):
 
     n_failed = sum(r.status == "failed" for r in runs)
     print()
+    print("last.model (the honest figure):")
     print(summary_table(runs))
+    if a.selection:
+        print(f"\n{BEST_FILE}, {BEST_LABEL}:")
+        print(summary_table(runs, "best"))
     print()
     print(f"{len(runs) - n_failed} of {len(runs)} run(s) finished, {n_failed} failed; {time.time() - t_all:.0f} s. "
           f"Tables: {os.path.join(a.out, 'results.md')}, {os.path.join(a.out, 'results.csv')}", flush=True)

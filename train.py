@@ -1,5 +1,9 @@
 """Train a contrastive one-class model: CSI (``--mode simclr_CSI``) or DIA (``--mode simclr_DIA``).
 
+Writes ``last.model`` (the model at the end: the honest figure) and, as the paper's train.py,
+evaluates on the test set every ``--save_step`` epochs and keeps the best as ``best_CSI.model``
+(``selection.json`` says which rule produced which file; ``--no_eval`` skips it).
+
 Example (the paper's command):
     python train.py --data_root ../data --dataset kvasir --model resnet18_imagenet --mode simclr_DIA \
         --shift_trans_type diffusion_rotation --diff_resolution 32 --batch_size 32 --one_class_idx 0 \
@@ -65,34 +69,15 @@ def build_dissolve(P, device, info):
     return make_dissolve_fn(P.shift_trans_type, P, device, info.native_kind)
 
 
-def make_evaluate(P, normal_train, test_set, info, device):
-    """Periodic CSI evaluation (rotation, the eval augmentation) on fixed subsets."""
-    from evals.ood_pre import auroc_report, csi_scores, extract_features
+def make_evaluate(P, normal_train, test_set, device):
+    """The evaluation during training that selects ``best_CSI.model`` (``evals.selection``):
+    by default the paper's (CSI, 10 samples, crop scale in [0.54, 1], the full sets)."""
+    from evals.selection import SelectionEvaluation
 
-    g = torch.Generator().manual_seed(P.seed)
-    tr = normal_train
-    if len(tr) > P.eval_max_train:
-        tr = tr.subset(torch.randperm(len(tr), generator=g)[:P.eval_max_train].sort().values)
-    te = test_set
-    if len(te) > P.eval_max_test:
-        te = te.subset(torch.randperm(len(te), generator=g)[:P.eval_max_test].sort().values)
-    labels = te.labels.numpy()
-
-    def evaluate(trainer):
-        kw = dict(base_shift="rotation", n_samples=P.ood_samples, device=device,
-                  batch_size=P.test_batch_size, resize_factor=0.54, resize_fix=True, amp=P.amp)
-        f_tr = extract_features(trainer.net, tr, **kw)
-        f_te = extract_features(trainer.net, te, **kw)
-        metrics = {}
-        for score in ("CSI", "simclr"):
-            if score == "CSI" and trainer.model.shift_cls_layer.out_features != 4:
-                continue
-            rep = auroc_report(csi_scores(f_tr, f_te, 4, score).numpy(), labels, P.one_class_idx)
-            metrics[f"auroc_{score}_pooled"] = rep["pooled"]
-            metrics[f"auroc_{score}_mean"] = rep["one_class_mean"]
-        return metrics
-
-    return evaluate
+    return SelectionEvaluation(normal_train, test_set, P.one_class_idx, device, n_shifts=P.K_shift,
+                               samples=P.ood_samples, resize_factor=P.eval_resize_factor,
+                               resize_fix=P.eval_resize_fix, max_train=P.eval_max_train,
+                               max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=P.amp, seed=P.seed)
 
 
 @exit_on_user_error
@@ -116,7 +101,8 @@ def main(argv=None):
         if os.path.exists(os.path.join(logdir, "last.model")):
             raise UserError(f"{logdir} already holds a training run; continue it with --resume_path {logdir}, "
                             f"or start a new one with --suffix NAME or --logdir DIR")
-    train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed)
+    train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed,
+                                            aptos_all_grades=P.aptos_all_grades)
     normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx,
                                              contamination_ratio=P.contamination_ratio, seed=P.seed)
     if P.model.endswith("_imagenet") and info.image_size[0] < 64:
@@ -139,6 +125,13 @@ def main(argv=None):
         if trainer.epoch >= P.epochs:
             raise UserError(f"the run in {logdir} already finished {trainer.epoch} of --epochs {P.epochs}; "
                             f"raise --epochs to train further")
+        before = resume_ckpt.get("meta", {}).get("args", {})
+        changed = [f"--{k}" for k in ("paper_rng_replay", "error_step") if k in before and before[k] != getattr(P, k)]
+        if changed:
+            from utils import warn
+
+            warn(f"{' '.join(changed)} differ from the interrupted run's: the resumed run will not repeat an "
+                 f"uninterrupted one")
 
     logger = Logger(logdir)
     meta = {
@@ -153,12 +146,13 @@ def main(argv=None):
                f"{P.one_class_idx} ({info.class_names[P.one_class_idx]}); {len(test_set)} test images; "
                f"mode {P.mode}, shift {P.shift_trans_type}"
                + (f"; resuming after epoch {trainer.epoch}" if resume_ckpt is not None else ""))
-    evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, info, device)
+    evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device)
     try:
         last = trainer.fit(normal_train, logger, meta, evaluate=evaluate)
     finally:
         logger.close()
-    summary = {"last": last, "epoch": trainer.epoch, "step": trainer.step, "best": trainer.best}
+    best = {name: {k: b[k] for k in ("epoch", "metric", "value")} for name, b in trainer.best.items()}
+    summary = {"last": last, "epoch": trainer.epoch, "step": trainer.step, "best": best}
     print(json.dumps(summary))
     return summary
 

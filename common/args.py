@@ -5,6 +5,7 @@ as written. What CSI enforced silently (e.g. the batch size rule) is a warning h
 flag combinations that cannot work are rejected with one clear line.
 """
 import argparse
+import math
 
 from common.errors import UserError
 
@@ -33,7 +34,7 @@ def build_parser(program="train"):
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synth_lesion",
-                   help="dataset name (see README: covid, kvasir, retina, aptos, chestxray, pneumoniamnist, "
+                   help="dataset name (see README: covid, kvasir, retina, aptos, breakhis, chestxray, pneumoniamnist, "
                         "breastmnist, chestmnist, cifar10, cifar100, imagefolder, digits, synth_lesion)")
     g.add_argument("--data_root", default="../data", help="folder that holds the datasets in their distributed layout")
     g.add_argument("--one_class_idx", type=int, default=0, help="index of the normal class")
@@ -41,6 +42,8 @@ def build_parser(program="train"):
     g.add_argument("--contamination_ratio", type=float, default=0.0,
                    help="fraction r of the training set drawn from other classes (adds r/(1-r) times as many)")
     g.add_argument("--num_workers", type=int, default=0, help="data loading worker processes (folder datasets)")
+    g.add_argument("--aptos_all_grades", action="store_true",
+                   help="aptos: every grade 1-4 is an anomaly (the paper's code tests grade 0 against grade 1 only)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet18", choices=MODELS,
@@ -59,12 +62,18 @@ def build_parser(program="train"):
     g.add_argument("--diffusion_offset", type=float, default=0.3, help="lower end of the timestep range (x100)")
     g.add_argument("--diffusion_upper_offset", type=float, default=1.0, help="upper end of the timestep range (x100)")
     g.add_argument("--diffusion_scheduler", default="uniform", choices=SCHEDULERS, help="how the timestep is drawn")
+    g.add_argument("--diffusion_weights", default="online", choices=("online", "ema"),
+                   help="which weights of the dissolver checkpoint dissolve: online (the paper's: the Trainer "
+                        "file's 'model') or ema")
     g.add_argument("--diffusion_range_correct", action="store_true",
                    help="feed the dissolver [-1,1] images and map its output back to [0,1] "
                         "(the paper feeds [0,1] and keeps the [-1,1] output)")
     g.add_argument("--kernel_size", type=int, default=7, help="blur kernel size for blur* shift types")
     g.add_argument("--resize_to_constant", action="store_true",
                    help="blur* types: blur at --diff_resolution and resize back")
+    g.add_argument("--blur_third_chunk_only", action="store_true",
+                   help="blur* types: blur only the dissolved chunk, OpenCV-like borders, smooth resizing "
+                        "(the paper blurs all three chunks with zero padding and nearest resizing)")
     g.add_argument("--loss_mode", default="shifted_removed", choices=("shifted_removed", "naive"),
                    help="NT_xent_neg masking of a view and its own dissolved counterpart")
 
@@ -95,12 +104,24 @@ def build_parser(program="train"):
     g.add_argument("--load_path", default=None, help="model checkpoint to load (eval, or warm start)")
     g.add_argument("--no_strict", action="store_true", help="load state dicts non-strictly")
     g.add_argument("--save_step", type=int, default=10, help="save a checkpoint every N epochs")
-    g.add_argument("--error_step", type=int, default=5, help="evaluate every N epochs during training")
-    g.add_argument("--no_eval", action="store_true", help="train.py: no periodic evaluation")
-    g.add_argument("--eval_max_train", type=int, default=2000,
-                   help="train.py's periodic evaluation: at most this many normal training images as CSI axes")
-    g.add_argument("--eval_max_test", type=int, default=2000,
-                   help="train.py's periodic evaluation: at most this many test images (fixed random subset)")
+    g.add_argument("--error_step", type=int, default=None,
+                   help="train.py: evaluate on the test set every N epochs and keep the best as best_CSI.model "
+                        "(default: every --save_step epochs, as the paper's train.py)")
+    g.add_argument("--no_eval", action="store_true", help="train.py: no evaluation during training (no best_CSI.model)")
+    g.add_argument("--eval_max_train", type=int, default=None,
+                   help="train.py's evaluation: at most this many normal training images as CSI axes "
+                        "(default: all, as the paper)")
+    g.add_argument("--eval_max_test", type=int, default=None,
+                   help="train.py's evaluation: at most this many test images, a fixed random subset (default: all)")
+    g.add_argument("--eval_resize_factor", type=float, default=0.54,
+                   help="train.py's evaluation: crop scale drawn from [factor, 1] (the paper's 0.54)")
+    g.add_argument("--eval_resize_fix", action="store_true",
+                   help="train.py's evaluation: crop scale fixed at --eval_resize_factor (the paper's train.py "
+                        "does not fix it; its eval.py command does)")
+    g.add_argument("--paper_rng_replay", action="store_true",
+                   help="train.py: no per-epoch reseeding; each evaluation leaves the random generators seeded "
+                        "as the paper's does, so every later epoch replays the same shuffle, flips, crops and "
+                        "dissolving timesteps")
     g.add_argument("--log_every", type=int, default=10, help="log the losses every N steps")
     g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -108,7 +129,8 @@ def build_parser(program="train"):
     g.add_argument("--ood_score", nargs="+", default=None, choices=OOD_SCORES,
                    help="scores to compute (default: CSI for --mode ood_pre, baseline for --mode ood)")
     g.add_argument("--ood_layer", nargs="+", default=["simclr", "shift"], choices=("penultimate", "simclr", "shift"))
-    g.add_argument("--ood_samples", type=int, default=1, help="augmented samples per image and shift")
+    g.add_argument("--ood_samples", type=int, default=10 if program == "train" else 1,
+                   help="augmented samples per image and shift (train.py: of its evaluation, the paper's 10)")
     g.add_argument("--ood_batch_size", type=int, default=100)
     g.add_argument("--resize_factor", type=float, default=0.08, help="crop scale drawn from [resize_factor, 1]")
     g.add_argument("--resize_fix", action="store_true", help="crop scale fixed at resize_factor")
@@ -131,6 +153,33 @@ def parse_args(program="train", argv=None):
     return P
 
 
+AT_LEAST_ONE = ("test_batch_size", "ood_batch_size", "simclr_dim", "resnet_width", "diff_resolution", "log_every",
+                "img_size")
+POSITIVE = ("lr_init", "temperature")
+NOT_NEGATIVE = ("num_workers", "weight_decay", "sim_lambda")
+
+
+def check_numbers(P):
+    """Numbers every program reads: finite floats, counts of at least 1, rates above 0."""
+    for name, value in sorted(vars(P).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+    for name in AT_LEAST_ONE:
+        value = getattr(P, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    for name in POSITIVE:
+        value = getattr(P, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be above 0, got {value}")
+    for name in NOT_NEGATIVE:
+        value = getattr(P, name, None)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} must be >= 0, got {value}")
+    if not 0 <= P.seed < 2 ** 32:  # what numpy's generators accept
+        raise UserError(f"--seed must lie in 0..{2 ** 32 - 1}, got {P.seed}")
+
+
 def normalise_args(P):
     """Derive the shift bookkeeping and reject contradictions."""
     short = {"diffusion": "diffusion_rotation", "blurgaussian": "blurgaussian_rotation",
@@ -138,6 +187,9 @@ def normalise_args(P):
     P.shift_trans_type = short.get(P.shift_trans_type, P.shift_trans_type)
     P.dissolve_type = P.shift_trans_type.split("_")[0] if "_" in P.shift_trans_type else None
     P.base_shift = P.shift_trans_type.split("_")[-1]  # rotation | cutperm | none
+    if P.ood_score is None:  # before any check reads it
+        P.ood_score = ["baseline"] if P.mode == "ood" else ["CSI"]
+    check_numbers(P)
 
     if P.program == "train":
         if P.mode in ("ood_pre", "ood"):
@@ -153,13 +205,24 @@ def normalise_args(P):
                             "(train one with: python diffusion_models/train_eval_ddpm.py --mode train --dataset D)")
         if P.mode == "simclr" and P.base_shift != "none":
             P.base_shift = "none"
-        for name in ("epochs", "batch_size", "save_step", "error_step", "max_batches_per_epoch"):
+        if P.error_step is None:
+            P.error_step = P.save_step
+        for name in ("epochs", "batch_size", "save_step", "error_step", "max_batches_per_epoch", "ood_samples"):
             if getattr(P, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(P, name)}")
         if P.warmup < 0:
             raise UserError(f"--warmup must be >= 0, got {P.warmup}")
+        for name in ("eval_max_train", "eval_max_test"):
+            if getattr(P, name) is not None and getattr(P, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(P, name)}")
+        if not 0.0 < P.eval_resize_factor <= 1.0:
+            raise UserError(f"--eval_resize_factor must lie in (0, 1], got {P.eval_resize_factor}")
         if P.max_steps is not None and P.max_steps < 1:
             raise UserError(f"--max_steps must be at least 1, got {P.max_steps}")
+        if P.logdir is not None:  # an existing file, or a place that cannot be written: refused now
+            from common.paths import check_run_folder
+
+            check_run_folder(P.logdir, "--logdir")
     else:
         if P.mode not in ("ood_pre", "ood"):
             raise UserError(f"eval.py runs --mode ood_pre or ood, got --mode {P.mode} (training modes belong to train.py)")
@@ -183,8 +246,6 @@ def normalise_args(P):
     if P.kernel_size < 1 or P.kernel_size % 2 == 0:
         raise UserError(f"--kernel_size must be a positive odd number, got {P.kernel_size}")
 
-    if P.ood_score is None:
-        P.ood_score = ["baseline"] if P.mode == "ood" else ["CSI"]
     P.K_shift = 1 if P.base_shift == "none" else 4
     if P.program == "train" and P.K_shift > 1 and P.batch_size * P.K_shift != 128:
         from utils import warn

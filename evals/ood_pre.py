@@ -1,21 +1,28 @@
 """CSI scoring (SPEC section 4): features of shifted, augmented samples and the CSI score."""
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
-from utils import autocast_for, batch_indices
+from utils import autocast_for, batch_indices, set_seed
 
 
 @torch.no_grad()
 def extract_features(model, dataset, base_shift, n_samples, device, batch_size=100,
-                     resize_factor=0.54, resize_fix=True, amp=False, progress=None):
+                     resize_factor=0.54, resize_fix=True, amp=False, progress=None, restore_rng=True):
     """Features of every image of ``dataset`` for every shift k and sample s.
 
     For sample s the random seed is set to s (per batch, as CSI does), each shift k gets its
     own random flip, then the SimCLR augmentation. Returns ``{"simclr": (N, K*S, d),
     "shift": (N, K*S, K)}`` on the CPU, shift-major (index ``k*S + s``).
+
+    ``restore_rng=True`` seeds torch only and gives the caller its random state back.
+    ``restore_rng=False`` is what the paper's code does: every seeding reaches Python's,
+    numpy's, torch's and CUDA's generators and nothing is restored, so they are left seeded
+    with ``n_samples - 1`` and advanced by the last batch's draws. The features are the same.
     """
     shift = get_shift(base_shift)
     K = shift.max_range
@@ -26,14 +33,16 @@ def extract_features(model, dataset, base_shift, n_samples, device, batch_size=1
     n = len(dataset)
     out = {}
     devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    keep = torch.random.fork_rng(devices=devices) if restore_rng else contextlib.nullcontext()
+    reseed = torch.manual_seed if restore_rng else set_seed
+    with keep:
         for idx in batch_indices(n, batch_size):
             x, _ = dataset.get_batch(idx)
             x = x.to(device, non_blocking=True)
             b = x.shape[0]
             per_sample = {"simclr": [], "shift": []}
             for s in range(n_samples):
-                torch.manual_seed(s)
+                reseed(s)
                 views = torch.cat([shift(hflip(x), k) for k in range(K)])
                 views = aug(views)
                 with autocast_for(device, amp):

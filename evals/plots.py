@@ -7,6 +7,7 @@ Each function reads the files the programs write and draws one PNG, written atom
     plot_score_hist(scores_csv, out_png)     # the same scores as two histograms
     plot_loss_curves(scalars_csv, out_png)   # train.py's scalars.csv: training losses over steps
     plot_roc_comparison(curves, out_png)     # several runs' ROC curves in one figure
+    plot_selection(selection_json, out_png)  # train.py's test AUROC per evaluation and the selected epoch
     plot_image_grid(grid_png, out_png, row_labels)  # train_eval_ddpm.py's dissolving grid, labelled
 
 Scores follow eval.py: higher means more normal, and normal test images are the positives.
@@ -230,6 +231,52 @@ def plot_loss_curves(scalars_csv, out_png, title=None):
     fig.tight_layout()
     save_figure(fig, out_png)
     return out_png
+
+
+# --------------------------------------------------------------------------- checkpoint selection
+
+
+def plot_selection(selection_json, out_png, title=None):
+    """train.py's evaluations during training (selection.json): the test AUROC that selects
+    ``best_CSI.model`` per evaluated epoch, its pooled counterpart, the selected epoch and the
+    epoch of last.model. Returns the selected epoch."""
+    import json
+
+    with open(selection_json) as fh:
+        doc = json.load(fh)
+    if not isinstance(doc, dict) or "evaluations" not in doc:
+        raise ValueError(f"{selection_json} is not a selection.json written by train.py")
+    evals = doc["evaluations"]
+    best = next((v for k, v in doc.items() if k.startswith("best_") and isinstance(v, dict)), None)
+    if not evals or best is None:
+        raise ValueError(f"{selection_json} records no evaluation during training")
+    metric = best["metric"]
+    pooled = metric.replace("_one_class_mean", "_pooled")
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    epochs = [e["epoch"] for e in evals]
+    marker = "o" if len(epochs) < 40 else None
+    ax.plot(epochs, [e[metric] for e in evals], color=_COLOURS[0], marker=marker, markersize=3,
+            label=f"{metric} (selects)")
+    if pooled != metric and all(pooled in e for e in evals):
+        ax.plot(epochs, [e[pooled] for e in evals], color=_COLOURS[1], marker=marker, markersize=3, alpha=0.7,
+                label=pooled)
+    ax.plot([best["epoch"]], [best["value"]], marker="*", markersize=14, color=_COLOURS[3], linestyle="none",
+            label=f"best_CSI.model: epoch {best['epoch']} ({best['value']:.3f})")
+    last = doc.get("last.model") or {}
+    if last.get("epoch") is not None:
+        ax.axvline(last["epoch"], color="gray", linestyle="--", linewidth=1, label=f"last.model: epoch {last['epoch']}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test AUROC during training")
+    ax.set_title(title or "checkpoint selection on the test set (the paper's)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out_png)
+    return best["epoch"]
 
 
 # --------------------------------------------------------------------------- dissolving grid

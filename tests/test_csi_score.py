@@ -1,4 +1,4 @@
-"""csi_scores and the AUROC report against loops written from SPEC section 4."""
+"""csi_scores and the AUROC report against loops written from docs/method.md §4."""
 import numpy as np
 import pytest
 import torch

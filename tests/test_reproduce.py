@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0",
         "--resnet_width", "8", "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--log_every", "1",
-        "--ood_samples", "1", "--amp", "--device", "cpu",
-        "--ddpm_unet_dim", "8", "--ddpm_epochs", "1", "--ddpm_max_steps", "2", "--ddpm_batch_size", "8"]
+        "--ood_samples", "1", "--selection_samples", "1", "--amp", "--device", "cpu",
+        "--ddpm_unet_dim", "8", "--ddpm_train_steps", "2", "--ddpm_batch_size", "8", "--ddpm_grad_accum", "1"]
 TRANSFORMATIONS = ["rotation", "diffusion_rotation"]
 
 
@@ -83,10 +83,14 @@ def test_pipeline_end_to_end(pipeline):
     ckpt = os.path.join(out, "dissolvers", dissolvers[0])
     for t in TRANSFORMATIONS:
         d = run_dir(out, t)
-        for name in ("results.json", "scores.csv", "last.model", "scalars.csv", "train.log", "eval.log"):
+        for name in ("results.json", "scores.csv", "last.model", "best_CSI.model", "selection.json", "scalars.csv",
+                     "train.log", "eval.log"):
             assert os.path.getsize(os.path.join(d, name)) > 0, (t, name)
         with open(os.path.join(d, "run.json")) as fh:
             cmd = json.load(fh)["train_command"]
+        # the paper's selection: evaluation after every epoch, on the full sets
+        assert "--no_eval" not in cmd and "--eval_max_test" not in cmd
+        assert cmd[cmd.index("--save_step") + 1] == "1" and cmd[cmd.index("--ood_samples") + 1] == "1"
         if t == "rotation":
             assert cmd[cmd.index("--mode") + 1] == "simclr_CSI"
             assert "--diffusion_model_path" not in cmd
@@ -98,16 +102,21 @@ def test_pipeline_end_to_end(pipeline):
         assert len(scores) == 1000 and {s["normal"] for s in scores} == {"0", "1"}
     # progress lines, then the table
     assert re.search(r"\[1/2\] synth_lesion class 0 rotation 32px seed 0: trained \d+ s, evaluated \d+ s; "
-                     r"AUROC 0\.\d{3}", pipeline["stdout"])
-    assert "| Dataset | rotation | diffusion_rotation |" in pipeline["stdout"]
+                     r"AUROC 0\.\d{3} \(last\), 0\.\d{3} \(best on test, epoch 1\)", pipeline["stdout"])
+    assert pipeline["stdout"].count("| Dataset | rotation | diffusion_rotation |") == 2  # last, best on test
+    assert "best_CSI.model, best on test (paper's selection):" in pipeline["stdout"]
 
 
 def test_csv_and_tables_agree_with_results_json(pipeline):
     out = pipeline["out"]
     rows = read_csv(os.path.join(out, "results.csv"))
-    summary, per_run = md_tables(os.path.join(out, "results.md"))[:2]
-    assert summary[0] == ["Dataset", "rotation", "diffusion_rotation"]
-    assert per_run[0][:6] == ["dataset", "class", "transformation", "res", "seed", "AUROC pooled"]
+    summary, best_summary, per_run = md_tables(os.path.join(out, "results.md"))[:3]
+    assert summary[0] == best_summary[0] == ["Dataset", "rotation", "diffusion_rotation"]
+    assert per_run[0][:9] == ["dataset", "class", "transformation", "res", "seed", "AUROC pooled (last)",
+                              "AUROC class mean (last)", "AUROC pooled (best on test)", "best epoch / last"]
+    text = open(os.path.join(out, "results.md")).read()
+    assert "### last.model: the model at the end of training (the honest figure)" in text
+    assert "### best_CSI.model: best on test (paper's selection)" in text
     with open(os.path.join(out, "dissolvers", [f for f in os.listdir(os.path.join(out, "dissolvers"))
                                                 if f.endswith(".json")][0])) as fh:
         dissolver = json.load(fh)
@@ -121,22 +130,33 @@ def test_csv_and_tables_agree_with_results_json(pipeline):
         assert md_row[:5] == [row["dataset"], row["one_class_idx"], row["transformation"], row["resolution"],
                               row["seed"]]
         assert md_row[5] == f"{pooled:.3f}"
-        assert float(row["train_seconds"]) > 0 and md_row[7] == f"{float(row['train_seconds']):.1f}"
+        assert float(row["train_seconds"]) > 0 and md_row[9] == f"{float(row['train_seconds']):.1f}"
         if row["transformation"] == "diffusion_rotation":
             assert float(row["dissolver_gmacs"]) == pytest.approx(dissolver["gmacs"])
-            assert md_row[9] == f"{dissolver['gmacs']:.3f}"
+            assert md_row[11] == f"{dissolver['gmacs']:.3f}"
         else:
-            assert row["dissolver_gmacs"] == "" and md_row[9] == ""
+            assert row["dissolver_gmacs"] == "" and md_row[11] == ""
         col = summary[0].index(row["transformation"])
         assert summary[1][0] == "synth_lesion"
         assert summary[1][col] == f"{pooled:.3f} ± 0.000 (1)"
+        # one epoch: the selected checkpoint is last.model's epoch, the same weights, reported as such
+        with open(os.path.join(out, row["run_dir"], "selection.json")) as fh:
+            selection = json.load(fh)
+        best = res["best"]
+        assert best["same_as_last"] is True and best["epoch"] == best["last_epoch"] == 1
+        assert (row["best_epoch"], row["last_epoch"]) == ("1", "1") and md_row[8] == "1 / 1"
+        assert float(row["auroc_pooled_best"]) == pytest.approx(pooled, abs=1e-12)
+        assert float(row["best_selection_auroc"]) == pytest.approx(selection["best_CSI.model"]["value"], abs=1e-9)
+        assert md_row[7] == f"{pooled:.3f}" and best_summary[1][col] == f"{pooled:.3f} ± 0.000 (1)"
+        assert not os.path.exists(os.path.join(out, row["run_dir"], "results_best.json"))  # not evaluated twice
 
 
 def test_figures_are_png(pipeline):
     out = pipeline["out"]
     paths = [os.path.join(out, "synth_lesion_class0_roc.png")]
     for t in TRANSFORMATIONS:
-        paths += [os.path.join(run_dir(out, t), n) for n in ("roc.png", "score_hist.png", "loss_curves.png")]
+        paths += [os.path.join(run_dir(out, t), n) for n in ("roc.png", "score_hist.png", "loss_curves.png",
+                                                              "selection.png")]
     paths.append(os.path.join(run_dir(out, "diffusion_rotation"), "dissolving.png"))
     assert not os.path.exists(os.path.join(run_dir(out, "rotation"), "dissolving.png"))
     for p in paths:
@@ -204,7 +224,7 @@ def test_failing_run_is_reported_and_others_finish(pipeline, tmp_path):
         pooled = json.load(fh)["auroc"]["pooled"]
     assert float(rows["rotation"]["auroc_pooled"]) == pytest.approx(pooled)
     assert os.path.exists(os.path.join(run_dir(out, "rotation"), "roc.png"))
-    summary, per_run = md_tables(os.path.join(out, "results.md"))[:2]
+    summary, _, per_run = md_tables(os.path.join(out, "results.md"))[:3]
     assert summary[0] == ["Dataset", "diffusion_rotation", "rotation"]
     assert summary[1][1].startswith("failed: train:") and "not a torch checkpoint" in summary[1][1]
     assert summary[1][2] == f"{pooled:.3f} ± 0.000 (1)"
@@ -214,6 +234,65 @@ def test_failing_run_is_reported_and_others_finish(pipeline, tmp_path):
     with open(os.path.join(run_dir(out, "diffusion_rotation"), "train.log")) as fh:
         assert "not a torch checkpoint" in fh.read()
     assert not os.path.exists(os.path.join(run_dir(out, "diffusion_rotation"), "results.json"))
+
+
+def test_best_checkpoint_other_than_last_is_evaluated_and_reported(pipeline, tmp_path):
+    """When train.py's selection kept an earlier epoch, best_CSI.model is scored by eval.py as
+    last.model is, and both columns are reported. (Here the earlier checkpoint is made up: fresh
+    weights recorded as epoch 0, so that its AUROC surely differs from last.model's.)"""
+    import torch
+
+    from models.resnet import build_model
+
+    out = str(tmp_path / "out")
+    shutil.copytree(pipeline["out"], out)
+    d = run_dir(out, "rotation")
+    ckpt = torch.load(os.path.join(d, "best_CSI.model"), weights_only=False)
+    torch.manual_seed(1)
+    ckpt["model"] = build_model("resnet18", n_classes=2, simclr_dim=128, n_shifts=4, width=8).state_dict()
+    ckpt["epoch"] = 0
+    torch.save(ckpt, os.path.join(d, "best_CSI.model"))
+    with open(os.path.join(d, "selection.json")) as fh:
+        selection = json.load(fh)
+    selection["best_CSI.model"]["epoch"] = 0
+    with open(os.path.join(d, "selection.json"), "w") as fh:
+        json.dump(selection, fh)
+    for name in ("results.json", "scores.csv", "roc.png"):
+        os.remove(os.path.join(d, name))
+    argv = list(pipeline["argv"])
+    argv[argv.index("--out") + 1] = out
+    i = argv.index("--shift_trans_type")
+    argv[i + 1:i + 3] = ["rotation"]
+    rc, stdout, stderr, _ = run_main(argv)
+    assert rc == 0, stdout + stderr
+    with open(os.path.join(d, "results.json")) as fh:
+        res = json.load(fh)
+    with open(os.path.join(d, "results_best.json")) as fh:
+        best = json.load(fh)["auroc"]
+    with open(os.path.join(d, "run.json")) as fh:
+        commands = json.load(fh)
+    cmd, last_cmd = commands["eval_best_command"], commands["eval_command"]
+    files = {"--load_path": "best_CSI.model", "--save_results": "results_best.json",
+             "--save_scores_csv": "scores_best.csv"}
+    for flag, name in files.items():
+        assert cmd[cmd.index(flag) + 1] == os.path.join(d, name)
+    # the same evaluation as last.model's, apart from the files
+    assert [c for i, c in enumerate(cmd) if cmd[i - 1] not in files] == \
+        [c for i, c in enumerate(last_cmd) if last_cmd[i - 1] not in files]
+    assert os.path.getsize(os.path.join(d, "scores_best.csv")) > 0
+    assert res["best"]["same_as_last"] is False and res["best"]["auroc"] == best
+    assert best["pooled"] != pytest.approx(res["auroc"]["pooled"], abs=1e-9)
+    row = read_csv(os.path.join(out, "results.csv"))[0]
+    assert float(row["auroc_pooled"]) == pytest.approx(res["auroc"]["pooled"], abs=1e-12)
+    assert float(row["auroc_pooled_best"]) == pytest.approx(best["pooled"], abs=1e-12)
+    assert float(row["auroc_one_class_mean_best"]) == pytest.approx(best["one_class_mean"], abs=1e-12)
+    assert (row["best_epoch"], row["last_epoch"]) == ("0", "1")
+    summary, best_summary, per_run = md_tables(os.path.join(out, "results.md"))[:3]
+    assert summary[1][1] == f"{res['auroc']['pooled']:.3f} ± 0.000 (1)"
+    assert best_summary[1][1] == f"{best['pooled']:.3f} ± 0.000 (1)"
+    assert per_run[1][5] == f"{res['auroc']['pooled']:.3f}" and per_run[1][7] == f"{best['pooled']:.3f}"
+    assert per_run[1][8] == "0 / 1"
+    assert f"(last), {best['pooled']:.3f} (best on test, epoch 0)" in stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -34,7 +34,7 @@ def expect_error(main, argv, capsys, *fragments):
 def trained(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("run") / "csi"
     summary = run_train(logdir, "--mode", "simclr_CSI", "--shift_trans_type", "rotation", "--epochs", "2",
-                        "--error_step", "2", "--eval_max_train", "64", "--eval_max_test", "64")
+                        "--error_step", "2", "--eval_max_train", "64", "--eval_max_test", "64", "--ood_samples", "2")
     return logdir, summary
 
 
@@ -49,8 +49,10 @@ def test_checkpoint_holds_everything(trained):
     assert (logdir / "log.txt").read_text().count("[epoch") >= 2
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(logdir))
     assert "train/loss" in (logdir / "scalars.csv").read_text()
-    # the periodic evaluation kept a best checkpoint per metric
-    assert (logdir / "best_auroc_CSI_pooled.model").exists()
+    # the evaluation during training (at epoch 2 only: --error_step 2) kept the paper's best_CSI.model
+    assert sorted(f for f in os.listdir(logdir) if f.endswith(".model")) == ["best_CSI.model", "last.model"]
+    selection = json.loads((logdir / "selection.json").read_text())
+    assert [e["epoch"] for e in selection["evaluations"]] == [2] and selection["best_CSI.model"]["epoch"] == 2
     assert not [f for f in os.listdir(logdir) if f.startswith(".tmp-")]
 
 
@@ -103,6 +105,8 @@ def test_resume_continues_exactly(tmp_path):
     assert first["epoch"] == 1 and first["step"] == 2
     summary = train_program.main(TINY + ["--resume_path", str(halves), *common])
     assert summary["epoch"] == 2 and summary["step"] == 4
+    assert not list(straight.glob("best_*.model"))  # --no_eval: no evaluation, no selection
+    assert json.loads((straight / "selection.json").read_text())["evaluations"] == []
     a = torch.load(straight / "last.model", weights_only=False)["model"]
     b = torch.load(halves / "last.model", weights_only=False)["model"]
     for key in a:

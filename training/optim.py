@@ -1,6 +1,6 @@
 """LARS over SGD and the learning-rate schedule of CSI.
 
-LARS is a few lines (SPEC section 3.8); a package exists (torchlars) but it compiles a CUDA
+LARS is a few lines (docs/method.md §3, step 8); a package exists (torchlars) but it compiles a CUDA
 extension at install time, so it is written here.
 """
 import bisect

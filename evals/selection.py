@@ -1,0 +1,76 @@
+"""The evaluation train.py runs during training, and the checkpoint it selects.
+
+It is the evaluation of the paper's ``train.py`` (SPEC section 4, "Checkpoint selection"):
+CSI score with the rotation shift, ``--ood_samples`` samples (10), crop scale drawn from
+``[--eval_resize_factor, 1]`` (0.54, not fixed unless ``--eval_resize_fix``), the normal
+training images as CSI axes and the **test** set, every ``--error_step`` epochs (default:
+every ``--save_step`` epochs, as the paper). The checkpoint with the highest test AUROC
+(CSI, mean over the ``one_class_*`` AUROCs) is kept as ``best_CSI.model``: a selection on
+the test set, reported beside ``last.model``, never instead of it.
+"""
+import torch
+
+from evals.ood_pre import auroc_report, csi_scores, extract_features
+
+SELECTION_RULE = "highest test AUROC during training (the paper's selection: chosen on the test set)"
+
+
+class SelectionEvaluation:
+    """Scores the test set with the model being trained; ``metric`` decides ``filename``.
+
+    ``max_train`` / ``max_test`` cap the two sets by a fixed random subset (seeded by
+    ``seed``); ``None`` uses them whole, as the paper does. A model without the 4-way shift
+    head (``--mode simclr``) is selected on the ``simclr`` score instead of ``CSI``.
+    """
+
+    rule = SELECTION_RULE
+
+    def __init__(self, normal_train, test_set, normal_class, device, n_shifts=4, samples=10,
+                 resize_factor=0.54, resize_fix=False, max_train=None, max_test=None, batch_size=100,
+                 amp=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.train_set = _subset(normal_train, max_train, g)
+        self.test_set = _subset(test_set, max_test, g)
+        self.labels = self.test_set.labels.numpy()
+        self.normal_class, self.device = normal_class, device
+        self.scores = ("CSI", "simclr") if n_shifts == 4 else ("simclr",)
+        self.score = self.scores[0]
+        self.metric = f"auroc_{self.score}_one_class_mean"
+        self.filename = f"best_{self.score}.model"
+        self.samples, self.resize_factor, self.resize_fix = samples, resize_factor, resize_fix
+        self.batch_size, self.amp = batch_size, amp
+
+    def protocol(self):
+        """What the evaluation computes, for the logs and for selection.json."""
+        return {"score": self.score, "shift": "rotation", "samples": self.samples,
+                "resize_factor": self.resize_factor, "resize_fix": self.resize_fix,
+                "n_train": len(self.train_set), "n_test": len(self.test_set), "split": "test",
+                "metric": self.metric}
+
+    def describe(self):
+        crop = (f"crop scale {self.resize_factor:g} fixed" if self.resize_fix
+                else f"crop scale in [{self.resize_factor:g}, 1]")
+        return (f"{self.score} score, {self.samples} sample(s), {crop}, {len(self.train_set)} normal training / "
+                f"{len(self.test_set)} test images; {self.filename} keeps the highest test {self.metric}")
+
+    def __call__(self, net, restore_rng=True):
+        """AUROCs of ``net`` on the test set: ``auroc_<score>_one_class_mean``, ``..._pooled``
+        and ``..._one_class_<j>``. ``restore_rng=False`` leaves the random generators as the
+        paper's evaluation leaves them (see ``extract_features``)."""
+        kw = dict(base_shift="rotation", n_samples=self.samples, device=self.device, batch_size=self.batch_size,
+                  resize_factor=self.resize_factor, resize_fix=self.resize_fix, amp=self.amp,
+                  restore_rng=restore_rng)
+        f_tr = extract_features(net, self.train_set, **kw)
+        f_te = extract_features(net, self.test_set, **kw)  # last: its draws are the ones left over
+        metrics = {}
+        for score in self.scores:
+            rep = auroc_report(csi_scores(f_tr, f_te, 4, score).numpy(), self.labels, self.normal_class)
+            for key, v in rep.items():
+                metrics[f"auroc_{score}_{key}"] = v
+        return metrics
+
+
+def _subset(dataset, cap, generator):
+    if cap is None or len(dataset) <= cap:
+        return dataset
+    return dataset.subset(torch.randperm(len(dataset), generator=generator)[:cap].sort().values)

@@ -13,20 +13,41 @@ import torch
 from tqdm import tqdm
 
 from common.args import parse_args
+from common.checkpoint_io import read_model_checkpoint
 from common.device import pick_device
 from common.errors import UserError, exit_on_user_error
-from utils import atomic_write_csv, atomic_write_json, set_seed
+from common.paths import check_distinct, check_output_file
+from utils import atomic_write, atomic_write_csv, atomic_write_json, set_seed
 
 CSI_SCORES = ("CSI", "simclr")
 SIMPLE_SCORES = ("baseline", "clean_norm", "similar")
 
 
-def check_writable(path, flag):
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder; give a file path")
-    if os.path.exists(folder) and not os.access(folder, os.W_OK):
-        raise UserError(f"{flag} {path}: folder {folder} is not writable")
+def save_score_path(P):
+    """Where ``--save_score`` writes the raw scores: next to the model."""
+    return os.path.join(os.path.dirname(os.path.abspath(P.load_path)), f"scores_{P.mode}.npz")
+
+
+def check_outputs(P):
+    """Before any work: every output can be written, none is an input, no two are one file."""
+    outputs = [(flag, path) for flag, path in (("--save_results", P.save_results),
+                                               ("--save_scores_csv", P.save_scores_csv),
+                                               ("--save_score", save_score_path(P) if P.save_score else None))
+               if path is not None]
+    check_distinct(outputs, inputs=[("--load_path", P.load_path)], input_folders=[("--score_folder", P.score_folder)])
+    for flag, path in outputs:
+        check_output_file(path, flag)
+
+
+def check_trained_on(P, meta):
+    """The checkpoint's dataset and normal class (train.py records them) are the ones asked for."""
+    ds, cls = meta.get("dataset"), meta.get("one_class_idx")
+    if ds is not None and ds != P.dataset:
+        raise UserError(f"{P.load_path} was trained on --dataset {ds} --one_class_idx {cls}, not --dataset "
+                        f"{P.dataset}; pass --dataset {ds} --one_class_idx {cls}")
+    if cls is not None and cls != P.one_class_idx:
+        raise UserError(f"{P.load_path} was trained with --one_class_idx {cls} ({ds}) as the normal class, not "
+                        f"{P.one_class_idx}; pass --one_class_idx {cls}")
 
 
 def folder_dataset(folder, image_size):
@@ -55,7 +76,6 @@ def main(argv=None):
     from datasets import get_dataset, one_class_split
     from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features
     from models.resnet import build_model
-    from train import load_model_checkpoint
 
     scores_wanted = list(dict.fromkeys(P.ood_score))
     if P.mode == "ood_pre":
@@ -69,17 +89,17 @@ def main(argv=None):
             raise UserError(f"--mode ood computes --ood_score {' '.join(SIMPLE_SCORES)}, not {' '.join(bad)}")
     if P.score_folder and P.mode != "ood_pre":
         raise UserError("--score_folder works with --mode ood_pre")
-    for flag, path in (("--save_results", P.save_results), ("--save_scores_csv", P.save_scores_csv)):
-        if path:
-            check_writable(path, flag)
+    check_outputs(P)
 
     device = pick_device(P.device)
     set_seed(P.seed)
-    ckpt = load_model_checkpoint(P.load_path, device)
-    meta = ckpt.get("meta", {})
+    ckpt = read_model_checkpoint(P.load_path, device)
+    meta = ckpt.get("meta") or {}
     if meta.get("arch") and meta["arch"] != P.model:
         raise UserError(f"{P.load_path} holds a {meta['arch']} but --model is {P.model}; pass --model {meta['arch']}")
-    train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed)
+    check_trained_on(P, meta)
+    train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed,
+                                            aptos_all_grades=P.aptos_all_grades)
     if meta.get("image_size") and list(meta["image_size"]) != list(info.image_size):
         raise UserError(f"{P.load_path} was trained on {meta['image_size'][0]}-px images ({meta.get('dataset')}), "
                         f"--dataset {P.dataset} gives {info.image_size[0]} px")
@@ -162,8 +182,7 @@ def main(argv=None):
         atomic_write_csv(rows, ["index", "name", "label", "normal"] + [f"score_{k}" for k in per_image],
                          P.save_scores_csv)
     if P.save_score:
-        out = os.path.join(os.path.dirname(os.path.abspath(P.load_path)), f"scores_{P.mode}.npz")
-        np.savez(out, labels=labels, **{k: v for k, v in per_image.items()})
+        atomic_write(save_score_path(P), lambda fh: np.savez(fh, labels=labels, **per_image))
     return results
 
 

@@ -7,10 +7,18 @@ def pick_device(requested=None):
     from common.errors import UserError
 
     if requested:
-        dev = torch.device(requested)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {requested} asked for CUDA but no CUDA device is visible; use --device cpu")
-        return dev
+        text = str(requested).strip().lower()
+        kind, _, index = text.partition(":")
+        if kind not in ("cpu", "cuda") or (index and (not index.isdigit() or kind == "cpu")):
+            raise UserError(f"--device {requested} is not a device this program runs on: use cpu, cuda or cuda:N "
+                            f"(N = a GPU index)")
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {requested} asked for CUDA but no CUDA device is visible; use --device cpu")
+            n = torch.cuda.device_count()
+            if index and int(index) >= n:
+                raise UserError(f"--device {requested}: only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1})")
+        return torch.device(text)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

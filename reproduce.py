@@ -25,6 +25,13 @@ mean ± std of the pooled AUROC over seeds, then one row per run) and prints the
 A run is finished when its ``results.json`` exists; repeating the command skips it (and a
 dissolver whose checkpoint is complete). A failed run is reported in the table and the
 other runs go on; the command then exits with status 1 (2 for bad flags or data).
+
+One reproduce.py works in an ``--out`` at a time (a lock). Its steps die with it, however it
+ends; SIGTERM or Ctrl-C stop the running step, print one line saying what was interrupted,
+and exit with 128 + the signal number. Repeating the command resumes: finished runs are
+kept, an interrupted training continues from its last checkpoint (``train.py --resume_path``).
+``--train_args`` flags that shape the data (``--img_size``, ``--aptos_all_grades``) reach
+eval.py too, and the run folders are named by the size trained at.
 """
 import argparse
 import contextlib
@@ -32,6 +39,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -189,6 +197,7 @@ def check_args(a):
         a.train_args = shlex.split(a.train_args or "")
     except ValueError as exc:
         raise UserError(f"--train_args {a.train_args!r} cannot be split into flags: {exc}") from None
+    a.img_size, a.aptos_all_grades = data_shaping_flags(a.train_args)
     owned = {"--dataset", "--data_root", "--one_class_idx", "--mode", "--shift_trans_type", "--logdir", "--seed",
              "--diffusion_model_path", "--diff_resolution", "--no_eval", "--resume_path", "--load_path", "--model",
              "--resnet_width", "--amp", "--device", "--save_step", "--error_step", "--ood_samples",
@@ -205,6 +214,21 @@ def check_args(a):
         a.out = os.path.join("runs", "+".join(a.dataset))
     a.out = os.path.abspath(a.out)
     return a
+
+
+def data_shaping_flags(train_args):
+    """The flags of ``--train_args`` that shape the data (the image size, APTOS's grades): eval.py
+    and the plan (the run folders' ``<res>px``) must read the data as train.py does."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--img_size", type=int, default=None)
+    p.add_argument("--aptos_all_grades", action="store_true")
+    try:
+        known, _ = p.parse_known_args(train_args)
+    except SystemExit:
+        raise UserError(f"--train_args: --img_size needs a whole number, got {' '.join(train_args)}") from None
+    if known.img_size is not None and known.img_size < 1:
+        raise UserError(f"--train_args: --img_size must be at least 1, got {known.img_size}")
+    return known.img_size, known.aptos_all_grades
 
 
 def uses_resolution(transformation, a):
@@ -282,7 +306,8 @@ def make_plan(a):
 
     runs = []
     for dataset in a.dataset:
-        _, _, info = get_dataset(dataset, a.data_root)  # unknown name or missing files: UserError
+        _, _, info = get_dataset(dataset, a.data_root, image_size=a.img_size,  # bad name or files: UserError
+                                 aptos_all_grades=a.aptos_all_grades)
         bad = [c for c in a.one_class_idx if not 0 <= c < info.n_classes]
         if bad:
             names = ", ".join(f"{i}={n}" for i, n in enumerate(info.class_names))
@@ -333,17 +358,82 @@ def last_line(log_path, rc):
     return lines[-1] if lines else f"exit status {rc} without output"
 
 
-def run_step(cmd, log_path):
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached reproduce.py: the running step is stopped and the command ends."""
+
+
+CURRENT = {"proc": None, "what": None, "stopped": False}  # what runs now, for the interruption message
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
+def _die_with_parent():
+    """Runs in the child between fork and exec (Linux): the kernel sends it SIGKILL when
+    reproduce.py ends in any way, even by SIGKILL, so no step goes on writing alone."""
+    if _LIBC is None:
+        return
+    _LIBC.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != _PARENT[0]:  # the parent was already gone before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+_PARENT = [os.getpid()]
+
+
+def stop_child(proc, grace=10.0):
+    """SIGTERM (train.py then removes its temporary files and lock), SIGKILL after ``grace`` s."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+        proc.send_signal(signal.SIGCONT)  # a stopped step (Ctrl-Z, a debugger) gets it too
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+def run_step(cmd, log_path, what=None, append=False):
     """Run ``cmd`` (a list, ``python`` first) from the repository root, stdout and stderr into
-    ``log_path``; returns ``(ok, seconds, reason)``."""
+    ``log_path`` (appended to with ``append``); returns ``(ok, seconds, reason)``. The step dies
+    with this process; a signal to this process stops it first."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        _PARENT[0] = os.getpid()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, preexec_fn=_die_with_parent if _LIBC is not None else None)
+        before = CURRENT["what"]
+        CURRENT.update(proc=proc, what=what or os.path.basename(cmd[1]))
+        try:
+            rc = proc.wait()
+        except BaseException:
+            stop_child(proc)
+            CURRENT["stopped"] = True
+            raise
+        finally:
+            CURRENT["proc"] = None
+        CURRENT["what"] = before
     seconds = time.time() - t0
     return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc))
 
@@ -385,9 +475,11 @@ class Dissolvers:
                      "--unet_dim", a.ddpm_unet_dim, "--save_path", spec["ckpt"], "--seed", 0, "--no_progress")
             if a.device:
                 cmd += ["--device", a.device]
-            if os.path.exists(spec["ckpt"]):  # an interrupted training: continue it exactly
+            resuming = os.path.exists(spec["ckpt"])
+            if resuming:  # an interrupted training: continue it exactly
                 cmd.append("--resume")
-            ok, seconds, reason = run_step(cmd, spec["log"])
+            ok, seconds, reason = run_step(cmd, spec["log"], what=f"training the dissolver {spec['name']}",
+                                           append=resuming)
             if not ok:
                 state = {"ok": False, "reason": f"training failed: {reason}", "gmacs": None,
                          "train_seconds": seconds, "log": spec["log"]}
@@ -409,7 +501,7 @@ class Dissolvers:
                      "--timesteps_to_show", *GRID_TIMESTEPS)
             if a.device:
                 cmd += ["--device", a.device]
-            ok, _, reason = run_step(cmd, spec["grid_log"])
+            ok, _, reason = run_step(cmd, spec["grid_log"], what=f"drawing the grid of the dissolver {spec['name']}")
             if not ok:
                 state["grid_error"] = reason
                 print(f" (grid failed: {reason})", end="")
@@ -462,6 +554,27 @@ def clean_partial_training(run):
             os.remove(run.path(name))
 
 
+def interrupted_training(run, same_settings):
+    """What an interrupted training of ``run`` left: ``"resume"`` (a last.model of these
+    settings, to continue exactly), ``"finished"`` (train.py got to the end but its record was
+    not written) or None (nothing to continue: train afresh)."""
+    if not same_settings or not os.path.exists(run.path("last.model")):
+        return None
+    from common.checkpoint_io import read_model_checkpoint
+
+    try:
+        ckpt = read_model_checkpoint(run.path("last.model"), "cpu")
+    except UserError:
+        return None
+    args = (ckpt.get("meta") or {}).get("args") or {}
+    epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+    if "epochs" not in args:
+        return None
+    if epoch >= args["epochs"] or (args.get("max_steps") is not None and step >= args["max_steps"]):
+        return "finished"
+    return "resume"
+
+
 def train_command(a, run, dissolver_ckpt):
     mode = "simclr_DIA" if run.dissolve_type else "simclr_CSI"
     cmd = py("train.py", "--dataset", run.dataset, "--data_root", a.data_root, "--one_class_idx", run.cls,
@@ -499,6 +612,10 @@ def eval_command(a, run, model="last.model", results="results.json", scores="sco
              "--save_results", run.path(results), "--save_scores_csv", run.path(scores))
     if a.resnet_width is not None:
         cmd += ["--resnet_width", str(a.resnet_width)]
+    if a.img_size is not None:  # the data as train.py read it (--train_args)
+        cmd += ["--img_size", str(a.img_size)]
+    if a.aptos_all_grades:
+        cmd.append("--aptos_all_grades")
     if a.amp:
         cmd.append("--amp")
     if a.device:
@@ -549,15 +666,23 @@ def execute(a, run, dissolvers):
                           run.path("run.json"))
         done = read_json(run.path("train_done.json"))
         if done is None or not os.path.exists(run.path("last.model")):
-            clean_partial_training(run)
-            ok, seconds, reason = run_step(train_cmd, run.path("train.log"))
-            if not ok:
-                return fail(run, "train", reason, seconds=seconds)
-            atomic_write_json({"seconds": round(seconds, 2)}, run.path("train_done.json"))
+            state = interrupted_training(run, old == json.loads(json.dumps(run.config)))
+            if state == "finished":  # train.py ended, the record of it did not get written
+                seconds = None
+            else:
+                cmd = train_cmd + (["--resume_path", run.dir] if state == "resume" else [])
+                if state is None:
+                    clean_partial_training(run)
+                ok, seconds, reason = run_step(cmd, run.path("train.log"), what=f"training {run.label}",
+                                               append=state == "resume")
+                if not ok:
+                    return fail(run, "train", reason, seconds=seconds)
+            atomic_write_json({"seconds": None if seconds is None else round(seconds, 2),
+                               "resumed": state is not None}, run.path("train_done.json"))
         best, reason = evaluate_best(a, run)  # before last.model's: results.json marks a finished run
         if reason:
             return fail(run, "eval", reason, log=run.path("eval_best.log"))
-        ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"))
+        ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"), what=f"evaluating {run.label}")
         if not ok:
             return fail(run, "eval", reason)
         results = read_json(run.path("results.json"))
@@ -598,7 +723,8 @@ def evaluate_best(a, run):
             "same_as_last": info["epoch"] == last_epoch}
     if best["same_as_last"]:
         return best, ""
-    ok, seconds, reason = run_step(eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]), run.path("eval_best.log"))
+    ok, seconds, reason = run_step(eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]), run.path("eval_best.log"),
+                                   what=f"evaluating {BEST_FILE} of {run.label}")
     res = read_json(run.path("results_best.json")) if ok else None
     if res is None:
         return None, f"{BEST_FILE}: " + (reason or "eval.py finished without writing results_best.json")
@@ -868,6 +994,47 @@ def main(argv=None):
         raise UserError(f"cannot create --out {a.out}: {exc.strerror}") from None
     if not os.access(a.out, os.W_OK):
         raise UserError(f"--out {a.out} is not writable")
+    from utils import ProcessLock, LOCK_NAME
+
+    # one reproduce.py per --out: the lock dies with the process; the steps die with it too
+    lock = ProcessLock(os.path.join(a.out, LOCK_NAME), f"--out {a.out}",
+                       "another reproduce.py is working there: wait for it to end, or choose another --out").acquire()
+    remove_own_stale_temps(a.out)
+    handlers = {}
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, _on_signal)
+    CURRENT.update(proc=None, what=None, stopped=False)
+    try:
+        return run_all(a, runs, argv)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        sig = exc.args[0] if isinstance(exc, Interrupted) and exc.args else signal.SIGINT
+        what = CURRENT["what"] or "preparing"
+        stopped = " (that step was stopped)" if CURRENT["stopped"] else ""
+        print(f"\ninterrupted by {signal.Signals(sig).name} while {what}{stopped}; finished runs are kept: run the "
+              f"same command again to resume (an interrupted training continues from its last checkpoint)",
+              file=sys.stderr, flush=True)
+        return 128 + int(sig)
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+        lock.release()
+
+
+def remove_own_stale_temps(out):
+    """The temporary files a killed reproduce.py (or eval.py, a plot) left in ``--out``: tables,
+    records, scores, figures. Checkpoints' are left to train.py and the DDPM script, which
+    remove theirs under their own locks."""
+    from train import writes_it
+    from utils import remove_stale_temps
+
+    for folder, _, _ in os.walk(out):
+        remove_stale_temps(folder, lambda name: not (writes_it(name) or name.endswith(".pt")))
+
+
+def run_all(a, runs, argv):
     command = "python reproduce.py " + " ".join(shlex.quote(x) for x in argv)
     n_todo = sum(not os.path.exists(r.path("results.json")) for r in runs)
     print(f"{len(runs)} run(s) in {a.out} ({len(runs) - n_todo} finished already, {n_todo} to do)", flush=True)
@@ -879,13 +1046,15 @@ def main(argv=None):
             dissolvers.get(run.dissolver)  # its own progress line, before the run's
         t0 = time.time()
         print(f"[{i}/{len(runs)}] {run.label}:", end="", flush=True)
+        CURRENT["what"] = f"working on {run.label}"
         execute(a, run, dissolvers)
         if run.status == "ok":
             auroc = run.results["auroc"]["pooled"]
             if run.reused:
                 what = "finished before, skipped"
             else:
-                what = f"trained {run.train_seconds:.0f} s, evaluated {run.eval_seconds:.0f} s"
+                trained = "trained" if run.train_seconds is None else f"trained {run.train_seconds:.0f} s"
+                what = f"{trained}, evaluated {run.eval_seconds:.0f} s"
             best = pooled_auroc(run, "best")
             best = f", {best:.3f} (best on test, epoch {run.best['epoch']})" if best is not None else ""
             print(f" {what}; AUROC {auroc:.3f} (last){best} ({time.time() - t0:.0f} s)", flush=True)
@@ -894,6 +1063,7 @@ def main(argv=None):
         else:
             print(f" FAILED ({run.error}); log {rel(run.log, a.out)} ({time.time() - t0:.0f} s)", flush=True)
         write_tables(a, runs, command)
+    CURRENT["what"] = "drawing the comparison figures"
     draw_comparisons(a, runs)
     write_tables(a, runs, command)
 

@@ -4,6 +4,11 @@ Writes ``last.model`` (the model at the end: the honest figure) and, as the pape
 evaluates on the test set every ``--save_step`` epochs and keeps the best as ``best_CSI.model``
 (``selection.json`` says which rule produced which file; ``--no_eval`` skips it).
 
+A run folder holds one run: ``config.json`` (its flags and run id) is written when the run is
+created and never rewritten; the folder is locked while a train.py works in it. ``--resume_path``
+continues a run exactly, in its own folder (or an empty ``--logdir``), with its own settings:
+only ``common.args.RESUME_MAY_CHANGE`` may differ. A checkpoint never holds NaN or infinity.
+
 Example (the paper's command):
     python train.py --data_root ../data --dataset kvasir --model resnet18_imagenet --mode simclr_DIA \
         --shift_trans_type diffusion_rotation --diff_resolution 32 --batch_size 32 --one_class_idx 0 \
@@ -11,20 +16,33 @@ Example (the paper's command):
 """
 import json
 import os
+import signal
 import sys
+import threading
+import uuid
 
-import torch
-
-from common.args import parse_args
+from common.args import RESUME_MAY_CHANGE, parse_args
 from common.device import pick_device
 from common.errors import UserError, exit_on_user_error
-from utils import Logger, atomic_write_json, set_seed
+from common.paths import check_run_folder, same_path
+from utils import Logger, atomic_write_json, lock_folder, remove_stale_temps, set_seed
 
-RUN_FILES = ("last.model",)
+# flags that are no setting of a run: names of folders and files, eval.py's own flags, derived values
+NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "program", "dissolve_type", "base_shift",
+                    "K_shift", "ood_score", "ood_layer", "ood_batch_size", "print_score", "save_score",
+                    "save_results", "save_scores_csv", "score_folder", "threshold_quantile")
+CREATION_ONLY = ("load_path", "no_strict")  # a warm start, applied when the run is created
+RUN_ID_KEYS = ("run_id", "resumed_from")  # what config.json holds besides the flags
+
+
+def writes_it(name):
+    """Whether train.py writes the run folder's file ``name`` (atomically)."""
+    return name in ("last.model", "config.json", "selection.json", "scalars.csv") or (
+        name.startswith("best_") and name.endswith(".model"))
 
 
 def default_logdir(P):
-    name = f"{P.dataset}_{P.model}_{P.mode}_{P.shift_trans_type}_one_class_{P.one_class_idx}"
+    name = f"{P.dataset}_{P.model}_{P.mode}_{P.shift_trans_type}_one_class_{P.one_class_idx}_seed{P.seed}"
     if P.suffix:
         name += f"_{P.suffix}"
     return os.path.join("logs", name)
@@ -38,26 +56,147 @@ def resolve_resume(path):
             raise UserError(f"--resume_path {path} is a folder without last.model; point it at a run folder "
                             f"written by train.py or at a .model checkpoint")
         return ckpt, path
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"--resume_path {path} does not exist")
     return path, os.path.dirname(os.path.abspath(path))
 
 
-def load_model_checkpoint(path, device):
-    """Read a checkpoint written by train.py; one clear error for anything else."""
-    from training.trainer import CHECKPOINT_KIND
+def load_model_checkpoint(path, device, flag="--load_path"):
+    """Read a checkpoint written by train.py; one plain line for anything else
+    (``common.checkpoint_io``: unreadable, truncated, foreign, a dissolver, ...)."""
+    from common.checkpoint_io import read_model_checkpoint
 
-    if not os.path.isfile(path):
-        raise UserError(f"model checkpoint {path} does not exist (train.py writes <logdir>/last.model)")
+    return read_model_checkpoint(path, map_location=device, flag=flag)
+
+
+def run_args(P):
+    """The flags as recorded in config.json and the checkpoints."""
+    return {k: v for k, v in vars(P).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def show_flag(key, value):
+    if isinstance(value, bool) or value is None:
+        return f"--{key}" if value else f"no --{key}"
+    if isinstance(value, (list, tuple)):
+        return f"--{key} {' '.join(map(str, value))}"
+    return f"--{key} {value}"
+
+
+def changed_settings(saved, P, skip=()):
+    """``(saved, given)`` pairs of the run settings in which ``P`` differs from ``saved`` (a dict of
+    recorded flags); the flags a run may change, and those in ``skip``, are left out."""
+    ignore = set(RESUME_MAY_CHANGE) | set(NOT_RUN_SETTINGS) | set(RUN_ID_KEYS) | set(skip)
+    now = run_args(P)
+    diffs = []
+    for key, old in saved.items():
+        if key in ignore or key not in now:
+            continue  # a flag this version does not know, or one that may change
+        new = now[key]
+        if key == "diffusion_model_path" and old and new and same_path(old, new):
+            continue
+        if isinstance(old, tuple):
+            old = list(old)
+        if old != new:
+            diffs.append((show_flag(key, old), show_flag(key, new)))
+    return diffs
+
+
+def may_change_text():
+    return ", ".join("--" + f for f in RESUME_MAY_CHANGE)
+
+
+def read_run_config(logdir):
+    """config.json of a run folder: a dict, {} when unreadable, None when there is none."""
+    path = os.path.join(logdir, "config.json")
+    if not os.path.exists(path):
+        return None
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # corrupt, truncated or not a torch file
-        raise UserError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        what = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a model checkpoint written by train.py (found {what!r}); "
-                        f"a dissolver checkpoint goes to --diffusion_model_path")
-    return ckpt
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def check_resume_flags(P, ckpt, resume_file, src_dir):
+    """Refuse a resume that would change the run, or that has nothing left to do."""
+    args = (ckpt.get("meta") or {}).get("args") or {}
+    if P.load_path:
+        raise UserError(f"--load_path starts a new run from a model; a resumed run continues from its checkpoint "
+                        f"{resume_file}: drop --load_path")
+    diffs = changed_settings(args, P, skip=CREATION_ONLY)
+    if diffs:
+        raise UserError(f"--resume_path {P.resume_path}: the run was trained with "
+                        f"{', '.join(old for old, _ in diffs)} (now {', '.join(new for _, new in diffs)}); a resumed "
+                        f"run keeps its settings, only {may_change_text()} may change: pass the saved values, or "
+                        f"start a new run in another --logdir")
+    epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+    if epoch >= P.epochs:
+        raise UserError(f"the run in {src_dir} already finished {epoch} of --epochs {P.epochs}; raise --epochs to "
+                        f"train further")
+    if P.max_steps is not None and step >= P.max_steps:
+        raise UserError(f"the run in {src_dir} already made {step} steps, --max_steps {P.max_steps}; raise "
+                        f"--max_steps (or leave it out) to train further")
+
+
+def check_resume_target(ckpt, resume_file, src_dir, logdir):
+    """Where the resumed run goes (called holding the folder's lock): ``"same"`` (on in its own
+    folder) or ``"new"`` (on as a new run in an empty --logdir); another run's folder is refused."""
+    run_id = (ckpt.get("meta") or {}).get("run_id")
+    config = read_run_config(logdir)
+    holds_run = config is not None or os.path.exists(os.path.join(logdir, "last.model"))
+    if not holds_run:
+        return "same" if same_path(logdir, src_dir) else "new"
+    folder_id = (config or {}).get("run_id")
+    if folder_id and run_id:
+        if folder_id == run_id:
+            return "same"
+    elif same_path(logdir, src_dir):  # a run folder of an earlier version (no run id): its own checkpoint
+        return "same"
+    raise UserError(f"--logdir {logdir} holds another training run (run {folder_id or 'without id'}); "
+                    f"{resume_file} belongs to run {run_id or 'without id'} of {src_dir}: continue it there "
+                    f"(leave out --logdir), or give an empty --logdir to continue it as a new run")
+
+
+def check_fresh_start(P, logdir):
+    """A new run: refuse a folder holding another run; ``(config, restart)``: the folder's
+    config.json when it holds this very run, which was interrupted before its first checkpoint."""
+    if os.path.exists(os.path.join(logdir, "last.model")):
+        raise UserError(f"{logdir} already holds a training run; continue it with --resume_path {logdir}, "
+                        f"or start a new one with --suffix NAME or --logdir DIR")
+    config = read_run_config(logdir)
+    if config is None:
+        return None
+    diffs = changed_settings(config, P)
+    if diffs or not config:
+        what = (f"was started with {', '.join(old for old, _ in diffs)} (now {', '.join(new for _, new in diffs)})"
+                if diffs else "has an unreadable config.json")
+        raise UserError(f"{logdir} holds another run that saved no checkpoint yet: it {what}; start this run in "
+                        f"another --logdir (or with --suffix NAME), or repeat that run's flags to restart it")
+    return config
+
+
+def copy_best_files(ckpt, src_dir, logdir):
+    """A run continued as a new run in another folder takes the best_*.model files its
+    checkpoint refers to (when they are the ones it recorded), so its selection stays whole."""
+    import shutil
+
+    from common.checkpoint_io import read_checkpoint
+    from utils import atomic_write
+
+    for name, best in (ckpt.get("best") or {}).items():
+        src = os.path.join(src_dir, name)
+        other = read_checkpoint(src, "checkpoint") if os.path.isfile(src) else None
+        if not isinstance(other, dict) or (other.get("epoch"), other.get("step")) != (best.get("epoch"),
+                                                                                     best.get("step")):
+            raise UserError(f"cannot continue the run of {src_dir} as a new run in {logdir}: its {name} of epoch "
+                            f"{best.get('epoch')} is no longer in {src_dir}; continue it in {src_dir} itself")
+
+        def copy(fh, src=src):
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, fh)
+
+        atomic_write(os.path.join(logdir, name), copy)
 
 
 def build_dissolve(P, device, info):
@@ -80,27 +219,86 @@ def make_evaluate(P, normal_train, test_set, device):
                                max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=P.amp, seed=P.seed)
 
 
+class Interrupted(Exception):
+    """SIGTERM (or SIGINT) arrived: unwind, so that temporary files and the lock go away."""
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
 @exit_on_user_error
 def main(argv=None):
     P = parse_args("train", argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, _on_signal)
+    logdir = [None]
+    try:
+        return train(P, logdir)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        sig = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(sig).name
+        where = logdir[0]
+        if where and os.path.exists(os.path.join(where, "last.model")):
+            how = f"continue it with the same flags and --resume_path {where}"
+        else:
+            how = "no checkpoint was written yet: run the same command again"
+        print(f"interrupted by {name}: training in {where or 'no run folder yet'} stopped; {how}", file=sys.stderr,
+              flush=True)
+        sys.exit(128 + int(sig))
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
+class Inputs:
+    """What a training starts from, read and checked before anything is written: the checkpoint
+    of ``--resume_path`` (with its file and run folder) or the model of ``--load_path``."""
+
+    def __init__(self, resume=None, resume_file=None, src_dir=None, warm=None):
+        self.resume, self.resume_file, self.src_dir, self.warm = resume, resume_file, src_dir, warm
+
+
+def train(P, logdir_out):
+    """Check the flags against the run folder, lock it, train; ``logdir_out[0]`` gets the folder."""
+    device = pick_device(P.device)
+
+    # everything that can fail on user input is checked before anything is written
+    if P.resume_path:
+        resume_file, src_dir = resolve_resume(P.resume_path)
+        inputs = Inputs(load_model_checkpoint(resume_file, device, flag="--resume_path"), resume_file, src_dir)
+        check_resume_flags(P, inputs.resume, resume_file, src_dir)
+        logdir = P.logdir or src_dir
+    else:
+        inputs = Inputs(warm=load_model_checkpoint(P.load_path, device) if P.load_path else None)
+        logdir = P.logdir or default_logdir(P)
+    check_run_folder(logdir, "--logdir")
+    # one process per run folder: the lock dies with the process (a folder made for it goes if refused)
+    lock = lock_folder(logdir, f"run folder {logdir}",
+                       "wait for that training to end, or give this one another --logdir (or --suffix NAME)")
+    logdir_out[0] = logdir
+    try:
+        stale = remove_stale_temps(logdir, writes_it)  # what a killed write of ours left, under the lock
+        return train_locked(P, device, logdir, inputs, stale)
+    finally:
+        lock.release()
+
+
+def train_locked(P, device, logdir, inputs, stale=()):
     from datasets import get_dataset, one_class_split
     from models.resnet import build_model
     from training.trainer import Trainer
 
-    device = pick_device(P.device)
-    set_seed(P.seed)
-
-    # everything that can fail on user input is checked before anything is written
-    resume_ckpt = None
-    if P.resume_path:
-        resume_path, run_dir = resolve_resume(P.resume_path)
-        resume_ckpt = load_model_checkpoint(resume_path, device)
-        logdir = P.logdir or run_dir
+    resume_ckpt, resume_file, src_dir, warm = inputs.resume, inputs.resume_file, inputs.src_dir, inputs.warm
+    if resume_ckpt is not None:
+        placement = check_resume_target(resume_ckpt, resume_file, src_dir, logdir)  # "same" or "new"
+        config = None
     else:
-        logdir = P.logdir or default_logdir(P)
-        if os.path.exists(os.path.join(logdir, "last.model")):
-            raise UserError(f"{logdir} already holds a training run; continue it with --resume_path {logdir}, "
-                            f"or start a new one with --suffix NAME or --logdir DIR")
+        config = check_fresh_start(P, logdir)
+        placement = "restart" if config is not None else "create"
+    set_seed(P.seed)
     train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed,
                                             aptos_all_grades=P.aptos_all_grades)
     normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx,
@@ -112,9 +310,12 @@ def main(argv=None):
     dissolve = build_dissolve(P, device, info)
     model = build_model(P.model, n_classes=info.n_classes, simclr_dim=P.simclr_dim, n_shifts=P.K_shift,
                         width=P.resnet_width).to(device)
-    if P.load_path and not resume_ckpt:
-        ckpt = load_model_checkpoint(P.load_path, device)
-        model.load_state_dict(ckpt["model"], strict=not P.no_strict)
+    if warm is not None:
+        try:
+            model.load_state_dict(warm["model"], strict=not P.no_strict)
+        except RuntimeError as exc:
+            raise UserError(f"--load_path {P.load_path} does not fit --model {P.model} (width {P.resnet_width}): "
+                            f"{str(exc).splitlines()[0]}; pass the flags it was trained with, or --no_strict") from None
     trainer = Trainer(P, model, device, dissolve=dissolve)
     if resume_ckpt is not None:
         try:
@@ -122,37 +323,55 @@ def main(argv=None):
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"checkpoint {P.resume_path} does not fit this run's flags "
                             f"(model {P.model}, shift {P.shift_trans_type}): {str(exc).splitlines()[0]}") from None
-        if trainer.epoch >= P.epochs:
-            raise UserError(f"the run in {logdir} already finished {trainer.epoch} of --epochs {P.epochs}; "
-                            f"raise --epochs to train further")
-        before = resume_ckpt.get("meta", {}).get("args", {})
-        changed = [f"--{k}" for k in ("paper_rng_replay", "error_step") if k in before and before[k] != getattr(P, k)]
-        if changed:
-            from utils import warn
+        if placement == "new":
+            copy_best_files(resume_ckpt, src_dir, logdir)
 
-            warn(f"{' '.join(changed)} differ from the interrupted run's: the resumed run will not repeat an "
-                 f"uninterrupted one")
+    # the run's identity: config.json is written once, when the run is created
+    args = run_args(P)
+    if placement == "same":
+        run_id = (resume_ckpt.get("meta") or {}).get("run_id")
+        config = read_run_config(logdir)
+        if config is None:  # a folder of an earlier version that lost it
+            atomic_write_json(dict(args, run_id=run_id), os.path.join(logdir, "config.json"))
+    elif placement == "restart":
+        run_id = config.get("run_id")
+    else:  # "create", or "new": a checkpoint continued as a new run in an empty folder
+        run_id = uuid.uuid4().hex
+        record = dict(args, run_id=run_id)
+        if resume_ckpt is not None:
+            record["resumed_from"] = {"checkpoint": os.path.abspath(resume_file),
+                                      "run_id": (resume_ckpt.get("meta") or {}).get("run_id"),
+                                      "epoch": trainer.epoch, "step": trainer.step}
+        atomic_write_json(record, os.path.join(logdir, "config.json"))
 
-    logger = Logger(logdir)
+    if placement != "create":  # the interrupted attempt's rows past this point go
+        logger = Logger(logdir, keep_row=trainer.keeps_row,
+                        log_bytes=resume_ckpt.get("log_bytes") if placement == "same" else None)
+    else:
+        logger = Logger(logdir)
     meta = {
-        "args": {k: v for k, v in vars(P).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "args": args, "run_id": run_id,
         "arch": P.model, "n_classes": info.n_classes, "n_shifts": P.K_shift, "simclr_dim": P.simclr_dim,
         "resnet_width": P.resnet_width,
         "dataset": P.dataset, "one_class_idx": P.one_class_idx, "image_size": list(info.image_size),
         "class_names": list(info.class_names), "native_kind": info.native_kind,
     }
-    atomic_write_json(meta["args"], os.path.join(logdir, "config.json"))
+    what = {"same": f"; resuming after epoch {trainer.epoch} (step {trainer.step})",
+            "new": f"; continuing {resume_file} (epoch {trainer.epoch}, step {trainer.step}) as a new run",
+            "restart": "; restarting: the interrupted attempt wrote no checkpoint"}.get(placement, "")
     logger.log(f"run folder {logdir}; device {device}; {len(normal_train)} training images of class "
                f"{P.one_class_idx} ({info.class_names[P.one_class_idx]}); {len(test_set)} test images; "
-               f"mode {P.mode}, shift {P.shift_trans_type}"
-               + (f"; resuming after epoch {trainer.epoch}" if resume_ckpt is not None else ""))
+               f"mode {P.mode}, shift {P.shift_trans_type}" + what)
+    if stale or logger.dropped_rows or logger.dropped_log_bytes:
+        logger.log(f"an interrupted attempt left {len(stale)} temporary file(s), {logger.dropped_rows} scalars.csv "
+                   f"row(s) and {logger.dropped_log_bytes} bytes of log.txt past this point: removed")
     evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device)
     try:
         last = trainer.fit(normal_train, logger, meta, evaluate=evaluate)
     finally:
         logger.close()
     best = {name: {k: b[k] for k in ("epoch", "metric", "value")} for name, b in trainer.best.items()}
-    summary = {"last": last, "epoch": trainer.epoch, "step": trainer.step, "best": best}
+    summary = {"last": last, "epoch": trainer.epoch, "step": trainer.step, "best": best, "logdir": logdir}
     print(json.dumps(summary))
     return summary
 

@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import random
+import re
+import signal
 import sys
 import tempfile
 import time
@@ -64,27 +66,63 @@ def autocast_for(device, enabled):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+TEMP_PREFIX = ".tmp-"
+# what atomic_write's temporary files are called: .tmp-<name>.<8 characters of tempfile's alphabet>
+_TEMP_RE = re.compile(r"\.tmp-(?P<name>.+)\.[a-z0-9_]{8}")
+
+
 def atomic_write(path, writer):
     """Call ``writer(binary_file)`` on a temporary file next to ``path``, then rename it into
-    place: readers see the old file or the complete new one, never a part. On any error the
-    temporary file is removed and ``path`` is untouched."""
+    place: readers see the old file or the complete new one, never a part. On any error
+    (an exception, or a signal turned into one) the temporary file is removed and ``path`` is
+    untouched; what a killed process leaves (``.tmp-<name>.*``) is removed by
+    :func:`remove_stale_temps` when the next process takes the folder's lock."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX + os.path.basename(path) + ".")
     try:
         with os.fdopen(fd, "wb") as fh:
+            fd = None  # the file object owns it now
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        fault_point("write:" + os.path.basename(path))
         os.replace(tmp, path)
     except BaseException:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(folder, owned):
+    """Remove the temporary files :func:`atomic_write` left in ``folder`` when its process was
+    killed mid-write: only ``.tmp-<name>.XXXXXXXX`` files whose target ``<name>`` is ``owned``
+    (a file name, or a predicate on it: the files of the program that holds the folder's
+    :class:`ProcessLock`, so another program's write in progress there is left alone).
+    Returns their names."""
+    is_owned = owned if callable(owned) else (lambda name: name == owned)
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in sorted(entries):
+        m = _TEMP_RE.fullmatch(entry)
+        if m is None or not is_owned(m.group("name")):
+            continue
+        full = os.path.join(folder, entry)
+        if os.path.isfile(full) and not os.path.islink(full):
+            with contextlib.suppress(OSError):
+                os.unlink(full)
+                removed.append(entry)
+    return removed
 
 
 def atomic_torch_save(obj, path):
@@ -110,23 +148,67 @@ def atomic_write_csv(rows, fieldnames, path):
 
 
 class Logger:
-    """Text log (``log.txt``), TensorBoard scalars and a CSV of scalars in one run folder."""
+    """Text log (``log.txt``), TensorBoard scalars and a CSV of scalars in one run folder.
 
-    def __init__(self, logdir, tensorboard=True):
+    A resumed run passes ``keep_row(tag, step) -> bool``: rows of ``scalars.csv`` it rejects
+    (those past the resumed point, written by the interrupted attempt) are dropped before
+    anything is appended, and ``log_bytes``: ``log.txt`` is cut back to that length (what it
+    held when the checkpoint was written). TensorBoard's event files keep what was written.
+    """
+
+    def __init__(self, logdir, tensorboard=True, keep_row=None, log_bytes=None):
         self.logdir = logdir
         os.makedirs(logdir, exist_ok=True)
-        self._text = open(os.path.join(logdir, "log.txt"), "a")
+        text_path = os.path.join(logdir, "log.txt")
+        self.dropped_log_bytes = 0
+        if log_bytes is not None and os.path.isfile(text_path) and os.path.getsize(text_path) > log_bytes:
+            self.dropped_log_bytes = os.path.getsize(text_path) - log_bytes
+            os.truncate(text_path, log_bytes)
+        self._text = open(text_path, "a")
         self._writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(logdir)
         self._csv_path = os.path.join(logdir, "scalars.csv")
-        new = not os.path.exists(self._csv_path)
+        self.dropped_rows = 0
+        if keep_row is not None and os.path.exists(self._csv_path):
+            self.dropped_rows = self._drop_rows(keep_row)
+        new = not os.path.exists(self._csv_path) or os.path.getsize(self._csv_path) == 0  # (a killed run's: empty)
         self._csv = open(self._csv_path, "a", newline="")
         self._csv_writer = csv.writer(self._csv)
         if new:
             self._csv_writer.writerow(["step", "tag", "value", "time"])
+            self._csv.flush()
+
+    def _drop_rows(self, keep_row):
+        with open(self._csv_path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            return 0
+        head, body = rows[0], rows[1:]
+        kept = []
+        for row in body:
+            try:
+                keep = keep_row(row[1], int(row[0]))
+            except (IndexError, ValueError):  # a line cut short by a kill: never complete, dropped
+                keep = False
+            if keep:
+                kept.append(row)
+        if len(kept) != len(body):
+            import io
+
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(head)
+            writer.writerows(kept)
+            atomic_write_text(buf.getvalue(), self._csv_path)
+        return len(body) - len(kept)
+
+    def log_size(self):
+        """Bytes of ``log.txt`` written so far (every line is flushed as written)."""
+        self._text.flush()
+        return os.fstat(self._text.fileno()).st_size
 
     def log(self, msg, echo=True):
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
@@ -137,7 +219,7 @@ class Logger:
 
     def scalar(self, tag, value, step):
         value = float(value)
-        if self._writer is not None:
+        if self._writer is not None and np.isfinite(value):  # (tensorboardX prints a warning for NaN)
             self._writer.add_scalar(tag, value, step)
         self._csv_writer.writerow([step, tag, f"{value:.6g}", f"{time.time():.3f}"])
 
@@ -156,3 +238,127 @@ class Logger:
 
 def warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- locks
+
+
+LOCK_NAME = ".lock"
+
+
+class ProcessLock:
+    """An advisory lock (``fcntl.flock``) on ``path``, held while this process runs: the
+    kernel releases it when the process ends, however it ends, so a killed process never
+    leaves a folder locked. The file holds the holder's PID, for the message another process
+    gets; it is removed on :meth:`release`.
+
+    ``what`` names the locked thing in that message ("run folder logs/x"), ``advice`` says what
+    to do instead. ``remove_folder``: a folder this process created for the lock, removed on
+    release when nothing else was written into it (a refused command leaves nothing behind).
+    """
+
+    def __init__(self, path, what, advice="", remove_folder=None):
+        self.path, self.what, self.advice, self.remove_folder = os.fspath(path), what, advice, remove_folder
+        self.fd = None
+
+    def acquire(self):
+        from common.errors import UserError
+
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock (Linux and macOS have it)
+            return self
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                self._cleanup_folder()
+                raise UserError(f"cannot lock {self.what}: cannot create {self.path} ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                tail = f"; {self.advice}" if self.advice else ""
+                raise UserError(f"{self.what} is in use by another process (PID {holder or 'unknown'}, lock file "
+                                f"{self.path}){tail}") from None
+            # the holder before us may have removed the file between our open and our lock
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still holding it: see acquire's inode check
+            os.close(self.fd)
+            self.fd = None
+        self._cleanup_folder()
+
+    def _cleanup_folder(self):
+        if self.remove_folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.remove_folder)  # only when empty
+            self.remove_folder = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_pid(fd):
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return text if text.isdigit() else None
+
+
+def lock_folder(folder, what, advice=""):
+    """Create ``folder`` if needed and lock it (``<folder>/.lock``); returns the held
+    :class:`ProcessLock`. A folder created here is removed again on release when empty."""
+    folder = os.fspath(folder)
+    created = None
+    if not os.path.isdir(folder):
+        missing = os.path.abspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        created = missing
+    return ProcessLock(os.path.join(folder, LOCK_NAME), what, advice, remove_folder=created).acquire()
+
+
+# --------------------------------------------------------------------------- fault injection (tests)
+
+
+FAULT_ENV = "DIA_FAULT"
+_fault_hits = {}
+
+
+def fault_point(name):
+    """A place where the fault-injection tests interrupt a program. Does nothing unless the
+    environment variable ``DIA_FAULT`` names it: ``"<point>[#n][=kill|stop]"``, comma-separated,
+    kills this process with SIGKILL (default) or stops it with SIGSTOP the n-th time (default
+    the first) it reaches ``<point>``. Points: ``write:<file name>`` (atomic_write, the
+    temporary file complete, before the rename), ``step`` (train.py, after an optimiser step),
+    ``eval`` (train.py, as an evaluation during training starts)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _fault_hits[name] = hits = _fault_hits.get(name, 0) + 1
+    for item in spec.split(","):
+        item, _, action = item.strip().partition("=")
+        point, _, nth = item.partition("#")
+        if point == name and hits == int(nth or 1):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)

@@ -22,6 +22,9 @@ SHIFT_TYPES = (
 )
 SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
 OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar")
+# train.py --resume_path: the flags a resumed run may change (its budget, logging, where it runs and
+# where the data lie); any other difference from the saved flags is refused (train.py)
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "num_workers", "data_root")
 
 
 def build_parser(program="train"):
@@ -98,9 +101,15 @@ def build_parser(program="train"):
                    help="split each batch over all visible GPUs (torch.nn.DataParallel)")
 
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--logdir", default=None, help="run folder (default logs/<dataset>_<model>_<mode>_<shift>_one_class_<idx>)")
+    g.add_argument("--logdir", default=None,
+                   help="run folder (default logs/<dataset>_<model>_<mode>_<shift>_one_class_<idx>_seed<seed>); "
+                        "one run per folder, locked while it trains")
     g.add_argument("--suffix", default=None, help="suffix for the default run folder name")
-    g.add_argument("--resume_path", default=None, help="run folder or checkpoint to continue from exactly")
+    g.add_argument("--resume_path", default=None,
+                   help="run folder or checkpoint to continue from exactly, with the run's flags: only "
+                        + ", ".join("--" + f for f in RESUME_MAY_CHANGE)
+                        + " (and eval.py's own flags) may differ from the saved ones; --logdir: the run's folder, "
+                          "or an empty one to continue it there as a new run")
     g.add_argument("--load_path", default=None, help="model checkpoint to load (eval, or warm start)")
     g.add_argument("--no_strict", action="store_true", help="load state dicts non-strictly")
     g.add_argument("--save_step", type=int, default=10, help="save a checkpoint every N epochs")

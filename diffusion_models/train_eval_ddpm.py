@@ -177,6 +177,32 @@ def accumulate_and_step(diffusion, opt, micro_batches, grad_clip):
 
 
 def train(args):
+    """Train (or resume) a dissolver; ``--save_path`` is locked while it trains (a lock file
+    beside it, released by the kernel when the process ends), so two trainings never write one
+    checkpoint."""
+    held = []
+    try:
+        return _train(args, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _lock_save_path(save_path, held):
+    """Lock ``save_path`` (``.<name>.lock`` beside it) and remove the temporary files a killed
+    write of it left."""
+    from utils import ProcessLock, remove_stale_temps
+
+    folder, name = os.path.split(os.path.abspath(save_path))
+    created = None if os.path.isdir(folder) else folder
+    _check_writable(save_path)
+    held.append(ProcessLock(os.path.join(folder, f".{name}.lock"), f"--save_path {save_path}",
+                            "another train_eval_ddpm.py is training it: wait for it to end, or choose another "
+                            "--save_path", remove_folder=created).acquire())
+    remove_stale_temps(folder, name)
+
+
+def _train(args, held):
     from ema_pytorch import EMA
     from tqdm import tqdm
 
@@ -198,12 +224,12 @@ def train(args):
         raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
     idx = default_one_class_idx(args.dataset) if args.one_class_idx is None else args.one_class_idx
     save_path = args.save_path or default_save_path(args.dataset, idx, resolution)
+    _lock_save_path(save_path, held)  # before looking at it: what is there cannot change under us
     if args.resume and not os.path.exists(save_path):
         raise UserError(f"--resume: nothing to resume at {save_path}; drop --resume to start training")
     if not args.resume and os.path.exists(save_path) and not args.overwrite:
         raise UserError(f"{save_path} already exists; pass --resume to continue it, --overwrite to start over, "
                         "or another --save_path")
-    _check_writable(save_path)
     ckpt = read_dissolver_checkpoint(save_path, device) if args.resume else None
     recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
     if ckpt is not None:

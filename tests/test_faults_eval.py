@@ -353,8 +353,6 @@ def test_foreign_checkpoint_says_what_it_is(tmp_path, capsys, no_work, obj, frag
     expect_error(eval_program.main, ["--load_path", str(path)], capsys, "not a model checkpoint", fragment)
 
 
-@pytest.mark.xfail(strict=True, reason="train.py's load_model_checkpoint must call common.checkpoint_io.read_checkpoint"
-                                       " (remove this marker with that change)")
 @pytest.mark.parametrize("flag", ["--resume_path", "--load_path"])
 def test_train_unreadable_checkpoint_is_one_plain_line(tmp_path, capsys, flag):
     bad = tmp_path / "random.model"

@@ -7,14 +7,55 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.errors import UserError
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
 from training.contrastive_loss import NT_xent, NT_xent_neg
 from training.optim import lr_at, make_optimizer, set_lr
-from utils import (atomic_torch_save, atomic_write_json, autocast_for, batch_indices, rng_state, set_rng_state,
-                   set_seed)
+from utils import (atomic_torch_save, atomic_write_json, autocast_for, batch_indices, fault_point, rng_state,
+                   set_rng_state, set_seed)
 
 CHECKPOINT_KIND = "dia_model"
 LAST_RULE = "the model at the end of training (saved every --save_step epochs and at the last epoch)"
+
+
+def first_non_finite(state, name=""):
+    """``(name, kind)`` of the first floating tensor in a nested state (model weights, BatchNorm
+    buffers, optimiser moments, ...) that holds NaN or infinity, else None."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() or state.is_complex():
+            finite = torch.isfinite(state)
+            if not bool(finite.all()):
+                return name, ("NaN" if bool(torch.isnan(state).any()) else "infinity")
+        return None
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        found = first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if found:
+            return found
+    return None
+
+
+def divergence_cause(P, device=None):
+    """The likely reason a run diverged, read from its flags: what to change."""
+    causes = []
+    if P.temperature < 0.05:
+        causes.append(f"--temperature {P.temperature:g} is very low (the paper's 0.5): the similarities divided by "
+                      f"it overflow; raise --temperature")
+    if P.lr_init > 1.0:
+        causes.append(f"--lr_init {P.lr_init:g} is very high (the paper's 0.1): lower --lr_init")
+    if P.sim_lambda > 100:
+        causes.append(f"--sim_lambda {P.sim_lambda:g} is very high (the paper's 1): lower it")
+    if P.amp and device is not None and device.type == "cuda":
+        causes.append("--amp runs fp16 on CUDA, which can overflow: drop --amp")
+    if not causes:
+        causes.append(f"--lr_init {P.lr_init:g} may be too high for --batch_size {P.batch_size} with "
+                      f"--optimizer {P.optimizer}: lower --lr_init (or check the training images)")
+    return "; ".join(causes)
 
 
 class Trainer:
@@ -44,6 +85,8 @@ class Trainer:
         self.evaluations = []  # the AUROCs of every evaluation during training
         self.last_saved = None  # epoch and step of the last.model written
         self._resumed_rng = None
+        self.logger = None  # set by fit: checkpoints record log.txt's length
+        self.last_loss = None
 
     # ----- one step -------------------------------------------------------------------
     def make_views(self, x):
@@ -123,10 +166,38 @@ class Trainer:
             "selection": selection,  # which file this is and which rule chose it
             "rng": rng_state(),
             "meta": meta,
+            # log.txt's length when this was written: a run resumed from here cuts it back to that
+            "log_bytes": self.logger.log_size() if self.logger is not None else None,
         }
 
     def save(self, path, meta, selection=None):
-        atomic_torch_save(self.state(meta, selection), path)
+        """Write a checkpoint atomically; never one holding NaN or infinity (UserError instead,
+        naming the first such tensor and the likely cause; the earlier file stays)."""
+        if self.logger is not None:
+            self.logger.flush()  # every scalar up to here is on disk before the checkpoint that covers it
+        state = self.state(meta, selection)
+        bad = first_non_finite(state)  # every floating tensor: weights, BatchNorm buffers, optimiser moments
+        if bad:
+            raise UserError(f"not writing {os.path.basename(path)}: {bad[0]} holds {bad[1]} after epoch {self.epoch} "
+                            f"(step {self.step}{self._last_loss_text()}), the training diverged; likely cause: "
+                            f"{divergence_cause(self.P, self.device)}")
+        atomic_torch_save(state, path)
+
+    def _last_loss_text(self):
+        return f", loss {self.last_loss:.3g}" if self.last_loss is not None else ""
+
+    def check_finite(self, before):
+        """Stop with one line when the model (weights or BatchNorm buffers) holds NaN or infinity."""
+        bad = first_non_finite(self.model.state_dict(), "model")
+        if bad:
+            raise UserError(f"the training diverged: {bad[0]} holds {bad[1]} after epoch {self.epoch} (step "
+                            f"{self.step}{self._last_loss_text()}); stopped before {before}, the files written "
+                            f"earlier stay; likely cause: {divergence_cause(self.P, self.device)}")
+
+    def keeps_row(self, tag, x):
+        """Whether a ``scalars.csv`` row (``train/*`` by step, the others by epoch) comes from no
+        later than this trainer's point: a resumed run drops the interrupted attempt's rows."""
+        return x <= (self.step if tag.startswith("train/") else self.epoch)
 
     def load_state(self, ckpt):
         self.model.load_state_dict(ckpt["model"])
@@ -167,6 +238,7 @@ class Trainer:
         n = len(train_set)
         n_batches = self.batches_per_epoch(n)
         last_path = os.path.join(logger.logdir, "last.model")
+        self.logger = logger
         if evaluate is not None:
             logger.log(f"evaluation every {P.error_step} epoch(s) and at epoch {P.epochs}: {evaluate.describe()}")
         if replay:
@@ -194,6 +266,7 @@ class Trainer:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 out = self.train_step(x, y)
                 self.step += 1
+                self.last_loss = out["loss"]
                 done += 1
                 for key, v in out.items():
                     sums[key] = sums.get(key, 0.0) + v
@@ -205,7 +278,10 @@ class Trainer:
                 bar.update(1)
                 if not math.isfinite(out["loss"]):
                     bar.close()
-                    raise FloatingPointError(f"loss became {out['loss']} at step {self.step}; lower --lr_init")
+                    raise UserError(f"the loss became {out['loss']} at step {self.step} (epoch {epoch}); nothing was "
+                                    f"written after the last checkpoint; likely cause: "
+                                    f"{divergence_cause(P, device)}")
+                fault_point("step")
                 if P.max_steps is not None and self.step >= P.max_steps:
                     stop = True
                     break
@@ -219,9 +295,13 @@ class Trainer:
             logger.log(f"[epoch {epoch}] " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                        + f" lr {lr:.4g} ({done} steps, {secs / max(done, 1):.3f} s/step)")
             final = epoch == P.epochs
-            if evaluate is not None and (epoch % P.error_step == 0 or final):
+            evaluating = evaluate is not None and (epoch % P.error_step == 0 or final)
+            saving = epoch % P.save_step == 0 or final or stop
+            if evaluating or saving:
+                self.check_finite("evaluating and saving" if evaluating else "saving last.model")
+            if evaluating:
                 self.evaluate_and_select(evaluate, logger, meta, restore_rng=not replay)
-            if epoch % P.save_step == 0 or final or stop:
+            if saving:
                 self.save(last_path, meta, selection={"file": "last.model", "rule": LAST_RULE})
                 self.last_saved = {"epoch": self.epoch, "step": self.step}
                 self.write_selection(logger.logdir)
@@ -237,6 +317,7 @@ class Trainer:
         """One evaluation: log its AUROCs, keep the model as ``evaluate.filename`` when its
         ``evaluate.metric`` beats every earlier evaluation's (the paper's ``best_CSI.model``)."""
         t0 = time.time()
+        fault_point("eval")
         metrics = evaluate(self.net, restore_rng=restore_rng)
         epoch = self.epoch
         for key, v in metrics.items():

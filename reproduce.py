@@ -286,6 +286,12 @@ def selection_budget(a):
     return {"every": a.save_step, "samples": a.selection_samples, "max_images": a.selection_max_images}
 
 
+def ddpm_save_every(train_steps):
+    """Milestones of the pipeline's dissolver: the paper's 31,250 steps, or five per training
+    when it is shorter, so an interrupted training resumes from a recent checkpoint."""
+    return max(1, min(31_250, -(-int(train_steps) // 5)))
+
+
 def dissolver_spec(a, dataset, cls, resolution):
     name = (f"{dataset}_class{cls}_{resolution}px_unet{a.ddpm_unet_dim}_s{a.ddpm_train_steps}"
             f"_b{a.ddpm_batch_size}x{a.ddpm_grad_accum}")
@@ -470,7 +476,7 @@ class Dissolvers:
         else:
             cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", spec["dataset"],
                      "--data_root", a.data_root, "--one_class_idx", spec["cls"], "--image_size", spec["resolution"],
-                     "--train_steps", a.ddpm_train_steps, "--save_every", a.ddpm_train_steps,
+                     "--train_steps", a.ddpm_train_steps, "--save_every", ddpm_save_every(a.ddpm_train_steps),
                      "--batch_size", a.ddpm_batch_size, "--grad_accum", a.ddpm_grad_accum,
                      "--unet_dim", a.ddpm_unet_dim, "--save_path", spec["ckpt"], "--seed", 0, "--no_progress")
             if a.device:

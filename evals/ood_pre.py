@@ -1,4 +1,4 @@
-"""CSI scoring (SPEC section 4): features of shifted, augmented samples and the CSI score."""
+"""CSI scoring (docs/method.md §4): features of shifted, augmented samples and the CSI score."""
 import contextlib
 
 import numpy as np
@@ -67,7 +67,7 @@ def _split_shifts(feats, n_shifts):
 
 def csi_statistics(train_feats, n_shifts):
     """From the normal training features: per shift k the unit axes (K, M, d) and the weights
-    w_sim_k and w_shi_k of SPEC section 4.2."""
+    w_sim_k and w_shi_k of docs/method.md §4, step 2."""
     f = _split_shifts(train_feats["simclr"].float(), n_shifts).mean(dim=2)  # M x K x d
     axis = F.normalize(f, dim=2).transpose(0, 1)  # K x M x d
     w_sim = 1.0 / f.norm(dim=2).mean(dim=0)  # K

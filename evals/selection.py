@@ -1,6 +1,6 @@
 """The evaluation train.py runs during training, and the checkpoint it selects.
 
-It is the evaluation of the paper's ``train.py`` (SPEC section 4, "Checkpoint selection"):
+It is the evaluation of the paper's ``train.py`` (docs/method.md §4, "Which checkpoint"):
 CSI score with the rotation shift, ``--ood_samples`` samples (10), crop scale drawn from
 ``[--eval_resize_factor, 1]`` (0.54, not fixed unless ``--eval_resize_fix``), the normal
 training images as CSI axes and the **test** set, every ``--error_step`` epochs (default:

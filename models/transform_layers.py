@@ -168,7 +168,7 @@ class RandomResizedCropLayer(nn.Module):
 
 
 def simclr_augmentation(resize_factor=0.08, resize_fix=False):
-    """The SimCLR augmentation of SPEC section 3.4: jitter, grayscale, resized crop."""
+    """The SimCLR augmentation of docs/method.md §3, step 4: jitter, grayscale, resized crop."""
     return nn.Sequential(
         ColorJitterLayer(p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
         RandomColorGrayLayer(p=0.2),

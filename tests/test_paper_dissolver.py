@@ -121,3 +121,41 @@ def test_trainer_checkpoint_without_ema_asks_for_online(tmp_path, paper_ckpt):
         load_dissolver(bare, "cpu", weights="ema")
     assert "online" in str(e.value) and "\n" not in str(e.value)
     load_dissolver(bare, "cpu", quiet=True)  # the online weights still load
+
+
+def test_ddpm_images_come_from_the_original_files(tmp_path):
+    """Folder data: each original file resized to 32 px without antialiasing (not the 224-px copy)."""
+    from datasets import get_dataset, one_class_split
+    from diffusion_models.ddpm_data import ddpm_training_images
+
+    rng = np.random.default_rng(4)
+    originals = {}
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                arr = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)  # larger than 224, not square
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+                if split == "train" and cls == "a":
+                    originals[f"{i}.png"] = arr
+    train_set, test_set, info = get_dataset("imagefolder", str(tmp_path))
+    normal, _ = one_class_split(train_set, test_set, info, 0)
+    got = ddpm_training_images(normal, info.native_kind, 32)
+    want = torch.stack([F.interpolate(torch.from_numpy(originals[f"{i}.png"]).permute(2, 0, 1)[None].float() / 255,
+                                      size=(32, 32), mode="bilinear", align_corners=False, antialias=False)[0]
+                        for i in range(2)])
+    assert got.shape == (2, 3, 32, 32)
+    assert (got - want).abs().max().item() < 1e-6
+    via_224 = to_dissolve_resolution(normal.get_batch(torch.arange(2))[0], "large224", 32)[0]
+    assert (via_224 - want).abs().max().item() > 1e-2  # the 224-px copy would give other images
+    # in-memory data: the stored images through the dissolving pre-processing (MedMNIST: pad 2)
+    x = torch.rand(3, 3, 28, 28)
+
+    class Mem:
+        def __len__(self):
+            return 3
+
+        def get_batch(self, idx):
+            return x[idx], torch.zeros(len(idx))
+
+    assert torch.equal(ddpm_training_images(Mem(), "medmnist28", 32), F.pad(x, (2, 2, 2, 2)))

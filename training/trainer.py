@@ -1,4 +1,4 @@
-"""The training loop of ``--mode simclr``, ``simclr_CSI`` and ``simclr_DIA`` (SPEC section 3)."""
+"""The training loop of ``--mode simclr``, ``simclr_CSI`` and ``simclr_DIA`` (docs/method.md §3)."""
 import math
 import os
 import time

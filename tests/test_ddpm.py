@@ -384,3 +384,26 @@ def test_script_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "unknown dataset" in r.stderr
     assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_macs_split_weight_standardised_convolutions():
+    """thop's default count skips the WS convolutions (the paper's figure); the full count adds
+    exactly their multiply-accumulates, computed here from hooked output shapes."""
+    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import WeightStandardizedConv2d
+
+    from diffusion_models.train_eval_ddpm import unet_macs
+
+    unet = ddpm.build_unet(tiny_config()).eval()
+    as_paper, every = unet_macs(unet, 32)
+    ws = []
+
+    def hook(m, inp, out):
+        ws.append(out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+
+    handles = [m.register_forward_hook(hook) for m in unet.modules() if type(m) is WeightStandardizedConv2d]
+    with torch.no_grad():
+        unet(torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+    for h in handles:
+        h.remove()
+    assert len(ws) > 0 and every - as_paper == pytest.approx(sum(ws), rel=1e-6)
+    assert "total_ops" not in dict(unet.named_buffers())  # thop's counters removed

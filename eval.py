@@ -1,5 +1,11 @@
 """Score a test set with a trained model and report AUROC (CSI's ``eval.py``).
 
+One-class setting (``--one_class_idx C``): the normal class's test images against every other
+class. CSI's unlabeled multi-class setting (``--one_class_idx`` left out on cifar10 / imagenet or
+with ``--ood_dataset``, or ``None``): the whole in-distribution test set against each
+``--ood_dataset``, one AUROC per set and their mean, the axes and weights from the whole
+training set, printed as CSI prints them (``[svhn CSI 0.9321] [svhn best 0.9321]``).
+
 Example (the paper's command):
     python eval.py --mode ood_pre --dataset kvasir --model resnet18_imagenet --ood_score CSI \
         --shift_trans_type rotation --print_score --diffusion_upper_offset 0. --diffusion_offset 0. \
@@ -40,11 +46,31 @@ def check_outputs(P):
 
 
 def check_trained_on(P, meta):
-    """The checkpoint's dataset and normal class (train.py records them) are the ones asked for."""
+    """The checkpoint's dataset and normal class (train.py records them; ``None``: the
+    multi-class setting) are the ones asked for."""
     ds, cls = meta.get("dataset"), meta.get("one_class_idx")
+    multi = "one_class_idx" in meta and cls is None and ds is not None  # older files: always a class
+    from datasets.ood import default_ood_names
+
+    no_defaults = not default_ood_names(P.dataset)
     if ds is not None and ds != P.dataset:
-        raise UserError(f"{P.load_path} was trained on --dataset {ds} --one_class_idx {cls}, not --dataset "
-                        f"{P.dataset}; pass --dataset {ds} --one_class_idx {cls}")
+        flags = f"--dataset {ds}" + ("" if multi else f" --one_class_idx {cls}")
+        raise UserError(f"{P.load_path} was trained on {flags}, not --dataset {P.dataset}; pass {flags}")
+    if cls is not None and P.one_class_idx is None:
+        why = ("--one_class_idx None" if P.one_class_given else
+               "--ood_dataset" if P.ood_dataset and no_defaults else
+               f"leaving out --one_class_idx on {P.dataset}")
+        raise UserError(f"{P.load_path} was trained with --one_class_idx {cls} ({ds}) as the normal class; the "
+                        f"unlabeled multi-class setting (asked for by {why}) needs a model trained on every class: "
+                        f"pass --one_class_idx {cls}")
+    if multi and P.one_class_idx is not None:
+        scored = meta.get("ood_dataset") or []
+        hint = f" (its training scored {' '.join(scored)})" if scored else ""
+        how = ("leave out --one_class_idx" if P.one_class_given and not no_defaults
+               else f"pass --one_class_idx None --ood_dataset NAME ...{hint}")
+        raise UserError(f"{P.load_path} was trained in the unlabeled multi-class setting (every class of {ds} "
+                        f"normal), not with --one_class_idx {P.one_class_idx} as the normal class; evaluate it in "
+                        f"that setting: {how}")
     if cls is not None and cls != P.one_class_idx:
         raise UserError(f"{P.load_path} was trained with --one_class_idx {cls} ({ds}) as the normal class, not "
                         f"{P.one_class_idx}; pass --one_class_idx {cls}")
@@ -104,6 +130,12 @@ def main(argv=None):
         raise UserError(f"{P.load_path} was trained on {meta['image_size'][0]}-px images ({meta.get('dataset')}), "
                         f"--dataset {P.dataset} gives {info.image_size[0]} px")
     normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)
+    multi = P.one_class_idx is None
+    ood_sets = {}
+    if multi and not P.score_folder:  # read before the model: missing data is one line, before any work
+        from datasets.ood import load_ood_sets, with_interp
+
+        ood_sets = with_interp(load_ood_sets(P.ood_dataset, P.data_root, info), test_set, P.test_batch_size)
     n_shifts = int(meta.get("n_shifts", ckpt["model"]["shift_cls_layer.weight"].shape[0]))
     model = build_model(P.model, n_classes=info.n_classes, simclr_dim=meta.get("simclr_dim", P.simclr_dim),
                         n_shifts=n_shifts, width=meta.get("resnet_width", P.resnet_width)).to(device)
@@ -123,7 +155,12 @@ def main(argv=None):
                "n_normal": int((labels == P.one_class_idx).sum()),
                "n_anomalous": int((labels != P.one_class_idx).sum()),
                "class_names": list(info.class_names)}
+    if multi:
+        results.update(setting="multi_class", ood_dataset=list(ood_sets), n_normal=len(test_set),
+                       n_anomalous=sum(len(d) for d in ood_sets.values()),
+                       n_ood={name: len(d) for name, d in ood_sets.items()})
     per_image = {}
+    per_ood = {}  # multi-class: score -> {set: scores}
     if P.mode == "ood_pre":
         if P.base_shift != "rotation":
             from utils import warn
@@ -136,12 +173,15 @@ def main(argv=None):
         kw = dict(base_shift="rotation", n_samples=P.ood_samples, device=device, batch_size=P.ood_batch_size,
                   resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp)
         target = folder_dataset(P.score_folder, info.image_size) if P.score_folder else test_set
-        total = (len(normal_train) + len(target)) * P.ood_samples
+        total = (len(normal_train) + len(target) + sum(len(d) for d in ood_sets.values())) * P.ood_samples
         with tqdm(total=total, desc="features", unit="img", disable=None) as bar:
             f_train = extract_features(net, normal_train, progress=bar, **kw)  # once, for every score
             f_test = extract_features(net, target, progress=bar, **kw)
+            # CSI: each set's features as the test set's; interp's from the test set's images
+            f_ood = {name: extract_features(net, d, progress=bar, **kw) for name, d in ood_sets.items()}
         for score in scores_wanted:
             per_image[score] = csi_scores(f_train, f_test, 4, score).numpy()
+            per_ood[score] = {name: csi_scores(f_train, f, 4, score).numpy() for name, f in f_ood.items()}
         if P.score_folder:
             score = scores_wanted[0]
             train_scores = csi_train_scores_loo(f_train, 4, score).numpy()
@@ -157,11 +197,17 @@ def main(argv=None):
     else:
         from evals.ood import simple_scores
 
-        for score in scores_wanted:
-            per_image[score] = simple_scores(net, test_set, score, device, layer=P.ood_layer[0],
-                                             batch_size=P.ood_batch_size, resize_factor=P.resize_factor,
-                                             resize_fix=P.resize_fix, amp=P.amp, seed=P.seed).numpy()
+        def simple(dataset, score):
+            return simple_scores(net, dataset, score, device, layer=P.ood_layer[0], batch_size=P.ood_batch_size,
+                                 resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp,
+                                 seed=P.seed).numpy()
 
+        for score in scores_wanted:
+            per_image[score] = simple(test_set, score)
+            per_ood[score] = {name: simple(d, score) for name, d in ood_sets.items()}
+
+    if multi:
+        return report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, ood_sets)
     for score, s in per_image.items():
         rep = auroc_report(s, labels, P.one_class_idx)
         results["auroc_by_score"][score] = rep
@@ -183,6 +229,52 @@ def main(argv=None):
                          P.save_scores_csv)
     if P.save_score:
         atomic_write(save_score_path(P), lambda fh: np.savez(fh, labels=labels, **per_image))
+    return results
+
+
+def report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, ood_sets):
+    """CSI's multi-class report: per set a line ``[svhn CSI 0.9321] [svhn best 0.9321]``, the
+    mean (``ood_mean``), then the best AUROC of every set tab-separated, as CSI's eval.py prints
+    them; the JSON, the per-image CSV (``set`` column) and the raw scores as asked."""
+    from evals.ood_pre import ood_report
+
+    names = list(ood_sets)
+    for score in scores_wanted:
+        results["auroc_by_score"][score] = ood_report(per_image[score], per_ood[score])
+    bests = []
+    for key in names + ["ood_mean"]:
+        values = {score: results["auroc_by_score"][score][key] for score in scores_wanted}
+        best = max(values.values())
+        bests.append(best)
+        print(" ".join(f"[{key} {score} {v:.4f}]" for score, v in values.items()) + f" [{key} best {best:.4f}]")
+    print("\t".join(f"{b:.4f}" for b in bests))
+    if P.print_score:
+        for score in scores_wanted:
+            print_quantiles(f"{score} {P.dataset} (in-distribution test)", per_image[score])
+            for name in names:
+                print_quantiles(f"{score} {name}", per_ood[score][name])
+    first = scores_wanted[0]
+    results["auroc"] = results["auroc_by_score"][first]
+    results["ood_score"] = first
+    if P.save_results:
+        atomic_write_json(results, P.save_results)
+    sets = [(P.dataset, test_set.names, test_set.labels.tolist(), 1, per_image)]
+    sets += [(name, ood_sets[name].names, None, 0, {k: v[name] for k, v in per_ood.items()}) for name in names]
+    if P.save_scores_csv:
+        columns = [f"score_{k}" for k in scores_wanted]
+        rows, i = [], 0
+        for set_name, item_names, item_labels, normal, scores in sets:
+            for j, item in enumerate(item_names):
+                rows.append({"index": i, "name": item, "set": set_name,
+                             "label": "" if item_labels is None else int(item_labels[j]), "normal": normal,
+                             **{f"score_{k}": f"{scores[k][j]:.6f}" for k in scores_wanted}})
+                i += 1
+        atomic_write_csv(rows, ["index", "name", "set", "label", "normal"] + columns, P.save_scores_csv)
+    if P.save_score:
+        set_index = np.concatenate([np.full(len(item_names), k) for k, (_, item_names, *_) in enumerate(sets)])
+        arrays = {k: np.concatenate([scores[k] for *_, scores in sets]) for k in scores_wanted}
+        atomic_write(save_score_path(P), lambda fh: np.savez(fh, labels=set_index,
+                                                             sets=np.array([name for name, *_ in sets]), **arrays))
     return results
 
 

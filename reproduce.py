@@ -32,6 +32,12 @@ and exit with 128 + the signal number. Repeating the command resumes: finished r
 kept, an interrupted training continues from its last checkpoint (``train.py --resume_path``).
 ``--train_args`` flags that shape the data (``--img_size``, ``--aptos_all_grades``) reach
 eval.py too, and the run folders are named by the size trained at.
+
+CSI's unlabeled multi-class setting (``--one_class_idx`` left out on cifar10 / imagenet or with
+``--ood_dataset``, or ``--one_class_idx None``): every training image is normal, the dissolver is
+trained on every class, each run lives in ``<out>/<dataset>/multi_class/...``, and results.md
+gets CSI's table: one row per dataset and transformation, one column per out-of-distribution set
+and their mean.
 """
 import argparse
 import contextlib
@@ -56,7 +62,7 @@ MODELS = ("resnet18", "resnet34", "resnet50", "resnet18_imagenet", "resnet50_ima
 
 # Values a flag takes when neither the command line nor a preset sets it.
 DEFAULTS = {
-    "dataset": None, "data_root": "../data", "one_class_idx": [0],
+    "dataset": None, "data_root": "../data", "one_class_idx": None, "ood_dataset": None,
     "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"], "seeds": [0],
     "diff_resolution": [32], "resize_to_constant": False, "model": None,
     "epochs": None, "batch_size": 32, "max_batches_per_epoch": None, "max_steps": None, "warmup": None,
@@ -102,7 +108,12 @@ def build_parser():
     g = p.add_argument_group("what to run")
     g.add_argument("--dataset", nargs="+", default=None, help="one or more dataset names (required without --preset)")
     g.add_argument("--data_root", default=None, help="folder holding the datasets (default ../data)")
-    g.add_argument("--one_class_idx", type=int, nargs="+", default=None, help="normal class(es) (default 0)")
+    g.add_argument("--one_class_idx", type=class_index, nargs="+", default=None,
+                   help="normal class(es), or None for CSI's unlabeled multi-class setting; left out: multi-class "
+                        "for datasets with out-of-distribution sets (cifar10, imagenet, or --ood_dataset given), "
+                        "class 0 for the others")
+    g.add_argument("--ood_dataset", nargs="+", default=None, metavar="NAME",
+                   help="multi-class setting: the out-of-distribution sets (default CSI's for cifar10 and imagenet)")
     g.add_argument("--shift_trans_type", nargs="+", default=None, metavar="TRANSFORMATION",
                    help=f"transformations to compare (default rotation blurgaussian_rotation diffusion_rotation; "
                         f"any of {', '.join(TRANSFORMATIONS)})")
@@ -148,6 +159,14 @@ def build_parser():
     return p
 
 
+def class_index(text):
+    """``--one_class_idx``: a class index, or ``None`` (the multi-class setting)."""
+    from common.args import MULTI_CLASS, class_index as parse
+
+    value = parse(text)
+    return None if value == MULTI_CLASS else value
+
+
 def resolve_args(argv=None):
     """Parse ``argv`` and fill unset flags from the preset, then from ``DEFAULTS``."""
     ns = build_parser().parse_args(argv)
@@ -174,7 +193,14 @@ def check_args(a):
     if not a.dataset:
         raise UserError("give --dataset NAME [NAME ...] (or --preset quick for the built-in synth_lesion)")
     a.dataset = list(dict.fromkeys(a.dataset))
-    a.one_class_idx = list(dict.fromkeys(a.one_class_idx))
+    if a.one_class_idx is not None:
+        a.one_class_idx = list(dict.fromkeys(a.one_class_idx))
+    if a.ood_dataset is not None:
+        a.ood_dataset = list(dict.fromkeys(a.ood_dataset))
+        if a.one_class_idx is not None and None not in a.one_class_idx:
+            raise UserError(f"--ood_dataset belongs to the unlabeled multi-class setting; with --one_class_idx "
+                            f"{' '.join(map(str, a.one_class_idx))} every other class is the anomaly: leave out one "
+                            f"of the two (or add None to --one_class_idx)")
     a.seeds = list(dict.fromkeys(a.seeds))
     a.diff_resolution = sorted(set(a.diff_resolution))
     a.shift_trans_type = normalise_transformations(a.shift_trans_type)
@@ -201,7 +227,7 @@ def check_args(a):
     owned = {"--dataset", "--data_root", "--one_class_idx", "--mode", "--shift_trans_type", "--logdir", "--seed",
              "--diffusion_model_path", "--diff_resolution", "--no_eval", "--resume_path", "--load_path", "--model",
              "--resnet_width", "--amp", "--device", "--save_step", "--error_step", "--ood_samples",
-             "--eval_max_train", "--eval_max_test"}
+             "--eval_max_train", "--eval_max_test", "--ood_dataset"}
     clash = [f for f in a.train_args if f.split("=")[0] in owned]
     if clash:
         raise UserError(f"--train_args must not set {' '.join(clash)}: reproduce.py sets those per run")
@@ -248,7 +274,11 @@ class Run:
         self.resolution, self.seed, self.model = resolution, seed, model
         self.info, self.out = info, a.out
         self.dissolve_type = transformation.split("_")[0] if "_" in transformation else None
-        self.dir = os.path.join(a.out, dataset, f"class_{cls}", f"{transformation}_{resolution}px", f"seed_{seed}")
+        self.multi = cls is None  # CSI's unlabeled multi-class setting
+        setting = "multi_class" if self.multi else f"class_{cls}"
+        self.dir = os.path.join(a.out, dataset, setting, f"{transformation}_{resolution}px", f"seed_{seed}")
+        # the out-of-distribution sets eval.py scores (the columns of the multi-class table)
+        self.ood_names = ood_names_of(a, dataset) if self.multi else []
         self.dissolver = dissolver_spec(a, dataset, cls, resolution) if self.dissolve_type == "diffusion" else None
         self.config = {
             "dataset": dataset, "one_class_idx": cls, "transformation": transformation, "resolution": resolution,
@@ -258,6 +288,8 @@ class Run:
             "dissolver": self.dissolver["name"] if self.dissolver else None,
             "resize_to_constant": bool(a.resize_to_constant) if self.dissolve_type else None,
         }
+        if self.multi:  # only then: the settings of earlier (one-class) runs stay as they were recorded
+            self.config["ood_dataset"] = a.ood_dataset
         self.status, self.error, self.reused = "pending", "", False
         self.results, self.train_seconds, self.eval_seconds, self.gmacs = None, None, None, None
         self.best = None  # results["best"]: best_CSI.model's epoch, AUROCs and what selected it
@@ -266,10 +298,31 @@ class Run:
 
     @property
     def label(self):
-        return (f"{self.dataset} class {self.cls} {self.transformation} {self.resolution}px seed {self.seed}")
+        return (f"{self.dataset} {class_text(self.cls)} {self.transformation} {self.resolution}px seed {self.seed}")
 
     def path(self, name):
         return os.path.join(self.dir, name)
+
+
+def class_text(cls):
+    return "multi-class" if cls is None else f"class {cls}"
+
+
+def ood_names_of(a, dataset):
+    """The out-of-distribution sets eval.py scores for ``dataset`` (``--ood_dataset`` or CSI's)."""
+    from datasets.ood import default_ood_names
+
+    return list(a.ood_dataset) if a.ood_dataset else list(default_ood_names(dataset, "eval"))
+
+
+def classes_of(a, dataset):
+    """The normal classes planned for ``dataset`` (None: multi-class); ``--one_class_idx`` left
+    out means multi-class where there are out-of-distribution sets, class 0 elsewhere."""
+    from datasets.ood import default_ood_names
+
+    if a.one_class_idx is not None:
+        return list(a.one_class_idx)
+    return [None] if (a.ood_dataset or default_ood_names(dataset, "eval")) else [0]
 
 
 def train_budget(a):
@@ -293,7 +346,8 @@ def ddpm_save_every(train_steps):
 
 
 def dissolver_spec(a, dataset, cls, resolution):
-    name = (f"{dataset}_class{cls}_{resolution}px_unet{a.ddpm_unet_dim}_s{a.ddpm_train_steps}"
+    which = "all" if cls is None else f"class{cls}"  # None: trained on every class (--all_classes)
+    name = (f"{dataset}_{which}_{resolution}px_unet{a.ddpm_unet_dim}_s{a.ddpm_train_steps}"
             f"_b{a.ddpm_batch_size}x{a.ddpm_grad_accum}")
     folder = os.path.join(a.out, "dissolvers")
     return {"name": name, "dataset": dataset, "cls": cls, "resolution": resolution,
@@ -314,14 +368,23 @@ def make_plan(a):
     for dataset in a.dataset:
         _, _, info = get_dataset(dataset, a.data_root, image_size=a.img_size,  # bad name or files: UserError
                                  aptos_all_grades=a.aptos_all_grades)
-        bad = [c for c in a.one_class_idx if not 0 <= c < info.n_classes]
+        classes = classes_of(a, dataset)
+        if None in classes:  # multi-class: the out-of-distribution sets are read now, as the dataset is
+            from datasets.ood import check_ood_names, load_ood_sets
+
+            names = check_ood_names(ood_names_of(a, dataset), dataset)
+            if not names:
+                raise UserError(f"the multi-class setting scores out-of-distribution sets and {dataset} has no "
+                                f"default ones: name them with --ood_dataset NAME ...")
+            load_ood_sets(names, a.data_root, info)
+        bad = [c for c in classes if c is not None and not 0 <= c < info.n_classes]
         if bad:
             names = ", ".join(f"{i}={n}" for i, n in enumerate(info.class_names))
             raise UserError(f"--one_class_idx {' '.join(map(str, bad))} is out of range for {dataset}: use "
                             f"0..{info.n_classes - 1} ({names})")
         model = a.model or default_model(info)
         native = info.image_size[0]
-        for cls in a.one_class_idx:
+        for cls in classes:
             for transformation in a.shift_trans_type:
                 resolutions = a.diff_resolution if uses_resolution(transformation, a) else [native]
                 for res in resolutions:
@@ -444,6 +507,13 @@ def run_step(cmd, log_path, what=None, append=False):
     return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc))
 
 
+def class_flags(cls, multi=()):
+    """The class flags of a step: ``--one_class_idx C``, or for the multi-class setting ``multi``."""
+    if cls is None:
+        return [multi] if isinstance(multi, str) else list(multi)
+    return ["--one_class_idx", cls]
+
+
 def py(script, *args):
     return [sys.executable, os.path.join(ROOT, script)] + [str(x) for x in args]
 
@@ -462,7 +532,7 @@ class Dissolvers:
         if spec["name"] in self.state:
             return self.state[spec["name"]]
         a, t0 = self.a, time.time()
-        head = f"dissolver {spec['dataset']} class {spec['cls']} {spec['resolution']}px ({spec['name']})"
+        head = f"dissolver {spec['dataset']} {class_text(spec['cls'])} {spec['resolution']}px ({spec['name']})"
         print(f"{head} ...", end="", flush=True)
         info = None
         if os.path.exists(spec["done"]):
@@ -475,7 +545,8 @@ class Dissolvers:
             state = dict(info, ok=True, reason="", reused=True)
         else:
             cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", spec["dataset"],
-                     "--data_root", a.data_root, "--one_class_idx", spec["cls"], "--image_size", spec["resolution"],
+                     "--data_root", a.data_root, *class_flags(spec["cls"], "--all_classes"),
+                     "--image_size", spec["resolution"],
                      "--train_steps", a.ddpm_train_steps, "--save_every", ddpm_save_every(a.ddpm_train_steps),
                      "--batch_size", a.ddpm_batch_size, "--grad_accum", a.ddpm_grad_accum,
                      "--unet_dim", a.ddpm_unet_dim, "--save_path", spec["ckpt"], "--seed", 0, "--no_progress")
@@ -502,7 +573,7 @@ class Dissolvers:
                               spec["done"])
         if not os.path.exists(spec["grid"]):
             cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", spec["dataset"],
-                     "--data_root", a.data_root, "--one_class_idx", spec["cls"],
+                     "--data_root", a.data_root, *class_flags(spec["cls"]),
                      "--diffusion_model_path", spec["ckpt"], "--out", spec["grid"],
                      "--timesteps_to_show", *GRID_TIMESTEPS)
             if a.device:
@@ -583,7 +654,8 @@ def interrupted_training(run, same_settings):
 
 def train_command(a, run, dissolver_ckpt):
     mode = "simclr_DIA" if run.dissolve_type else "simclr_CSI"
-    cmd = py("train.py", "--dataset", run.dataset, "--data_root", a.data_root, "--one_class_idx", run.cls,
+    cmd = py("train.py", "--dataset", run.dataset, "--data_root", a.data_root,
+             *class_flags(run.cls, multi_class_flags(a)),
              "--model", run.model, "--mode", mode, "--shift_trans_type", run.transformation, "--seed", run.seed,
              "--logdir", run.dir, "--save_step", a.save_step)
     if a.selection:
@@ -614,7 +686,7 @@ def eval_command(a, run, model="last.model", results="results.json", scores="sco
     cmd = py("eval.py", "--mode", "ood_pre", "--dataset", run.dataset, "--data_root", a.data_root,
              "--model", run.model, "--ood_score", "CSI", "--shift_trans_type", "rotation",
              "--ood_samples", a.ood_samples, "--resize_factor", 0.54, "--resize_fix",
-             "--one_class_idx", run.cls, "--seed", run.seed, "--load_path", run.path(model),
+             *class_flags(run.cls, multi_class_flags(a)), "--seed", run.seed, "--load_path", run.path(model),
              "--save_results", run.path(results), "--save_scores_csv", run.path(scores))
     if a.resnet_width is not None:
         cmd += ["--resnet_width", str(a.resnet_width)]
@@ -627,6 +699,11 @@ def eval_command(a, run, model="last.model", results="results.json", scores="sco
     if a.device:
         cmd += ["--device", a.device]
     return cmd
+
+
+def multi_class_flags(a):
+    """train.py's and eval.py's flags for the multi-class setting."""
+    return ["--one_class_idx", "None"] + (["--ood_dataset", *a.ood_dataset] if a.ood_dataset else [])
 
 
 def needs_dissolver(run):
@@ -754,7 +831,7 @@ def draw_run_figures(run, dissolver):
     """The run's figures; a figure that cannot be drawn is a note, not a failure."""
     from evals import plots
 
-    title = f"{run.dataset} class {run.cls}, {run.transformation} {run.resolution}px, seed {run.seed}"
+    title = f"{run.dataset} {class_text(run.cls)}, {run.transformation} {run.resolution}px, seed {run.seed}"
     jobs = [("roc.png", plots.plot_roc, "scores.csv"), ("score_hist.png", plots.plot_score_hist, "scores.csv"),
             ("loss_curves.png", plots.plot_loss_curves, "scalars.csv")]
     if run.best is not None:  # train.py evaluated during training and kept best_CSI.model
@@ -792,10 +869,13 @@ def draw_comparisons(a, runs):
             groups.setdefault((r.dataset, r.cls), {}).setdefault(column_key(r), []).append(r.path("scores.csv"))
     labels = column_labels(runs)
     for (dataset, cls), by_col in groups.items():
-        out = os.path.join(a.out, f"{dataset}_class{cls}_roc.png")
+        which = "multi_class" if cls is None else f"class{cls}"
+        out = os.path.join(a.out, f"{dataset}_{which}_roc.png")
+        what = ("multi-class, in-distribution test set against every out-of-distribution set" if cls is None
+                else f"normal class {cls}")
         try:
             plots.plot_roc_comparison([(labels[k], v) for k, v in by_col.items()], out,
-                                      title=f"{dataset}, normal class {cls}: ROC per transformation")
+                                      title=f"{dataset}, {what}: ROC per transformation")
             written.append(out)
         except Exception as exc:  # noqa: BLE001
             from utils import warn
@@ -810,9 +890,10 @@ def draw_comparisons(a, runs):
 CSV_FIELDS = ["dataset", "one_class_idx", "transformation", "resolution", "seed", "status", "auroc_pooled",
               "auroc_one_class_mean", "auroc_per_class", "auroc_pooled_best", "auroc_one_class_mean_best",
               "best_epoch", "last_epoch", "best_selection_auroc", "train_seconds", "eval_seconds", "dissolver_gmacs",
-              "model", "reused", "run_dir", "error"]
+              "model", "reused", "run_dir", "error", "auroc_ood_mean", "auroc_per_ood", "auroc_ood_mean_best"]
 # auroc_*: last.model (the honest figure); auroc_*_best: best_CSI.model, the best on test (the paper's
-# selection), both by eval.py; best_selection_auroc: the test AUROC during training that selected it
+# selection), both by eval.py; best_selection_auroc: the test AUROC during training that selected it;
+# multi-class runs (one_class_idx None): auroc_ood_mean, auroc_per_ood (<set>:<AUROC>;...), auroc_ood_mean_best
 
 
 def csv_row(a, r):
@@ -820,7 +901,9 @@ def csv_row(a, r):
     per_class = ";".join(f"{k[len('one_class_'):]}:{v:.6g}" for k, v in auroc.items()
                          if k.startswith("one_class_") and k != "one_class_mean")
     best = r.best or {}
-    return {"dataset": r.dataset, "one_class_idx": r.cls, "transformation": r.transformation,
+    order = (r.results or {}).get("ood_dataset") or [k for k in auroc if k != "ood_mean"]  # eval.py's order
+    per_ood = ";".join(f"{k}:{auroc[k]:.6g}" for k in order if k in auroc) if r.multi else ""
+    return {"dataset": r.dataset, "one_class_idx": "None" if r.multi else r.cls, "transformation": r.transformation,
             "resolution": r.resolution, "seed": r.seed, "status": r.status,
             "auroc_pooled": num(auroc.get("pooled")), "auroc_one_class_mean": num(auroc.get("one_class_mean")),
             "auroc_per_class": per_class,
@@ -831,7 +914,9 @@ def csv_row(a, r):
             "train_seconds": "" if r.train_seconds is None else r.train_seconds,
             "eval_seconds": "" if r.eval_seconds is None else r.eval_seconds,
             "dissolver_gmacs": "" if r.gmacs is None else r.gmacs, "model": r.model, "reused": int(r.reused),
-            "run_dir": rel(r.dir, a.out), "error": r.error}
+            "run_dir": rel(r.dir, a.out), "error": r.error,
+            "auroc_ood_mean": num(auroc.get("ood_mean")) if r.multi else "", "auroc_per_ood": per_ood,
+            "auroc_ood_mean_best": num(best.get("auroc", {}).get("ood_mean")) if r.multi else ""}
 
 
 def num(v):
@@ -867,19 +952,26 @@ def md_escape(text, limit=None, first_clause=False):
     return text.replace("|", "\\|")
 
 
-def pooled_auroc(r, which="last"):
-    """eval.py's pooled AUROC of a finished run's last.model or best_CSI.model (None: none)."""
+def pooled_auroc(r, which="last", key="pooled"):
+    """eval.py's pooled AUROC (or its ``key``) of a finished run's last.model or best_CSI.model
+    (None: none)."""
     if r.status != "ok":
         return None
     auroc = r.results["auroc"] if which == "last" else (r.best or {}).get("auroc", {})
-    return auroc.get("pooled")
+    return auroc.get(key)
 
 
-def summary_cell(group, which="last"):
-    """``mean ± std (n)`` of the pooled AUROC (std: numpy's, over the seeds that finished)."""
+def headline_auroc(r, which="last"):
+    """The AUROC a run is summed up by: pooled (one-class), the mean over the
+    out-of-distribution sets (multi-class)."""
+    return pooled_auroc(r, which, "ood_mean" if r.multi else "pooled")
+
+
+def summary_cell(group, which="last", key="pooled"):
+    """``mean ± std (n)`` of the pooled AUROC, or of ``key`` (std: numpy's, over the seeds that finished)."""
     import numpy as np
 
-    ok = [float(v) for v in (pooled_auroc(r, which) for r in group) if v is not None]
+    ok = [float(v) for v in (pooled_auroc(r, which, key) for r in group) if v is not None]
     failed = [r for r in group if r.status == "failed"]
     if not ok:
         if failed:
@@ -893,7 +985,8 @@ def summary_cell(group, which="last"):
 
 def summary_table(runs, which="last"):
     """The "Different transformations" table of ``last.model`` or (``which="best"``) of
-    ``best_CSI.model``: rows dataset (and class), columns transformations."""
+    ``best_CSI.model``: rows dataset (and class), columns transformations. One-class runs only."""
+    runs = [r for r in runs if not r.multi]
     labels = column_labels(runs)
     classes = {r.cls for r in runs}
     rows = list(dict.fromkeys((r.dataset, r.cls) for r in runs))
@@ -907,6 +1000,51 @@ def summary_table(runs, which="last"):
     return "\n".join(lines)
 
 
+def multi_class_table(runs, which="last"):
+    """CSI's unlabeled multi-class table of ``last.model`` or (``which="best"``) ``best_CSI.model``:
+    one row per dataset and transformation, one column per out-of-distribution set, then their
+    mean; cells mean ± std (n) over seeds."""
+    runs = [r for r in runs if r.multi]
+    labels = column_labels(runs)
+    names = list(dict.fromkeys(n for r in runs for n in r.ood_names))
+    lines = ["| Dataset | Transformation | " + " | ".join(names + ["mean"]) + " |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for dataset in dict.fromkeys(r.dataset for r in runs):
+        for key, label in labels.items():
+            group = [r for r in runs if r.dataset == dataset and column_key(r) == key]
+            if group:
+                cells = [summary_cell(group, which, name) for name in names + ["ood_mean"]]
+                lines.append(f"| {dataset} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def multi_class_runs_table(runs):
+    """One row per multi-class run: its AUROC per out-of-distribution set and their mean."""
+    runs = [r for r in runs if r.multi]
+    names = list(dict.fromkeys(n for r in runs for n in r.ood_names))
+    lines = ["| dataset | transformation | res | seed | " + " | ".join(names) + " | mean (last) | "
+             "mean (best on test) | best epoch / last | train s | eval s | dissolver GMACs | status |",
+             "|---|---|---|---|" + "---|" * (len(names) + 7)]
+    for r in runs:
+        auroc = (r.results or {}).get("auroc", {})
+        best = r.best or {}
+        epochs = f"{best['epoch']} / {best['last_epoch']}" if best else ""
+        lines.append(f"| {r.dataset} | {r.transformation} | {r.resolution} | {r.seed} | "
+                     + " | ".join(fmt(auroc.get(n)) for n in names)
+                     + f" | {fmt(auroc.get('ood_mean'))} | {fmt(best.get('auroc', {}).get('ood_mean'))} | {epochs} | "
+                       f"{fmt(r.train_seconds, 1)} | {fmt(r.eval_seconds, 1)} | {fmt(r.gmacs, 3)} | {run_status(r)} |")
+    return "\n".join(lines)
+
+
+def run_status(r):
+    if r.status == "ok":
+        status = "ok (reused)" if r.reused else "ok"
+        if r.notes:
+            status += "; " + md_escape("; ".join(r.notes), 200)
+        return status
+    return r.status if r.status != "failed" else "failed: " + md_escape(r.error, 300)
+
+
 def fmt(v, digits=3):
     return "" if v is None or v == "" else f"{float(v):.{digits}f}"
 
@@ -916,13 +1054,10 @@ def runs_table(a, runs):
              "AUROC pooled (best on test) | best epoch / last | train s | eval s | dissolver GMACs | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
+        if r.multi:
+            continue  # multi_class_runs_table
         auroc = (r.results or {}).get("auroc", {})
-        if r.status == "ok":
-            status = "ok (reused)" if r.reused else "ok"
-            if r.notes:
-                status += "; " + md_escape("; ".join(r.notes), 200)
-        else:
-            status = r.status if r.status != "failed" else "failed: " + md_escape(r.error, 300)
+        status = run_status(r)
         best = r.best or {}
         epochs = f"{best['epoch']} / {best['last_epoch']}" if best else ""
         lines.append(f"| {r.dataset} | {r.cls} | {r.transformation} | {r.resolution} | {r.seed} | "
@@ -943,6 +1078,36 @@ def write_tables(a, runs, command):
         "",
         f"Command: `{command}`",
         "",
+    ]
+    if any(not r.multi for r in runs):
+        text += one_class_sections(a, runs)
+    if any(r.multi for r in runs):
+        text += multi_class_sections(a, runs)
+    text += [
+        "## Budget",
+        "",
+        f"- train.py: model {', '.join(sorted({r.model for r in runs}))}, "
+        + ", ".join((k if v is True else f"{k} {v}") for k, v in budget.items() if v not in (None, [], False)),
+        f"- eval.py: ood_samples {a.ood_samples}, resize_factor 0.54 (fixed)",
+        (f"- checkpoint selection (train.py's evaluation during training, as the paper's): every {a.save_step} "
+         f"epoch(s), CSI score, {a.selection_samples} sample(s), crop scale in [0.54, 1], "
+         + (f"at most {a.selection_max_images}" if a.selection_max_images else "all")
+         + " normal training and test images" if a.selection else "- checkpoint selection: off (--no_selection)"),
+        f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_train_steps} optimiser steps of {a.ddpm_grad_accum} x "
+        f"{a.ddpm_batch_size} images (the paper's: 156,250 of 2 x 256, dim 64)",
+        "- std: numpy's (population) standard deviation over the seeds; MACs: one dissolving call on one image "
+        "(thop, as train_eval_ddpm.py --mode macs).",
+        "- figures per run: roc.png, score_hist.png (last.model), loss_curves.png, selection.png (test AUROC during "
+        "training and the selected epoch), dissolving.png (diffusion_*); "
+        "per dataset and class: <dataset>_class<i>_roc.png (multi-class: <dataset>_multi_class_roc.png)",
+        "",
+    ]
+    atomic_write_text("\n".join(text), os.path.join(a.out, "results.md"))
+
+
+def one_class_sections(a, runs):
+    """results.md's one-class part: the paper's "Different transformations" tables and the runs."""
+    return [
         "## Different transformations",
         "",
         "Pooled AUROC (normal test images against all others; eval.py --mode ood_pre --ood_score CSI, rotation), "
@@ -965,25 +1130,34 @@ def write_tables(a, runs, command):
         "",
         runs_table(a, runs),
         "",
-        "## Budget",
+    ]
+
+
+def multi_class_sections(a, runs):
+    """results.md's multi-class part: CSI's table (a column per out-of-distribution set) and the runs."""
+    return [
+        "## Unlabeled multi-class (CSI)",
         "",
-        f"- train.py: model {', '.join(sorted({r.model for r in runs}))}, "
-        + ", ".join((k if v is True else f"{k} {v}") for k, v in budget.items() if v not in (None, [], False)),
-        f"- eval.py: ood_samples {a.ood_samples}, resize_factor 0.54 (fixed)",
-        (f"- checkpoint selection (train.py's evaluation during training, as the paper's): every {a.save_step} "
-         f"epoch(s), CSI score, {a.selection_samples} sample(s), crop scale in [0.54, 1], "
-         + (f"at most {a.selection_max_images}" if a.selection_max_images else "all")
-         + " normal training and test images" if a.selection else "- checkpoint selection: off (--no_selection)"),
-        f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_train_steps} optimiser steps of {a.ddpm_grad_accum} x "
-        f"{a.ddpm_batch_size} images (the paper's: 156,250 of 2 x 256, dim 64)",
-        "- std: numpy's (population) standard deviation over the seeds; MACs: one dissolving call on one image "
-        "(thop, as train_eval_ddpm.py --mode macs).",
-        "- figures per run: roc.png, score_hist.png (last.model), loss_curves.png, selection.png (test AUROC during "
-        "training and the selected epoch), dissolving.png (diffusion_*); "
-        "per dataset and class: <dataset>_class<i>_roc.png",
+        "AUROC of the in-distribution test set (every class normal) against each out-of-distribution set, and "
+        "their mean (eval.py --mode ood_pre --ood_score CSI, rotation; CSI's layout), mean ± std over seeds "
+        "(number of finished runs).",
+        "",
+        "### last.model: the model at the end of training (the honest figure)",
+        "",
+        multi_class_table(runs),
+        "",
+        f"### {BEST_FILE}: {BEST_LABEL}",
+        "",
+        *(["Chosen during training by the highest mean AUROC over the out-of-distribution sets of train.py's "
+           "evaluation, on the test sets themselves: an optimistic figure.",
+           "",
+           multi_class_table(runs, "best")] if a.selection else ["Not computed (--no_selection)."]),
+        "",
+        "## Runs (multi-class)",
+        "",
+        multi_class_runs_table(runs),
         "",
     ]
-    atomic_write_text("\n".join(text), os.path.join(a.out, "results.md"))
 
 
 # --------------------------------------------------------------------------- main
@@ -1055,15 +1229,16 @@ def run_all(a, runs, argv):
         CURRENT["what"] = f"working on {run.label}"
         execute(a, run, dissolvers)
         if run.status == "ok":
-            auroc = run.results["auroc"]["pooled"]
+            auroc = headline_auroc(run)
             if run.reused:
                 what = "finished before, skipped"
             else:
                 trained = "trained" if run.train_seconds is None else f"trained {run.train_seconds:.0f} s"
                 what = f"{trained}, evaluated {run.eval_seconds:.0f} s"
-            best = pooled_auroc(run, "best")
+            best = headline_auroc(run, "best")
             best = f", {best:.3f} (best on test, epoch {run.best['epoch']})" if best is not None else ""
-            print(f" {what}; AUROC {auroc:.3f} (last){best} ({time.time() - t0:.0f} s)", flush=True)
+            kind = "AUROC mean over the out-of-distribution sets" if run.multi else "AUROC"
+            print(f" {what}; {kind} {auroc:.3f} (last){best} ({time.time() - t0:.0f} s)", flush=True)
             for note in run.notes:
                 print(f"    note: {note}", flush=True)
         else:
@@ -1075,12 +1250,15 @@ def run_all(a, runs, argv):
 
     n_failed = sum(r.status == "failed" for r in runs)
     print()
-    print("last.model (the honest figure):")
-    print(summary_table(runs))
-    if a.selection:
-        print(f"\n{BEST_FILE}, {BEST_LABEL}:")
-        print(summary_table(runs, "best"))
-    print()
+    for table, multi in ((summary_table, False), (multi_class_table, True)):
+        if not any(r.multi == multi for r in runs):
+            continue
+        print(("multi-class, " if multi else "") + "last.model (the honest figure):")
+        print(table(runs))
+        if a.selection:
+            print(f"\n{BEST_FILE}, {BEST_LABEL}:")
+            print(table(runs, "best"))
+        print()
     print(f"{len(runs) - n_failed} of {len(runs)} run(s) finished, {n_failed} failed; {time.time() - t_all:.0f} s. "
           f"Tables: {os.path.join(a.out, 'results.md')}, {os.path.join(a.out, 'results.csv')}", flush=True)
     return 1 if n_failed else 0

@@ -1,5 +1,9 @@
 """Train a contrastive one-class model: CSI (``--mode simclr_CSI``) or DIA (``--mode simclr_DIA``).
 
+Without a normal class (``--one_class_idx`` left out on cifar10 / imagenet or with ``--ood_dataset``,
+or ``--one_class_idx None``) it is CSI's unlabeled multi-class setting: the whole training set is
+normal, and the evaluation during training scores each ``--ood_dataset`` against the test set.
+
 Writes ``last.model`` (the model at the end: the honest figure) and, as the paper's train.py,
 evaluates on the test set every ``--save_step`` epochs and keeps the best as ``best_CSI.model``
 (``selection.json`` says which rule produced which file; ``--no_eval`` skips it).
@@ -30,7 +34,7 @@ from utils import Logger, atomic_write_json, lock_folder, remove_stale_temps, se
 # flags that are no setting of a run: names of folders and files, eval.py's own flags, derived values
 NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "program", "dissolve_type", "base_shift",
                     "K_shift", "ood_score", "ood_layer", "ood_batch_size", "print_score", "save_score",
-                    "save_results", "save_scores_csv", "score_folder", "threshold_quantile")
+                    "save_results", "save_scores_csv", "score_folder", "threshold_quantile", "one_class_given")
 CREATION_ONLY = ("load_path", "no_strict")  # a warm start, applied when the run is created
 RUN_ID_KEYS = ("run_id", "resumed_from")  # what config.json holds besides the flags
 
@@ -42,7 +46,9 @@ def writes_it(name):
 
 
 def default_logdir(P):
-    name = f"{P.dataset}_{P.model}_{P.mode}_{P.shift_trans_type}_one_class_{P.one_class_idx}_seed{P.seed}"
+    # as CSI names its runs: the one-class part only when there is a normal class
+    setting = "" if P.one_class_idx is None else f"_one_class_{P.one_class_idx}"
+    name = f"{P.dataset}_{P.model}_{P.mode}_{P.shift_trans_type}{setting}_seed{P.seed}"
     if P.suffix:
         name += f"_{P.suffix}"
     return os.path.join("logs", name)
@@ -205,18 +211,29 @@ def build_dissolve(P, device, info):
         return None
     from models.dissolve import make_dissolve_fn
 
-    return make_dissolve_fn(P.shift_trans_type, P, device, info.native_kind)
+    dissolve = make_dissolve_fn(P.shift_trans_type, P, device, info.native_kind)
+    described = getattr(dissolve, "info", None)  # a dissolver checkpoint's description (models/dissolve.py)
+    meta = (described.get("meta") or {}) if isinstance(described, dict) else {}
+    if P.one_class_idx is None and meta.get("dataset") == P.dataset and meta.get("one_class_idx") is not None:
+        from utils import warn
+
+        warn(f"the dissolver {P.diffusion_model_path} was trained on class {meta['one_class_idx']} of {P.dataset} "
+             f"only, this run is multi-class (every class normal; train_eval_ddpm.py --all_classes trains one on "
+             f"all of them); dissolving with it anyway")
+    return dissolve
 
 
-def make_evaluate(P, normal_train, test_set, device):
+def make_evaluate(P, normal_train, test_set, device, ood_sets=None):
     """The evaluation during training that selects ``best_CSI.model`` (``evals.selection``):
-    by default the paper's (CSI, 10 samples, crop scale in [0.54, 1], the full sets)."""
+    by default the paper's (CSI, 10 samples, crop scale in [0.54, 1], the full sets); in the
+    multi-class setting against ``ood_sets`` (``datasets.ood.load_ood_sets``)."""
     from evals.selection import SelectionEvaluation
 
     return SelectionEvaluation(normal_train, test_set, P.one_class_idx, device, n_shifts=P.K_shift,
                                samples=P.ood_samples, resize_factor=P.eval_resize_factor,
                                resize_fix=P.eval_resize_fix, max_train=P.eval_max_train,
-                               max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=P.amp, seed=P.seed)
+                               max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=P.amp, seed=P.seed,
+                               ood_sets=ood_sets, interp_batch=P.test_batch_size)
 
 
 class Interrupted(Exception):
@@ -303,6 +320,11 @@ def train_locked(P, device, logdir, inputs, stale=()):
                                             aptos_all_grades=P.aptos_all_grades)
     normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx,
                                              contamination_ratio=P.contamination_ratio, seed=P.seed)
+    ood_sets = None
+    if P.one_class_idx is None and not P.no_eval:  # read now: missing data stops the run before training
+        from datasets.ood import load_ood_sets
+
+        ood_sets = load_ood_sets(P.ood_dataset, P.data_root, info)
     if P.model.endswith("_imagenet") and info.image_size[0] < 64:
         from utils import warn
 
@@ -354,18 +376,24 @@ def train_locked(P, device, logdir, inputs, stale=()):
         "arch": P.model, "n_classes": info.n_classes, "n_shifts": P.K_shift, "simclr_dim": P.simclr_dim,
         "resnet_width": P.resnet_width,
         "dataset": P.dataset, "one_class_idx": P.one_class_idx, "image_size": list(info.image_size),
+        "setting": "one_class" if P.one_class_idx is not None else "multi_class",
+        "ood_dataset": None if P.one_class_idx is not None else list(P.ood_dataset or []),
         "class_names": list(info.class_names), "native_kind": info.native_kind,
     }
     what = {"same": f"; resuming after epoch {trainer.epoch} (step {trainer.step})",
             "new": f"; continuing {resume_file} (epoch {trainer.epoch}, step {trainer.step}) as a new run",
             "restart": "; restarting: the interrupted attempt wrote no checkpoint"}.get(placement, "")
-    logger.log(f"run folder {logdir}; device {device}; {len(normal_train)} training images of class "
-               f"{P.one_class_idx} ({info.class_names[P.one_class_idx]}); {len(test_set)} test images; "
+    if P.one_class_idx is None:
+        normal = (f"{len(normal_train)} training images of all {info.n_classes} classes (unlabeled multi-class "
+                  f"setting)")
+    else:
+        normal = f"{len(normal_train)} training images of class {P.one_class_idx} ({info.class_names[P.one_class_idx]})"
+    logger.log(f"run folder {logdir}; device {device}; {normal}; {len(test_set)} test images; "
                f"mode {P.mode}, shift {P.shift_trans_type}" + what)
     if stale or logger.dropped_rows or logger.dropped_log_bytes:
         logger.log(f"an interrupted attempt left {len(stale)} temporary file(s), {logger.dropped_rows} scalars.csv "
                    f"row(s) and {logger.dropped_log_bytes} bytes of log.txt past this point: removed")
-    evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device)
+    evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device, ood_sets)
     try:
         last = trainer.fit(normal_train, logger, meta, evaluate=evaluate)
     finally:

@@ -25,9 +25,23 @@ OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar")
 # train.py --resume_path: the flags a resumed run may change (its budget, logging, where it runs and
 # where the data lie); any other difference from the saved flags is refused (train.py)
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "num_workers", "data_root")
+# --one_class_idx None: the unlabeled multi-class setting, asked for by name (as CSI's README says it)
+MULTI_CLASS = "None"
+
+
+def class_index(text):
+    """``--one_class_idx``: a whole number, or ``None`` (any case) for the multi-class setting."""
+    if str(text).strip().lower() == "none":
+        return MULTI_CLASS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class index or None, got {text!r}") from None
 
 
 def build_parser(program="train"):
+    from datasets.ood import CIFAR10_OOD, IMAGENET30_OOD
+
     p = argparse.ArgumentParser(
         prog=f"{program}.py",
         description=("DIA (Dissolving Is Amplifying) on top of CSI: "
@@ -38,9 +52,18 @@ def build_parser(program="train"):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synth_lesion",
                    help="dataset name (see README: covid, kvasir, retina, aptos, breakhis, chestxray, pneumoniamnist, "
-                        "breastmnist, chestmnist, cifar10, cifar100, imagefolder, digits, synth_lesion)")
+                        "breastmnist, chestmnist, cifar10, cifar100, imagefolder, digits, synth_lesion; imagenet: "
+                        "CSI's ImageNet-30)")
     g.add_argument("--data_root", default="../data", help="folder that holds the datasets in their distributed layout")
-    g.add_argument("--one_class_idx", type=int, default=0, help="index of the normal class")
+    g.add_argument("--one_class_idx", type=class_index, default=None,
+                   help="index of the normal class (one-class setting). Left out: CSI's unlabeled multi-class "
+                        "setting (every training image normal, each --ood_dataset the anomalies) where there are "
+                        "out-of-distribution sets (cifar10, imagenet, or --ood_dataset given), else class 0; "
+                        "None: the multi-class setting always")
+    g.add_argument("--ood_dataset", nargs="+", default=None, metavar="NAME",
+                   help="multi-class setting: the out-of-distribution sets, each scored against the in-distribution "
+                        "test set (default CSI's: cifar10 " + " ".join(CIFAR10_OOD) + "; imagenet "
+                        + " ".join(IMAGENET30_OOD) + " (train.py: the first three, as CSI's train.py))")
     g.add_argument("--img_size", type=int, default=None, help="imagefolder only: side the images are resized to (default 224)")
     g.add_argument("--contamination_ratio", type=float, default=0.0,
                    help="fraction r of the training set drawn from other classes (adds r/(1-r) times as many)")
@@ -255,10 +278,50 @@ def normalise_args(P):
     if P.kernel_size < 1 or P.kernel_size % 2 == 0:
         raise UserError(f"--kernel_size must be a positive odd number, got {P.kernel_size}")
 
+    resolve_setting(P)
+
     P.K_shift = 1 if P.base_shift == "none" else 4
     if P.program == "train" and P.K_shift > 1 and P.batch_size * P.K_shift != 128:
         from utils import warn
 
         warn(f"CSI uses --batch_size {128 // P.K_shift} with {P.K_shift} shifts "
              f"(128 views per chunk); running with --batch_size {P.batch_size}")
+    return P
+
+
+def resolve_setting(P):
+    """One-class or CSI's unlabeled multi-class setting, from ``--one_class_idx`` and ``--ood_dataset``.
+
+    ``P.one_class_idx`` becomes the class (int) or ``None`` (multi-class); ``P.one_class_given``
+    says whether the flag was on the command line; in the multi-class setting ``P.ood_dataset``
+    becomes the list of out-of-distribution sets (CSI's defaults when left out).
+    """
+    given = P.one_class_idx is not None
+    P.one_class_given = given
+    if P.one_class_idx == MULTI_CLASS:
+        P.one_class_idx = None
+    elif not given:  # left out: multi-class where there is something to score against, as CSI
+        from datasets.ood import default_ood_names
+
+        P.one_class_idx = None if (P.ood_dataset or default_ood_names(P.dataset, P.program)) else 0
+    if P.one_class_idx is not None:
+        if P.ood_dataset:
+            raise UserError(f"--ood_dataset belongs to the unlabeled multi-class setting; with --one_class_idx "
+                            f"{P.one_class_idx} every other class of {P.dataset} is the anomaly: leave out one of "
+                            f"the two")
+        return P
+    from datasets.ood import check_ood_names, default_ood_names
+
+    if P.contamination_ratio:
+        raise UserError(f"--contamination_ratio {P.contamination_ratio} needs a normal class: in the multi-class "
+                        f"setting every training image is normal (give --one_class_idx)")
+    names = P.ood_dataset if P.ood_dataset is not None else list(default_ood_names(P.dataset, P.program))
+    P.ood_dataset = check_ood_names(names, P.dataset)
+    needs_sets = P.program == "eval" and not P.score_folder or P.program == "train" and not P.no_eval
+    if needs_sets and not P.ood_dataset:
+        what = ("train.py's evaluation during training" if P.program == "train"
+                else "the multi-class setting")
+        extra = ", or --no_eval" if P.program == "train" else ""
+        raise UserError(f"{what} scores out-of-distribution sets and {P.dataset} has no default ones: name them "
+                        f"with --ood_dataset NAME ... (e.g. svhn lsun_fix interp){extra}")
     return P

@@ -13,11 +13,14 @@ from .medmnist_sets import MEDMNIST_NAMES
 DATASET_NAMES = ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray",
                  "pneumoniamnist", "breastmnist", "chestmnist",
                  "cifar10", "cifar100", "imagefolder", "digits", "synth_lesion")
+# CSI's ImageNet-30 (its unlabeled multi-class benchmark; datasets/ood.py reads it)
+EXTRA_DATASET_NAMES = ("imagenet",)
+ALL_DATASET_NAMES = DATASET_NAMES + EXTRA_DATASET_NAMES
 
 FOLDER_SIZE = 224                      # the paper's 224-px datasets
 _NATIVE_SIZE = {**{n: FOLDER_SIZE for n in ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray")},
                 **{n: 28 for n in MEDMNIST_NAMES},
-                "cifar10": 32, "cifar100": 32, "digits": 32, "synth_lesion": 32}
+                "cifar10": 32, "cifar100": 32, "digits": 32, "synth_lesion": 32, "imagenet": FOLDER_SIZE}
 
 
 def _parse_size(name: str, image_size) -> Tuple[int, int]:
@@ -47,7 +50,8 @@ APTOS_ALL_NOTE = ("aptos: --aptos_all_grades, anomalies are grades 1-4 (the pape
 
 def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: int = 0,
                 aptos_all_grades: bool = False) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
-    """Train set, test set and :class:`DatasetInfo` of dataset ``name`` (see ``DATASET_NAMES``).
+    """Train set, test set and :class:`DatasetInfo` of dataset ``name`` (see ``ALL_DATASET_NAMES``;
+    ``imagenet`` is CSI's ImageNet-30, ``datasets.ood.load_imagenet30``).
 
     ``image_size`` is the resize target of ``imagefolder`` (default 224); the other datasets
     have a fixed size and accept only ``None`` or that size. ``seed`` drives ``synth_lesion``'s
@@ -58,8 +62,8 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
     one line on stdout says which is used.
     Nothing is ever downloaded; a missing or bad dataset is a :class:`UserError`.
     """
-    if not isinstance(name, str) or name not in DATASET_NAMES:
-        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if not isinstance(name, str) or name not in ALL_DATASET_NAMES:
+        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(ALL_DATASET_NAMES)}")
     if aptos_all_grades and name != "aptos":
         print(f"warning: --aptos_all_grades applies to --dataset aptos only; ignored for {name}",
               file=sys.stderr, flush=True)
@@ -73,6 +77,9 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
         raise UserError(f"dataset '{name}' always has {native}x{native} images; image size {image_size!r} "
                         f"applies only to 'imagefolder' (leave it unset for '{name}')")
 
+    if name == "imagenet":
+        from .ood import load_imagenet30
+        return load_imagenet30(data_root)
     if name in FOLDER_SPECS:
         loaded = load_folder_dataset(folder_spec(name, aptos_all_grades), data_root, (native, native))
         if name == "aptos":

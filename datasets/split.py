@@ -1,4 +1,5 @@
-"""``one_class_split``: the normal-class training set of one-class anomaly detection."""
+"""``one_class_split``: the normal-class training set of one-class anomaly detection (or, with no
+class, the whole training set of CSI's unlabeled multi-class setting)."""
 from __future__ import annotations
 
 import math
@@ -23,10 +24,18 @@ def one_class_split(train_set: ImageDataset, test_set: ImageDataset, info: Datas
                     contamination_ratio: float = 0.0, seed: int = 0) -> Tuple[ImageDataset, ImageDataset]:
     """Training images of class ``one_class_idx`` (plus optional contamination) and the full test set.
 
+    ``one_class_idx=None`` is CSI's unlabeled multi-class setting: every training image is
+    normal, so the whole training set is returned (no contamination possible).
+
     With ``contamination_ratio`` r in [0, 1), ``round(r / (1 - r) * n_normal)`` training images
     of other classes, chosen by ``numpy.random.RandomState(seed)``, are appended (normal
     images first), keeping their own labels. The result shares storage with ``train_set``.
     """
+    if one_class_idx is None:
+        if contamination_ratio:
+            raise UserError(f"--contamination_ratio {contamination_ratio!r} needs a normal class: in the "
+                            f"multi-class setting every training image is normal (give --one_class_idx)")
+        return train_set, test_set
     names = ", ".join(f"{i}={n!r}" for i, n in enumerate(info.class_names))
     if isinstance(one_class_idx, bool) or not isinstance(one_class_idx, Integral) \
             or not 0 <= int(one_class_idx) < info.n_classes:

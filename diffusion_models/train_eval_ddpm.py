@@ -45,7 +45,8 @@ def default_one_class_idx(dataset):
 
 
 def default_save_path(dataset, one_class_idx, resolution):
-    return os.path.join(_HERE, "ckpts", f"{dataset}_{one_class_idx}_{resolution}px.pt")
+    cls = "all" if one_class_idx is None else one_class_idx  # None: every class (--all_classes)
+    return os.path.join(_HERE, "ckpts", f"{dataset}_{cls}_{resolution}px.pt")
 
 
 def build_parser():
@@ -53,8 +54,11 @@ def build_parser():
     p.add_argument("--mode", choices=["train", "eval", "macs"], default="train")
     p.add_argument("--dataset", default=None, help="dataset name (required for train and eval)")
     p.add_argument("--data_root", default="../data")
-    p.add_argument("--one_class_idx", type=int, default=None,
+    p.add_argument("--one_class_idx", "--on_label", type=int, default=None,
                    help="normal class (default: 1 for covid, the non-COVID folder; else 0; eval: the checkpoint's)")
+    p.add_argument("--all_classes", action="store_true",
+                   help="train: on every class of the training split (CSI's unlabeled multi-class setting; the "
+                        "paper's script does this for CIFAR without --on_label); the checkpoint records class None")
     p.add_argument("--image_size", type=int, nargs="+", default=None,
                    help="dissolving resolution (train: default 32; macs: list, default 32 64 128)")
     p.add_argument("--batch_size", type=int, default=256, help="images per micro-batch (the paper's 16 * 16)")
@@ -143,16 +147,11 @@ RECIPE_KEYS = ("batch_size", "grad_accum", "lr", "grad_clip", "ema_decay", "ema_
 
 
 def _check_writable(path, flag="--save_path"):
-    """Fail before any work when ``path`` cannot be written."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder; give a file name inside it")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the folder of {flag} {path} ({exc.strerror}); choose another {flag}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into {folder} (permission denied); choose another {flag}")
+    """Fail before any work when ``path`` cannot be written (a real write probe: as root,
+    ``os.access`` says yes even on read-only file systems)."""
+    from common.paths import check_output_file
+
+    check_output_file(path, flag)
 
 
 def accumulate_and_step(diffusion, opt, micro_batches, grad_clip):
@@ -196,6 +195,7 @@ def _lock_save_path(save_path, held):
     folder, name = os.path.split(os.path.abspath(save_path))
     created = None if os.path.isdir(folder) else folder
     _check_writable(save_path)
+    os.makedirs(folder, exist_ok=True)
     held.append(ProcessLock(os.path.join(folder, f".{name}.lock"), f"--save_path {save_path}",
                             "another train_eval_ddpm.py is training it: wait for it to end, or choose another "
                             "--save_path", remove_folder=created).acquire())
@@ -222,7 +222,13 @@ def _train(args, held):
     device = pick_device(args.device)
     if not args.dataset:
         raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
-    idx = default_one_class_idx(args.dataset) if args.one_class_idx is None else args.one_class_idx
+    if args.all_classes and args.one_class_idx is not None:
+        raise UserError(f"--all_classes trains on every class; --one_class_idx {args.one_class_idx} names one: "
+                        f"leave out one of the two")
+    if args.all_classes:
+        idx = None
+    else:
+        idx = default_one_class_idx(args.dataset) if args.one_class_idx is None else args.one_class_idx
     save_path = args.save_path or default_save_path(args.dataset, idx, resolution)
     _lock_save_path(save_path, held)  # before looking at it: what is there cannot change under us
     if args.resume and not os.path.exists(save_path):
@@ -242,14 +248,20 @@ def _train(args, held):
                             "(only --train_steps and --save_every may change) or another --save_path")
         meta = ckpt["meta"]
         if meta.get("dataset") != args.dataset or meta.get("one_class_idx") != idx:
-            raise UserError(f"--resume: {save_path} was trained on {meta.get('dataset')} class "
-                            f"{meta.get('one_class_idx')}, not {args.dataset} class {idx}; use another --save_path")
+            def what(c):
+                return "all classes" if c is None else f"class {c}"
+
+            raise UserError(f"--resume: {save_path} was trained on {meta.get('dataset')} "
+                            f"{what(meta.get('one_class_idx'))}, not {args.dataset} {what(idx)}; use another "
+                            f"--save_path")
         if ckpt["train_state"] is None:
             raise UserError(f"--resume: {save_path} holds no training state; start over with --overwrite")
 
     train_set, test_set, info = _load_data(args)
-    _check_class(idx, info)
-    normal_train, _ = one_class_split(train_set, test_set, info, idx)
+    if idx is not None:
+        _check_class(idx, info)
+    normal_train, _ = one_class_split(train_set, test_set, info, idx)  # idx None: the whole training split
+    class_text = "all classes" if idx is None else f"class {idx} ({info.class_names[idx]})"
     n = len(normal_train)
     images = ddpm_training_images(normal_train, info.native_kind, resolution,
                                   progress=lambda it: tqdm(it, desc="decoding originals", disable=args.no_progress,
@@ -280,7 +292,7 @@ def _train(args, held):
 
     n_micro = (n + args.batch_size - 1) // args.batch_size
     per_step = args.batch_size * args.grad_accum
-    print(f"dissolver: {args.dataset} class {idx} ({info.class_names[idx]}), {n} normal training images "
+    print(f"dissolver: {args.dataset} {class_text}, {n} normal training images "
           f"({info.native_kind}) -> {resolution} px, {args.train_steps} optimiser steps of {args.grad_accum} x "
           f"{args.batch_size} images ({per_step * args.train_steps / max(n, 1):.1f} passes over the data), "
           f"milestone every {args.save_every} steps, device {device}, "
@@ -294,7 +306,8 @@ def _train(args, held):
             "rng": dict(rng_state(), flip=flip_gen.get_state()), "recipe": recipe,
         }
         meta = {
-            "dataset": args.dataset, "one_class_idx": idx, "class_name": str(info.class_names[idx]),
+            "dataset": args.dataset, "one_class_idx": idx,
+            "class_name": "all" if idx is None else str(info.class_names[idx]),
             "native_kind": info.native_kind, "package_version": package_version(),
             "steps": step, "milestone": step // args.save_every, "images_seen": step * per_step,
             "normal_train_images": n, "seed": args.seed, "batch_size": args.batch_size,
@@ -451,8 +464,32 @@ def dissolving_quality(dissolver, test_set, labels, idx, show, args, device):
 # --------------------------------------------------------------------------- macs
 
 
+def unet_macs(unet, size, channels=3):
+    """``(as_paper, all_convs)`` multiply-accumulates of one UNet call on one image (thop).
+
+    thop hooks modules by their exact type, so by default it skips the package's
+    ``WeightStandardizedConv2d`` (a ``Conv2d`` subclass): that count is the one the paper's
+    table reports. The second count adds those convolutions.
+    """
+    import thop
+    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import WeightStandardizedConv2d
+    from thop.vision.basic_hooks import count_convNd
+
+    x, t = torch.randn(1, channels, size, size), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        as_paper = thop.profile(unet, inputs=(x, t), verbose=False)[0]
+        every = thop.profile(unet, inputs=(x, t), verbose=False,
+                             custom_ops={WeightStandardizedConv2d: count_convNd})[0]
+    for m in unet.modules():  # thop leaves its counters on the modules
+        for name in ("total_ops", "total_params"):
+            if name in m._buffers:
+                del m._buffers[name]
+    return as_paper, every
+
+
 def macs(args):
     import thop
+    import torchvision
 
     from diffusion_models.ddpm import build_unet, read_dissolver_checkpoint, validate_config
 
@@ -460,31 +497,36 @@ def macs(args):
     base = None
     if args.diffusion_model_path:
         base = read_dissolver_checkpoint(args.diffusion_model_path, "cpu")["config"]
-    print("dissolver UNet cost per image (thop: convolutions, linear layers and norms; attention products "
-          "not counted)")
-    import torchvision
-
     with torch.no_grad():
         resnet_macs = thop.profile(torchvision.models.resnet18(weights=None), verbose=False,
                                    inputs=(torch.randn(1, 3, 224, 224),))[0]
+    print("dissolver UNet cost per image and call (thop; attention products not counted). 'thop' is thop's "
+          "default count, which skips the weight-standardised convolutions; 'all convolutions' adds them")
     for r in sizes:
         cfg = dict(base, image_size=r) if base else _config_from_args(args, r)
         validate_config(cfg)
         unet = build_unet(cfg).eval()
-        with torch.no_grad():
-            n_macs, n_params = thop.profile(unet, inputs=(torch.randn(1, cfg["channels"], r, r),
-                                                          torch.zeros(1, dtype=torch.long)), verbose=False)
+        n_params = sum(p.numel() for p in unet.parameters())
+        as_paper, every = unet_macs(unet, r, cfg["channels"])
         paper = PAPER_GMACS.get(r)
         paper_s = f"{paper:.2f} G" if paper else "-"
-        print(f"{r:>4} px: {n_macs / 1e9:6.2f} GMACs, {n_params / 1e6:.2f} M parameters; with ResNet-18 at 224 px "
-              f"({resnet_macs / 1e9:.2f} G): {(n_macs + resnet_macs) / 1e9:6.2f} G   (paper: {paper_s})")
-    print("note: the paper's 2.33 / 3.84 / 9.90 G equal 1.82 G (ResNet-18 at 224 px) + 0.51 / 2.02 / 8.08 G, "
-          "a part that grows 4x per doubling of the resolution as a UNet does")
+        print(f"{r:>4} px: thop {as_paper / 1e9:6.2f} GMACs, all convolutions {every / 1e9:6.2f} GMACs, "
+              f"{n_params / 1e6:.2f} M parameters; thop count + ResNet-18 at 224 px ({resnet_macs / 1e9:.2f} G): "
+              f"{(as_paper + resnet_macs) / 1e9:6.2f} G   (paper: {paper_s})")
+    print("note: the paper's 2.33 / 3.84 / 9.90 G are thop's default count of this UNet plus ResNet-18 at 224 px")
+
+
+# The paper's DDPM script names some datasets differently.
+PAPER_DATASET_NAMES = {"sars-covid": "covid", "pneumonia": "pneumoniamnist", "breast": "breastmnist",
+                       "chest": "chestmnist"}
 
 
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.dataset in PAPER_DATASET_NAMES:
+        print(f"note: --dataset {args.dataset} is the paper's name for {PAPER_DATASET_NAMES[args.dataset]}")
+        args.dataset = PAPER_DATASET_NAMES[args.dataset]
     if args.mode == "train":
         train(args)
     elif args.mode == "eval":

@@ -1,4 +1,10 @@
-"""CSI scoring (docs/method.md §4): features of shifted, augmented samples and the CSI score."""
+"""CSI scoring (docs/method.md §4): features of shifted, augmented samples and the CSI score.
+
+The one-class report is ``auroc_report`` (per other class, their mean, pooled); the unlabeled
+multi-class one is ``ood_report`` (per out-of-distribution set and their mean), as CSI's
+``evals/ood_pre.py`` computes them, with the weights and axes from the normal training images
+(in the multi-class setting: the whole training set).
+"""
 import contextlib
 
 import numpy as np
@@ -136,4 +142,12 @@ def auroc_report(scores, labels, normal_class):
     per_class = list(report.values())
     report["one_class_mean"] = float(np.mean(per_class)) if per_class else float("nan")
     report["pooled"] = auroc(normal, scores[labels != normal_class]) if per_class else float("nan")
+    return report
+
+
+def ood_report(scores_normal, scores_by_set):
+    """CSI's unlabeled multi-class AUROCs: per out-of-distribution set (``{name: AUROC}``, the
+    in-distribution test images as positives, in the order given) and their mean, ``"ood_mean"``."""
+    report = {name: auroc(scores_normal, s) for name, s in scores_by_set.items()}
+    report["ood_mean"] = float(np.mean(list(report.values()))) if report else float("nan")
     return report

@@ -64,6 +64,16 @@ def read_scores(scores_csv, score=None):
     return scores, normal, labels, name[len("score_"):]
 
 
+def read_sets(scores_csv):
+    """The ``set`` column of a multi-class scores CSV (the in-distribution dataset's name or an
+    out-of-distribution set's), or None for a one-class CSV without it."""
+    with open(scores_csv, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if "set" not in (reader.fieldnames or []):
+            return None
+        return np.array([r["set"] for r in reader], dtype=object)
+
+
 def read_scalars(scalars_csv):
     """``{tag: (steps, values)}`` from train.py's ``scalars.csv`` (columns step,tag,value,time)."""
     series = {}
@@ -117,6 +127,13 @@ def plot_roc(scores_csv, out_png, score=None, title=None):
     fpr, tpr, auc = roc_points(scores, normal)
     ax.plot(fpr, tpr, color=_COLOURS[0], linewidth=2, label=f"pooled: AUROC {auc:.3f}")
     other = sorted(set(labels[~normal].tolist()))
+    sets = read_sets(scores_csv)
+    if sets is not None:  # multi-class: the in-distribution test set against each out-of-distribution set
+        other = []
+        for i, name in enumerate(dict.fromkeys(sets[~normal].tolist())):
+            keep = normal | (sets == name)
+            f, t, a = roc_points(scores[keep], normal[keep])
+            ax.plot(f, t, color=_COLOURS[(i + 1) % len(_COLOURS)], linewidth=1, label=f"vs {name}: {a:.3f}")
     if len(other) > 1:
         normal_class = labels[normal][0]
         for i, c in enumerate(other):
@@ -251,7 +268,7 @@ def plot_selection(selection_json, out_png, title=None):
     if not evals or best is None:
         raise ValueError(f"{selection_json} records no evaluation during training")
     metric = best["metric"]
-    pooled = metric.replace("_one_class_mean", "_pooled")
+    pooled = metric.replace("_one_class_mean", "_pooled").replace("_ood_mean", "_pooled")
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     epochs = [e["epoch"] for e in evals]

@@ -7,10 +7,17 @@ training images as CSI axes and the **test** set, every ``--error_step`` epochs 
 every ``--save_step`` epochs, as the paper). The checkpoint with the highest test AUROC
 (CSI, mean over the ``one_class_*`` AUROCs) is kept as ``best_CSI.model``: a selection on
 the test set, reported beside ``last.model``, never instead of it.
+
+In CSI's unlabeled multi-class setting (``ood_sets`` given) the whole training set gives the
+axes, the in-distribution test set is normal and each out-of-distribution set is scored
+against it, as the paper's train.py does there; the selecting AUROC is their mean
+(``auroc_<score>_ood_mean``), and ``auroc_<score>_pooled`` is the test set against all of
+them together.
 """
+import numpy as np
 import torch
 
-from evals.ood_pre import auroc_report, csi_scores, extract_features
+from evals.ood_pre import auroc, auroc_report, csi_scores, extract_features, ood_report
 
 SELECTION_RULE = "highest test AUROC during training (the paper's selection: chosen on the test set)"
 
@@ -27,7 +34,7 @@ class SelectionEvaluation:
 
     def __init__(self, normal_train, test_set, normal_class, device, n_shifts=4, samples=10,
                  resize_factor=0.54, resize_fix=False, max_train=None, max_test=None, batch_size=100,
-                 amp=False, seed=0):
+                 amp=False, seed=0, ood_sets=None, interp_batch=100):
         g = torch.Generator().manual_seed(seed)
         self.train_set = _subset(normal_train, max_train, g)
         self.test_set = _subset(test_set, max_test, g)
@@ -35,23 +42,35 @@ class SelectionEvaluation:
         self.normal_class, self.device = normal_class, device
         self.scores = ("CSI", "simclr") if n_shifts == 4 else ("simclr",)
         self.score = self.scores[0]
-        self.metric = f"auroc_{self.score}_one_class_mean"
+        self.ood_sets = None
+        if ood_sets is not None:  # multi-class: interp made from the whole test set, each set capped like it
+            from datasets.ood import with_interp
+
+            self.ood_sets = {name: _subset(d, max_test, g)
+                             for name, d in with_interp(ood_sets, test_set, interp_batch).items()}
+        kind = "one_class_mean" if self.ood_sets is None else "ood_mean"
+        self.metric = f"auroc_{self.score}_{kind}"
         self.filename = f"best_{self.score}.model"
         self.samples, self.resize_factor, self.resize_fix = samples, resize_factor, resize_fix
         self.batch_size, self.amp = batch_size, amp
 
     def protocol(self):
         """What the evaluation computes, for the logs and for selection.json."""
-        return {"score": self.score, "shift": "rotation", "samples": self.samples,
-                "resize_factor": self.resize_factor, "resize_fix": self.resize_fix,
-                "n_train": len(self.train_set), "n_test": len(self.test_set), "split": "test",
-                "metric": self.metric}
+        doc = {"score": self.score, "shift": "rotation", "samples": self.samples,
+               "resize_factor": self.resize_factor, "resize_fix": self.resize_fix,
+               "n_train": len(self.train_set), "n_test": len(self.test_set), "split": "test",
+               "metric": self.metric}
+        if self.ood_sets is not None:
+            doc.update(setting="multi_class", n_ood={name: len(d) for name, d in self.ood_sets.items()})
+        return doc
 
     def describe(self):
         crop = (f"crop scale {self.resize_factor:g} fixed" if self.resize_fix
                 else f"crop scale in [{self.resize_factor:g}, 1]")
+        sets = ("" if self.ood_sets is None else
+                " against " + ", ".join(f"{name} ({len(d)})" for name, d in self.ood_sets.items()))
         return (f"{self.score} score, {self.samples} sample(s), {crop}, {len(self.train_set)} normal training / "
-                f"{len(self.test_set)} test images; {self.filename} keeps the highest test {self.metric}")
+                f"{len(self.test_set)} test images{sets}; {self.filename} keeps the highest test {self.metric}")
 
     def __call__(self, net, restore_rng=True):
         """AUROCs of ``net`` on the test set: ``auroc_<score>_one_class_mean``, ``..._pooled``
@@ -63,6 +82,15 @@ class SelectionEvaluation:
         f_tr = extract_features(net, self.train_set, **kw)
         f_te = extract_features(net, self.test_set, **kw)  # last: its draws are the ones left over
         metrics = {}
+        if self.ood_sets is not None:  # CSI's order: training, test, then each set
+            f_ood = {name: extract_features(net, d, **kw) for name, d in self.ood_sets.items()}
+            for score in self.scores:
+                s_id = csi_scores(f_tr, f_te, 4, score).numpy()
+                s_ood = {name: csi_scores(f_tr, f, 4, score).numpy() for name, f in f_ood.items()}
+                for key, v in ood_report(s_id, s_ood).items():
+                    metrics[f"auroc_{score}_{key}"] = v
+                metrics[f"auroc_{score}_pooled"] = auroc(s_id, np.concatenate(list(s_ood.values())))
+            return metrics
         for score in self.scores:
             rep = auroc_report(csi_scores(f_tr, f_te, 4, score).numpy(), self.labels, self.normal_class)
             for key, v in rep.items():

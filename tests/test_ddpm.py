@@ -407,3 +407,34 @@ def test_macs_split_weight_standardised_convolutions():
         h.remove()
     assert len(ws) > 0 and every - as_paper == pytest.approx(sum(ws), rel=1e-6)
     assert "total_ops" not in dict(unet.named_buffers())  # thop's counters removed
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch, mode):
+    """/proc cannot hold new files: the DDPM says so before it trains or draws anything."""
+    from diffusion_models import train_eval_ddpm as script
+
+    ckpt = tmp_path / "d.pt"
+    save_tiny(ckpt)
+    calls = []
+    monkeypatch.setattr(script, "_load_data", lambda args: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    out = "/proc/dia-such.pt" if mode == "train" else "/proc/dia-grid.png"  # as root, os.access(/proc) says yes
+    argv = (["--mode", "train", "--dataset", "synth_lesion", "--save_path", out, *TINY] if mode == "train" else
+            ["--mode", "eval", "--dataset", "synth_lesion", "--diffusion_model_path", str(ckpt), "--out", out])
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    assert e.value.code == 2 and not calls
+
+
+def test_papers_dataset_names_are_understood(tmp_path, capsys):
+    """The paper's DDPM script calls covid 'sars-covid' and the MedMNIST sets 'pneumonia' etc."""
+    from diffusion_models import train_eval_ddpm as script
+
+    for paper, ours in (("sars-covid", "covid"), ("pneumonia", "pneumoniamnist")):
+        with pytest.raises(SystemExit) as e:  # no data here: the error names our dataset's files
+            script.main(["--mode", "train", "--dataset", paper, "--data_root", str(tmp_path),
+                         "--save_path", str(tmp_path / "d.pt"), *TINY])
+        captured = capsys.readouterr()
+        assert e.value.code == 2
+        assert f"--dataset {paper} is the paper's name for {ours}" in captured.out
+        assert "unknown dataset" not in captured.err and ours in captured.err.lower()

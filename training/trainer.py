@@ -334,7 +334,7 @@ class Trainer:
         else:
             what = f"{name} stays at epoch {best['epoch']} ({best['value']:.4f})"
         logger.scalar(f"eval/best_{evaluate.metric}", best["value"], epoch)
-        shown = {k: v for k, v in metrics.items() if k.endswith(("_one_class_mean", "_pooled"))}
+        shown = {k: v for k, v in metrics.items() if k.endswith(("_one_class_mean", "_pooled", "_ood_mean"))}
         logger.log(f"[epoch {epoch}] eval " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
                    + f" ({time.time() - t0:.1f} s); {what}")
         self.write_selection(logger.logdir)

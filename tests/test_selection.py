@@ -201,14 +201,8 @@ def test_best_checkpoint_holds_the_weights_of_the_first_highest(values, best_epo
 
 
 @pytest.fixture(scope="module")
-def dissolver(tmp_path_factory):
-    from diffusion_models import train_eval_ddpm
-
-    path = tmp_path_factory.mktemp("ddpm") / "synth_0_32px.pt"
-    train_eval_ddpm.main(["--mode", "train", "--dataset", "synth_lesion", "--unet_dim", "8", "--dim_mults", "1", "2",
-                          "--batch_size", "8", "--grad_accum", "1", "--train_steps", "2", "--no_progress",
-                          "--save_path", str(path)])
-    return path
+def dissolver(tiny_dissolver):
+    return tiny_dissolver
 
 
 def record_draws(monkeypatch):

@@ -25,8 +25,8 @@ import sys
 import threading
 import uuid
 
+from common import distributed
 from common.args import RESUME_MAY_CHANGE, parse_args
-from common.device import pick_device
 from common.errors import UserError, exit_on_user_error
 from common.paths import check_run_folder, same_path
 from utils import Logger, atomic_write_json, lock_folder, remove_stale_temps, set_seed
@@ -36,7 +36,7 @@ NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "program", 
                     "K_shift", "ood_score", "ood_layer", "ood_batch_size", "print_score", "save_score",
                     "save_results", "save_scores_csv", "score_folder", "threshold_quantile", "one_class_given")
 CREATION_ONLY = ("load_path", "no_strict")  # a warm start, applied when the run is created
-RUN_ID_KEYS = ("run_id", "resumed_from")  # what config.json holds besides the flags
+RUN_ID_KEYS = ("run_id", "resumed_from", "world_size")  # what config.json holds besides the flags
 
 
 def writes_it(name):
@@ -136,6 +136,12 @@ def check_resume_flags(P, ckpt, resume_file, src_dir):
                         f"{', '.join(old for old, _ in diffs)} (now {', '.join(new for _, new in diffs)}); a resumed "
                         f"run keeps its settings, only {may_change_text()} may change: pass the saved values, or "
                         f"start a new run in another --logdir")
+    saved_world, world = int((ckpt.get("meta") or {}).get("world_size", 1)), distributed.env_world_size()
+    if saved_world != world:
+        raise UserError(f"--resume_path {P.resume_path}: the run was trained by {saved_world} process(es) (a global "
+                        f"batch of {saved_world} x --batch_size {P.batch_size}), this is {world}; resume it with "
+                        f"the same number: " + ("python train.py ..." if saved_world == 1 else
+                                                f"torchrun --nproc_per_node={saved_world} train.py ..."))
     epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
     if epoch >= P.epochs:
         raise UserError(f"the run in {src_dir} already finished {epoch} of --epochs {P.epochs}; raise --epochs to "
@@ -279,8 +285,23 @@ class Inputs:
 
 
 def train(P, logdir_out):
-    """Check the flags against the run folder, lock it, train; ``logdir_out[0]`` gets the folder."""
-    device = pick_device(P.device)
+    """Check the flags, join torchrun's process group when there is one, train."""
+    if P.multi_gpu:
+        raise UserError("--multi_gpu is gone: train on several GPUs with torchrun --nproc_per_node=N train.py ... "
+                        "(--batch_size is per GPU)")
+    if P.paper_rng_replay and distributed.env_world_size() > 1:
+        raise UserError("--paper_rng_replay replays one process's generator stream; it does not run under torchrun: "
+                        "drop it, or train in one process")
+    device = distributed.init(P.device)
+    try:
+        return train_on(P, device, logdir_out)
+    finally:
+        distributed.shutdown()
+
+
+def train_on(P, device, logdir_out):
+    """Check the flags against the run folder, lock it (the main process), train; ``logdir_out[0]``
+    gets the folder."""
 
     # everything that can fail on user input is checked before anything is written
     if P.resume_path:
@@ -293,14 +314,17 @@ def train(P, logdir_out):
         logdir = P.logdir or default_logdir(P)
     check_run_folder(logdir, "--logdir")
     # one process per run folder: the lock dies with the process (a folder made for it goes if refused)
-    lock = lock_folder(logdir, f"run folder {logdir}",
-                       "wait for that training to end, or give this one another --logdir (or --suffix NAME)")
+    lock = distributed.main_writes(lock_folder, logdir, f"run folder {logdir}",
+                                   "wait for that training to end, or give this one another --logdir (or --suffix "
+                                   "NAME)")
     logdir_out[0] = logdir
     try:
-        stale = remove_stale_temps(logdir, writes_it)  # what a killed write of ours left, under the lock
+        # what a killed write of ours left, under the lock
+        stale = distributed.main_writes(remove_stale_temps, logdir, writes_it) or ()
         return train_locked(P, device, logdir, inputs, stale)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def train_locked(P, device, logdir, inputs, stale=()):
@@ -329,6 +353,7 @@ def train_locked(P, device, logdir, inputs, stale=()):
         from utils import warn
 
         warn(f"--model {P.model} is meant for 224-px images; {P.dataset} is {info.image_size[0]} px (use resnet18)")
+    distributed.barrier()  # every rank has read the run folder before the main process writes to it
     dissolve = build_dissolve(P, device, info)
     model = build_model(P.model, n_classes=info.n_classes, simclr_dim=P.simclr_dim, n_shifts=P.K_shift,
                         width=P.resnet_width).to(device)
@@ -338,6 +363,7 @@ def train_locked(P, device, logdir, inputs, stale=()):
         except RuntimeError as exc:
             raise UserError(f"--load_path {P.load_path} does not fit --model {P.model} (width {P.resnet_width}): "
                             f"{str(exc).splitlines()[0]}; pass the flags it was trained with, or --no_strict") from None
+    model = distributed.sync_batchnorm(model, device)  # as CSI converts its model (CUDA only)
     trainer = Trainer(P, model, device, dissolve=dissolve)
     if resume_ckpt is not None:
         try:
@@ -354,12 +380,13 @@ def train_locked(P, device, logdir, inputs, stale=()):
         run_id = (resume_ckpt.get("meta") or {}).get("run_id")
         config = read_run_config(logdir)
         if config is None:  # a folder of an earlier version that lost it
-            atomic_write_json(dict(args, run_id=run_id), os.path.join(logdir, "config.json"))
+            atomic_write_json(dict(args, run_id=run_id, world_size=distributed.world_size()),
+                              os.path.join(logdir, "config.json"))
     elif placement == "restart":
         run_id = config.get("run_id")
     else:  # "create", or "new": a checkpoint continued as a new run in an empty folder
         run_id = uuid.uuid4().hex
-        record = dict(args, run_id=run_id)
+        record = dict(args, run_id=run_id, world_size=distributed.world_size())
         if resume_ckpt is not None:
             record["resumed_from"] = {"checkpoint": os.path.abspath(resume_file),
                                       "run_id": (resume_ckpt.get("meta") or {}).get("run_id"),
@@ -374,7 +401,7 @@ def train_locked(P, device, logdir, inputs, stale=()):
     meta = {
         "args": args, "run_id": run_id,
         "arch": P.model, "n_classes": info.n_classes, "n_shifts": P.K_shift, "simclr_dim": P.simclr_dim,
-        "resnet_width": P.resnet_width,
+        "resnet_width": P.resnet_width, "world_size": distributed.world_size(),
         "dataset": P.dataset, "one_class_idx": P.one_class_idx, "image_size": list(info.image_size),
         "setting": "one_class" if P.one_class_idx is not None else "multi_class",
         "ood_dataset": None if P.one_class_idx is not None else list(P.ood_dataset or []),
@@ -388,7 +415,10 @@ def train_locked(P, device, logdir, inputs, stale=()):
                   f"setting)")
     else:
         normal = f"{len(normal_train)} training images of class {P.one_class_idx} ({info.class_names[P.one_class_idx]})"
-    logger.log(f"run folder {logdir}; device {device}; {normal}; {len(test_set)} test images; "
+    world = distributed.world_size()
+    procs = (f"{world} processes (torchrun), global batch {world} x --batch_size {P.batch_size}; " if world > 1
+             else "")
+    logger.log(f"run folder {logdir}; device {device}; {procs}{normal}; {len(test_set)} test images; "
                f"mode {P.mode}, shift {P.shift_trans_type}" + what)
     if stale or logger.dropped_rows or logger.dropped_log_bytes:
         logger.log(f"an interrupted attempt left {len(stale)} temporary file(s), {logger.dropped_rows} scalars.csv "
@@ -400,7 +430,7 @@ def train_locked(P, device, logdir, inputs, stale=()):
         logger.close()
     best = {name: {k: b[k] for k in ("epoch", "metric", "value")} for name, b in trainer.best.items()}
     summary = {"last": last, "epoch": trainer.epoch, "step": trainer.step, "best": best, "logdir": logdir}
-    print(json.dumps(summary))
+    distributed.main_writes(print, json.dumps(summary))
     return summary
 
 

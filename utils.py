@@ -76,7 +76,12 @@ def atomic_write(path, writer):
     place: readers see the old file or the complete new one, never a part. On any error
     (an exception, or a signal turned into one) the temporary file is removed and ``path`` is
     untouched; what a killed process leaves (``.tmp-<name>.*``) is removed by
-    :func:`remove_stale_temps` when the next process takes the folder's lock."""
+    :func:`remove_stale_temps` when the next process takes the folder's lock. Under torchrun
+    only the main process writes (``common.distributed.is_main``); the others do nothing."""
+    from common import distributed
+
+    if not distributed.is_main():
+        return
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -154,10 +159,18 @@ class Logger:
     (those past the resumed point, written by the interrupted attempt) are dropped before
     anything is appended, and ``log_bytes``: ``log.txt`` is cut back to that length (what it
     held when the checkpoint was written). TensorBoard's event files keep what was written.
+    Under torchrun only the main process (``common.distributed.is_main``) writes or prints;
+    on the others every call does nothing.
     """
 
     def __init__(self, logdir, tensorboard=True, keep_row=None, log_bytes=None):
+        from common import distributed
+
         self.logdir = logdir
+        self.active = distributed.is_main()
+        self.dropped_log_bytes = self.dropped_rows = 0
+        if not self.active:
+            return
         os.makedirs(logdir, exist_ok=True)
         text_path = os.path.join(logdir, "log.txt")
         self.dropped_log_bytes = 0
@@ -207,10 +220,14 @@ class Logger:
 
     def log_size(self):
         """Bytes of ``log.txt`` written so far (every line is flushed as written)."""
+        if not self.active:
+            return None
         self._text.flush()
         return os.fstat(self._text.fileno()).st_size
 
     def log(self, msg, echo=True):
+        if not self.active:
+            return
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         self._text.write(line + "\n")
         self._text.flush()
@@ -218,17 +235,23 @@ class Logger:
             print(msg, file=sys.stdout, flush=True)
 
     def scalar(self, tag, value, step):
+        if not self.active:
+            return
         value = float(value)
         if self._writer is not None and np.isfinite(value):  # (tensorboardX prints a warning for NaN)
             self._writer.add_scalar(tag, value, step)
         self._csv_writer.writerow([step, tag, f"{value:.6g}", f"{time.time():.3f}"])
 
     def flush(self):
+        if not self.active:
+            return
         self._csv.flush()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self):
+        if not self.active:
+            return
         self.flush()
         self._text.close()
         self._csv.close()

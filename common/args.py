@@ -121,7 +121,8 @@ def build_parser(program="train"):
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     g.add_argument("--multi_gpu", action="store_true",
-                   help="split each batch over all visible GPUs (torch.nn.DataParallel)")
+                   help="eval.py: split each batch over all visible GPUs (torch.nn.DataParallel); train.py runs "
+                        "on several GPUs under torchrun --nproc_per_node=N instead")
 
     g = p.add_argument_group("checkpoints and logs")
     g.add_argument("--logdir", default=None,
@@ -155,7 +156,8 @@ def build_parser(program="train"):
                         "as the paper's does, so every later epoch replays the same shuffle, flips, crops and "
                         "dissolving timesteps")
     g.add_argument("--log_every", type=int, default=10, help="log the losses every N steps")
-    g.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    # torch.distributed.launch passes --local-rank (older: --local_rank); torchrun sets LOCAL_RANK instead
+    g.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--ood_score", nargs="+", default=None, choices=OOD_SCORES,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.errors import UserError
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
 from training.contrastive_loss import NT_xent, NT_xent_neg
@@ -40,6 +41,23 @@ def first_non_finite(state, name=""):
     return None
 
 
+def contrastive_loss(z, chunks, K, b, P):
+    """The contrastive loss of the global batch from this process's normalised embeddings ``z``
+    (``chunks * K * b`` rows: chunk-major, shift-major within a chunk, ``b`` images per shift).
+
+    Under torchrun each (chunk, shift) block is gathered over the ranks, so the matrix is laid
+    out as one process's on the global batch (rank 0's images, then rank 1's, ...): ``[V1_all;
+    V2_all(; V3_all)]``, each shift-major, as NT_xent / NT_xent_neg expect."""
+    d = z.shape[1]
+    z = distributed.gather_cat(z.reshape(chunks * K, b, d), dim=1).reshape(-1, d)
+    sim = z @ z.t()
+    if chunks == 3:
+        loss = NT_xent_neg(sim, temperature=P.temperature, chunk=3, mode=P.loss_mode)
+    else:
+        loss = NT_xent(sim, temperature=P.temperature, chunk=2)
+    return loss * P.sim_lambda
+
+
 def divergence_cause(P, device=None):
     """The likely reason a run diverged, read from its flags: what to change."""
     causes = []
@@ -66,12 +84,13 @@ class Trainer:
     """
 
     def __init__(self, P, model, device, dissolve=None):
-        from common.device import parallel
-
         self.P, self.model, self.device, self.dissolve = P, model, device, dissolve
-        self.net = parallel(model, device, getattr(P, "multi_gpu", False))  # what the batches go through
         self.shift = get_shift(P.base_shift)
         self.K = self.shift.max_range
+        # what the batches go through: DistributedDataParallel under torchrun; the linear head
+        # learns from gathered detached features, identically on every rank, outside DDP
+        linear = [f"linear.{name}" for name, _ in model.linear.named_parameters()]
+        self.net = distributed.wrap_model(model, device, ignore=linear, find_unused=self.K == 1)
         self.hflip = HorizontalFlipRandom(0.5)
         self.aug = simclr_augmentation(P.resize_factor, P.resize_fix)
         head = set(id(p) for p in model.linear.parameters())
@@ -128,12 +147,7 @@ class Trainer:
         with autocast_for(self.device, P.amp):
             _, aux = self.net(views, penultimate=True, simclr=True, shift=True)
         z = F.normalize(aux["simclr"].float(), dim=1)
-        sim = z @ z.t()
-        if chunks == 3:
-            loss_sim = NT_xent_neg(sim, temperature=P.temperature, chunk=3, mode=P.loss_mode)
-        else:
-            loss_sim = NT_xent(sim, temperature=P.temperature, chunk=2)
-        loss_sim = loss_sim * P.sim_lambda
+        loss_sim = contrastive_loss(z, chunks, K, b, P)
         if K > 1:
             shift_labels = torch.arange(K, device=x.device).repeat_interleave(b).repeat(chunks)
             loss_shift = F.cross_entropy(aux["shift"].float(), shift_labels)
@@ -147,11 +161,13 @@ class Trainer:
         # the linear head learns the classes from the detached features of the unshifted views
         h = aux["penultimate"].detach().float()
         h0 = torch.cat([h[:b], h[K * b:K * b + b]])
-        loss_linear = F.cross_entropy(model.linear(h0), y.repeat(2))
+        h0, y0 = distributed.gather_cat(h0), distributed.gather_cat(y.repeat(2))  # the global batch on every rank
+        loss_linear = F.cross_entropy(model.linear(h0), y0)
         self.linear_optim.zero_grad(set_to_none=True)
         loss_linear.backward()
         self.linear_optim.step()
-        values = torch.stack([loss, loss_sim, loss_shift, loss_linear]).detach().tolist()  # one device sync
+        values = torch.stack([loss, loss_sim, loss_shift, loss_linear]).detach()
+        values = distributed.mean_all(values).tolist()  # averaged over the ranks; one device sync
         return dict(zip(("loss", "loss_sim", "loss_shift", "loss_linear"), values))
 
     # ----- checkpoints ------------------------------------------------------------------
@@ -211,10 +227,14 @@ class Trainer:
         self._resumed_rng = ckpt["rng"]
 
     # ----- the loop -----------------------------------------------------------------------
+    def global_batch(self):
+        """Images per step: ``--batch_size`` per process times the number of processes."""
+        return self.P.batch_size * distributed.world_size()
+
     def batches_per_epoch(self, n):
-        P = self.P
-        full = n // P.batch_size if n >= P.batch_size else 1
-        return max(1, min(full, P.max_batches_per_epoch))
+        g = self.global_batch()
+        full = n // g if n >= g else 1
+        return max(1, min(full, self.P.max_batches_per_epoch))
 
     def fit(self, train_set, logger, meta, evaluate=None):
         """Train from ``self.epoch + 1`` to ``--epochs``; save ``last.model`` every ``--save_step``
@@ -252,14 +272,17 @@ class Trainer:
         for epoch in range(self.epoch + 1, P.epochs + 1):
             if not replay or epoch == 1:
                 set_seed(P.seed * 100_003 + epoch)
-            perm = torch.randperm(n)
+            perm = torch.randperm(n)  # identical on every rank
+            if distributed.is_distributed():  # each rank its own flips, crops and dissolving draws
+                set_seed(P.seed * 100_003 + epoch + 1_000_003 * distributed.rank())
             t0 = time.time()
             sums = {}
             bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{P.epochs}", leave=False, disable=None)
             done = 0
-            for i, idx in enumerate(batch_indices(n, P.batch_size, perm, drop_last=True)):
+            for i, idx in enumerate(batch_indices(n, self.global_batch(), perm, drop_last=True)):
                 if i >= n_batches:
                     break
+                idx = distributed.shard(idx)  # this rank's contiguous block of the global batch
                 lr = lr_at(epoch - 1 + i / n_batches, P)
                 set_lr(self.optimizer, lr)
                 x, y = train_set.get_batch(idx)
@@ -299,8 +322,9 @@ class Trainer:
             saving = epoch % P.save_step == 0 or final or stop
             if evaluating or saving:
                 self.check_finite("evaluating and saving" if evaluating else "saving last.model")
-            if evaluating:
-                self.evaluate_and_select(evaluate, logger, meta, restore_rng=not replay)
+            if evaluating:  # under torchrun: on the main process, the others wait at the barrier
+                distributed.main_writes(self.evaluate_and_select, evaluate, logger, meta, restore_rng=not replay)
+                distributed.barrier()
             if saving:
                 self.save(last_path, meta, selection={"file": "last.model", "rule": LAST_RULE})
                 self.last_saved = {"epoch": self.epoch, "step": self.step}
@@ -318,7 +342,7 @@ class Trainer:
         ``evaluate.metric`` beats every earlier evaluation's (the paper's ``best_CSI.model``)."""
         t0 = time.time()
         fault_point("eval")
-        metrics = evaluate(self.net, restore_rng=restore_rng)
+        metrics = evaluate(self.model, restore_rng=restore_rng)
         epoch = self.epoch
         for key, v in metrics.items():
             logger.scalar(f"eval/{key}", v, epoch)

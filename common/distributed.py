@@ -1,0 +1,153 @@
+"""Every distributed concern of train.py, in one place (``torchrun``; DDP with NCCL on GPUs, gloo on CPU).
+
+Without torchrun's environment (``WORLD_SIZE`` unset or 1) everything here is the identity:
+one process, rank 0, the main process, no collectives. Under ``torchrun --nproc_per_node=N``
+:func:`init` joins the process group; then
+
+* :func:`is_main` says whether this process writes the run folder (rank 0 alone does:
+  ``utils.atomic_write``, ``utils.Logger`` and the run-folder lock ask it);
+* :func:`gather_cat` concatenates a tensor over the ranks with PyTorch's gradient-carrying
+  ``torch.distributed.nn.functional.all_gather``, so a loss built from it is the loss of the
+  global batch and its gradient reaches every rank's own embeddings;
+* :func:`mean_all` averages logged values over the ranks; :func:`barrier` waits for all.
+
+``--batch_size`` is per process (per GPU, as CSI's): a step sees ``world_size * --batch_size``
+images, rank ``r`` taking the ``r``-th contiguous block of ``--batch_size`` images of each
+global batch (so the global batch is exactly one process's ``--batch_size world*B`` batch).
+"""
+import os
+
+import torch
+
+_STATE = {"rank": 0, "world": 1, "local_rank": 0, "on": False}
+
+
+def env_world_size():
+    """The number of processes torchrun started (1 without torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def init(requested_device=None):
+    """Join torchrun's process group when there is one; return this process's device.
+
+    The backend is NCCL on CUDA and gloo on CPU (``--device cpu`` or no GPU); on CUDA each
+    process takes the GPU of its ``LOCAL_RANK``."""
+    from common.device import pick_device
+    from common.errors import UserError
+
+    world = env_world_size()
+    if world <= 1:
+        return pick_device(requested_device)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device)
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if local >= n:
+            raise UserError(f"torchrun started local rank {local} but only {n} CUDA device(s) are visible; use "
+                            f"--nproc_per_node {n} at most")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _STATE.update(rank=rank, world=world, local_rank=local, on=True)
+    return device
+
+
+def shutdown():
+    """Leave the process group (a no-op without one)."""
+    if _STATE["on"]:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _STATE.update(rank=0, world=1, local_rank=0, on=False)
+
+
+def is_distributed():
+    return _STATE["on"] and _STATE["world"] > 1
+
+
+def rank():
+    return _STATE["rank"]
+
+
+def world_size():
+    return _STATE["world"]
+
+
+def is_main():
+    """Whether this process writes files (rank 0, or the only process)."""
+    return _STATE["rank"] == 0
+
+
+def barrier():
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gather_cat(t, dim=0):
+    """``t`` of every rank concatenated along ``dim`` in rank order, gradient-carrying (the
+    backward sums the gradients of all ranks' copies and hands each rank its own slice)."""
+    if not is_distributed():
+        return t
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # (deprecated in favour of a private module; still the autograd-aware one)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(t.contiguous()), dim=dim)
+
+
+def mean_all(t):
+    """``t`` averaged over the ranks (detached; for logged values)."""
+    if not is_distributed():
+        return t
+    import torch.distributed as dist
+
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / world_size()
+
+
+def main_writes(fn, *args, **kwargs):
+    """Call ``fn`` (a writer) on the main process only; None elsewhere."""
+    return fn(*args, **kwargs) if is_main() else None
+
+
+def wrap_model(model, device, ignore=(), find_unused=False):
+    """The model the training batches go through: ``model`` itself in one process, else
+    ``DistributedDataParallel`` (the BatchNorms already made synchronous by
+    :func:`sync_batchnorm`); parameters named in ``ignore`` are left out of DDP's averaging."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if ignore:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def sync_batchnorm(model, device):
+    """As CSI converts its model: BatchNorm statistics over the global batch. SyncBatchNorm
+    runs on CUDA only; on CPU (gloo) each process keeps its own batch statistics (DDP
+    broadcasts rank 0's running statistics)."""
+    if is_distributed() and device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def shard(idx):
+    """This rank's contiguous block of a global batch of indices."""
+    if not is_distributed():
+        return idx
+    b = len(idx) // world_size()
+    return idx[rank() * b:(rank() + 1) * b]

@@ -1,0 +1,195 @@
+"""train.py under torchrun (two CPU processes, gloo, 127.0.0.1): identical weights, the
+global-batch loss of one process, rank 0 alone writes, and the launch flags."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train as train_program
+from common.args import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "4", "--epochs", "1", "--max_steps", "2",
+       "--no_eval", "--mode", "simclr_CSI", "--shift_trans_type", "rotation", "--device", "cpu", "--simclr_dim", "16",
+       "--log_every", "1"]
+
+# the run, with each rank's parameters written by the test (outside the run folder) after fit
+WRAPPER = textwrap.dedent("""
+    import sys, torch
+    import train
+    from common import distributed
+    from training import trainer
+
+    out = sys.argv[1]
+    fit = trainer.Trainer.fit
+
+    def fit_and_dump(self, *args, **kwargs):
+        result = fit(self, *args, **kwargs)
+        torch.save({k: v.detach().clone() for k, v in self.model.named_parameters()},
+                   f"{out}/params_rank{distributed.rank()}.pt")
+        return result
+
+    trainer.Trainer.fit = fit_and_dump
+    sys.exit(0 if train.main(sys.argv[2:]) is not None else 1)
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    script, dumps, logdir = base / "run.py", base / "dumps", base / "run"
+    script.write_text(WRAPPER)
+    dumps.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(dumps), *RUN, "--logdir", str(logdir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return logdir, dumps, proc
+
+
+def test_two_processes_hold_identical_weights(two_process_run):
+    _, dumps, _ = two_process_run
+    p0, p1 = (torch.load(dumps / f"params_rank{r}.pt") for r in (0, 1))
+    assert sorted(p0) == sorted(p1) and len(p0) > 20
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+    # and they trained: the checkpoint written by rank 0 is these weights, not the initial ones
+    ckpt = torch.load(two_process_run[0] / "last.model", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["meta"]["world_size"] == 2
+    for name, value in p0.items():
+        assert torch.equal(ckpt["model"][name], value), name
+
+
+def test_rank0_alone_writes(two_process_run):
+    logdir, _, proc = two_process_run
+    names = sorted(os.listdir(logdir))
+    events = [n for n in names if n.startswith("events.out.tfevents")]
+    assert len(events) == 1, names  # one TensorBoard writer: rank 0's
+    assert [n for n in names if n not in events] == ["config.json", "last.model", "log.txt", "scalars.csv",
+                                                      "selection.json"], names
+    config = json.loads((logdir / "config.json").read_text())
+    assert config["world_size"] == 2 and config["batch_size"] == 4
+    log = (logdir / "log.txt").read_text()
+    assert log.count("run folder") == 1 and "2 processes (torchrun), global batch 2 x --batch_size 4" in log
+    assert log.count("[epoch 1]") == 1
+    rows = (logdir / "scalars.csv").read_text().splitlines()
+    assert sum(r.startswith("1,train/loss,") for r in rows) == 1  # step 1's loss once, not once per rank
+    assert proc.stdout.count('"logdir"') == 1  # one summary line
+
+
+def test_resume_with_another_process_count_is_one_line(two_process_run, capsys):
+    logdir, _, _ = two_process_run
+    with pytest.raises(SystemExit) as exc:
+        train_program.main(RUN + ["--epochs", "2", "--max_steps", "4", "--resume_path", str(logdir)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "trained by 2 process(es)" in err[-1]
+    assert "torchrun --nproc_per_node=2 train.py" in err[-1]
+
+
+# ----- the loss of the global batch, two gloo processes against one ------------------------
+B, K, D_IN, D = 3, 2, 6, 5  # images per rank, shifts, input and embedding sizes
+
+
+def views_of(x, chunks):
+    """A fixed view layout as the trainer's: chunk-major, shift-major, images inside."""
+    return torch.cat([torch.tanh(x * (1 + 0.3 * c) + 0.2 * k) for c in range(chunks) for k in range(K)])
+
+
+def make_problem(chunks):
+    g = torch.Generator().manual_seed(7 + chunks)
+    x = torch.randn(2 * B, D_IN, generator=g)  # the global batch: rank 0's 3 images, then rank 1's
+    net = torch.nn.Linear(D_IN, D)
+    with torch.no_grad():
+        net.weight.copy_(torch.randn(D, D_IN, generator=g))
+        net.bias.copy_(torch.randn(D, generator=g))
+    return x, net
+
+
+P_LOSS = SimpleNamespace(temperature=0.5, loss_mode="shifted_removed", sim_lambda=1.0)
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from common import distributed
+    from training.trainer import contrastive_loss
+
+    device = distributed.init("cpu")
+    try:
+        results = {}
+        for chunks in (2, 3):
+            x, net = make_problem(chunks)
+            ddp = distributed.wrap_model(net, device)
+            opt = torch.optim.SGD(net.parameters(), lr=0.5)
+            z = F.normalize(ddp(views_of(distributed.shard(x), chunks)), dim=1)
+            loss = contrastive_loss(z, chunks, K, B, P_LOSS)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            results[chunks] = {"loss": loss.item(), "weight": net.weight.detach().clone(),
+                               "bias": net.bias.detach().clone(),
+                               "logged": distributed.mean_all(torch.tensor([float(rank)])).item()}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+def test_gathered_loss_is_one_process_loss_of_the_global_batch(tmp_path):
+    from training.contrastive_loss import NT_xent, NT_xent_neg
+
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for chunks in (2, 3):
+        x, net = make_problem(chunks)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        z = F.normalize(net(views_of(x, chunks)), dim=1)  # one process, global batch of 6
+        sim = z @ z.t()
+        loss = NT_xent(sim, 0.5, chunk=2) if chunks == 2 else NT_xent_neg(sim, 0.5, chunk=3)
+        opt.zero_grad()
+        loss.backward()
+        before = net.weight.detach().clone()
+        opt.step()
+        assert (net.weight - before).abs().max() > 1e-3  # the step moved the weights
+        for r in ranks:
+            got = r[chunks]
+            assert abs(got["loss"] - loss.item()) < 1e-5, (chunks, got["loss"], loss.item())
+            assert torch.allclose(got["weight"], net.weight.detach(), atol=1e-5, rtol=0)
+            assert torch.allclose(got["bias"], net.bias.detach(), atol=1e-5, rtol=0)
+            assert got["logged"] == pytest.approx(0.5)  # mean of ranks 0 and 1
+    # a local-only loss (no gathering) would differ: the test can tell
+    z = F.normalize(make_problem(2)[1](views_of(make_problem(2)[0][:B], 2)), dim=1)
+    assert abs(NT_xent(z @ z.t(), 0.5, chunk=2).item() - ranks[0][2]["loss"]) > 1e-3
+
+
+# ----- launch flags --------------------------------------------------------------------------
+def test_local_rank_flags_parse():
+    for flag in ("--local-rank", "--local_rank"):
+        P = parse_args("train", RUN + [flag, "1"])
+        assert P.local_rank == 1
+
+
+def test_multi_gpu_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_program.main(RUN + ["--logdir", str(tmp_path / "run"), "--multi_gpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and err[-1].startswith("error: --multi_gpu"), err  # (besides the batch-size warning)
+    assert "torchrun --nproc_per_node=N train.py" in err[-1]
+    assert not (tmp_path / "run").exists()

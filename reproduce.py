@@ -89,6 +89,13 @@ FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
 BEST_FILE = "best_CSI.model"  # train.py's selection: the highest test AUROC during training
 BEST_LABEL = "best on test (paper's selection)"
 GRID_TIMESTEPS = (10, 30, 50, 70, 100, 150)  # rows of the dissolving grid (the training range is 30..100)
+TRAIN_T = (30, 100)
+DISSOLVER_TABLE_NOTE = (
+    "Per timestep t of the dissolving grid: lesion removal ratio / tissue change, measured on 256 images of "
+    "the same tissue drawn with and without lesions (removal ratio = 1 - ||D(lesioned) - D(clean)||^2 / "
+    "||lesioned - clean||^2: 1 removes the lesions entirely, 0 keeps them; tissue change = ||D(clean) - clean||^2 "
+    "/ ||clean - mean(clean)||^2). Other datasets: the share of high-frequency energy removed. The last column "
+    "averages the removal ratio over the grid's timesteps inside training's range.")  # the timesteps training draws from (the paper's offsets 0.3 and 1.0)
 
 
 # --------------------------------------------------------------------------- flags
@@ -292,6 +299,7 @@ class Run:
             self.config["ood_dataset"] = a.ood_dataset
         self.status, self.error, self.reused = "pending", "", False
         self.results, self.train_seconds, self.eval_seconds, self.gmacs = None, None, None, None
+        self.removal = None  # the dissolver's lesion removal ratio (synthetic lesions only)
         self.best = None  # results["best"]: best_CSI.model's epoch, AUROCs and what selected it
         self.notes = []
         self.log = None
@@ -582,11 +590,61 @@ class Dissolvers:
             if not ok:
                 state["grid_error"] = reason
                 print(f" (grid failed: {reason})", end="")
+        state["spec"] = spec
+        state["quality"] = read_quality(spec)
         self.state[spec["name"]] = state
         what = "reused" if state.get("reused") else f"trained in {state['train_seconds']:.0f} s"
         macs = f"{state['gmacs']:.3f} GMACs/image" if state.get("gmacs") is not None else "MACs unknown"
-        print(f" {what}, {macs} ({time.time() - t0:.0f} s)", flush=True)
+        removal = removal_ratio(state)
+        removal = "" if removal is None else f", lesion removal ratio {removal:.2f}"
+        print(f" {what}, {macs}{removal} ({time.time() - t0:.0f} s)", flush=True)
         return state
+
+
+def read_quality(spec):
+    """The dissolving-quality rows (``train_eval_ddpm.py --mode eval``'s JSON beside the grid), or []."""
+    path = os.path.splitext(spec["grid"])[0] + ".json"
+    try:
+        with open(path) as fh:
+            return list(json.load(fh).get("timesteps") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def removal_ratio(state):
+    """The dissolver's lesion removal ratio averaged over the grid's timesteps inside the training
+    range (30..100 of the paper's offsets): None where it was not measured (no synthetic lesions)."""
+    values = [row["removal_ratio"] for row in (state or {}).get("quality", [])
+              if "removal_ratio" in row and TRAIN_T[0] <= row["t"] <= TRAIN_T[1]]
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.mean(values))
+
+
+def dissolver_table(runs):
+    """One row per dissolver the runs used: its lesion removal ratio and tissue change per
+    timestep of its grid (train_eval_ddpm.py --mode eval's measurement; see docs/method.md),
+    and the removal ratio averaged over the training range. None when no run dissolves."""
+    specs = list({r.dissolver["name"]: r.dissolver for r in runs if r.dissolver}.values())
+    rows = [(spec, read_quality(spec)) for spec in specs]
+    rows = [(spec, q) for spec, q in rows if q]
+    if not rows:
+        return None
+    ts = sorted({row["t"] for _, q in rows for row in q})
+    lines = ["| dissolver | " + " | ".join(f"t={t}" for t in ts) + " | removal ratio, t in 30..100 |",
+             "|---|" + "---|" * (len(ts) + 1)]
+    for spec, q in rows:
+        by_t = {row["t"]: row for row in q}
+        cells = []
+        for t in ts:
+            row = by_t.get(t, {})
+            cells.append(f"{row['removal_ratio']:.2f} / {row['tissue_change']:.3f}" if "removal_ratio" in row
+                         else (f"hf removed {row['hf_removed']:.2f}" if "hf_removed" in row else ""))
+        mean = removal_ratio({"quality": q})
+        lines.append(f"| {spec['name']} | " + " | ".join(cells) + f" | {fmt(mean, 2)} |")
+    return "\n".join(lines)
 
 
 def dissolver_gmacs(ckpt_path):
@@ -729,6 +787,7 @@ def execute(a, run, dissolvers):
     if run.dissolver is not None:  # a finished run only reads the dissolver's record
         dissolver = dissolvers.get(run.dissolver) if needs_dissolver(run) else (read_json(run.dissolver["done"]) or {})
         run.gmacs = dissolver.get("gmacs")
+        run.removal = removal_ratio({"quality": read_quality(run.dissolver)})
     if results is not None:
         run.reused = True
     else:
@@ -890,10 +949,13 @@ def draw_comparisons(a, runs):
 CSV_FIELDS = ["dataset", "one_class_idx", "transformation", "resolution", "seed", "status", "auroc_pooled",
               "auroc_one_class_mean", "auroc_per_class", "auroc_pooled_best", "auroc_one_class_mean_best",
               "best_epoch", "last_epoch", "best_selection_auroc", "train_seconds", "eval_seconds", "dissolver_gmacs",
-              "model", "reused", "run_dir", "error", "auroc_ood_mean", "auroc_per_ood", "auroc_ood_mean_best"]
+              "model", "reused", "run_dir", "error", "auroc_ood_mean", "auroc_per_ood", "auroc_ood_mean_best",
+              "dissolver_removal_ratio"]
 # auroc_*: last.model (the honest figure); auroc_*_best: best_CSI.model, the best on test (the paper's
 # selection), both by eval.py; best_selection_auroc: the test AUROC during training that selected it;
-# multi-class runs (one_class_idx None): auroc_ood_mean, auroc_per_ood (<set>:<AUROC>;...), auroc_ood_mean_best
+# multi-class runs (one_class_idx None): auroc_ood_mean, auroc_per_ood (<set>:<AUROC>;...), auroc_ood_mean_best;
+# dissolver_removal_ratio: the run's dissolver's lesion removal ratio averaged over t = 30..100 of its grid
+# (synthetic lesions only)
 
 
 def csv_row(a, r):
@@ -916,7 +978,8 @@ def csv_row(a, r):
             "dissolver_gmacs": "" if r.gmacs is None else r.gmacs, "model": r.model, "reused": int(r.reused),
             "run_dir": rel(r.dir, a.out), "error": r.error,
             "auroc_ood_mean": num(auroc.get("ood_mean")) if r.multi else "", "auroc_per_ood": per_ood,
-            "auroc_ood_mean_best": num(best.get("auroc", {}).get("ood_mean")) if r.multi else ""}
+            "auroc_ood_mean_best": num(best.get("auroc", {}).get("ood_mean")) if r.multi else "",
+            "dissolver_removal_ratio": "" if r.removal is None else round(r.removal, 4)}
 
 
 def num(v):
@@ -1083,6 +1146,9 @@ def write_tables(a, runs, command):
         text += one_class_sections(a, runs)
     if any(r.multi for r in runs):
         text += multi_class_sections(a, runs)
+    dissolvers = dissolver_table(runs)
+    if dissolvers:
+        text += ["## Dissolvers: what they dissolve", "", DISSOLVER_TABLE_NOTE, "", dissolvers, ""]
     text += [
         "## Budget",
         "",
@@ -1258,6 +1324,11 @@ def run_all(a, runs, argv):
         if a.selection:
             print(f"\n{BEST_FILE}, {BEST_LABEL}:")
             print(table(runs, "best"))
+        print()
+    dissolvers = dissolver_table(runs)
+    if dissolvers:
+        print("dissolvers, lesion removal ratio / tissue change per timestep:")
+        print(dissolvers)
         print()
     print(f"{len(runs) - n_failed} of {len(runs)} run(s) finished, {n_failed} failed; {time.time() - t_all:.0f} s. "
           f"Tables: {os.path.join(a.out, 'results.md')}, {os.path.join(a.out, 'results.csv')}", flush=True)

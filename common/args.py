@@ -52,7 +52,8 @@ def build_parser(program="train"):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synth_lesion",
                    help="dataset name (see README: covid, kvasir, retina, aptos, breakhis, chestxray, pneumoniamnist, "
-                        "breastmnist, chestmnist, cifar10, cifar100, imagefolder, digits, synth_lesion; imagenet: "
+                        "breastmnist, chestmnist, cifar10, cifar100, imagefolder, digits, synth_lesion, "
+                        "synth_lesion_half, synth_streak, synth_streak_half; imagenet: "
                         "CSI's ImageNet-30)")
     g.add_argument("--data_root", default="../data", help="folder that holds the datasets in their distributed layout")
     g.add_argument("--one_class_idx", type=class_index, default=None,

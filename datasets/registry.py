@@ -12,7 +12,8 @@ from .medmnist_sets import MEDMNIST_NAMES
 
 DATASET_NAMES = ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray",
                  "pneumoniamnist", "breastmnist", "chestmnist",
-                 "cifar10", "cifar100", "imagefolder", "digits", "synth_lesion")
+                 "cifar10", "cifar100", "imagefolder", "digits", "synth_lesion",
+                 "synth_lesion_half", "synth_streak", "synth_streak_half")
 # CSI's ImageNet-30 (its unlabeled multi-class benchmark; datasets/ood.py reads it)
 EXTRA_DATASET_NAMES = ("imagenet",)
 ALL_DATASET_NAMES = DATASET_NAMES + EXTRA_DATASET_NAMES
@@ -20,7 +21,8 @@ ALL_DATASET_NAMES = DATASET_NAMES + EXTRA_DATASET_NAMES
 FOLDER_SIZE = 224                      # the paper's 224-px datasets
 _NATIVE_SIZE = {**{n: FOLDER_SIZE for n in ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray")},
                 **{n: 28 for n in MEDMNIST_NAMES},
-                "cifar10": 32, "cifar100": 32, "digits": 32, "synth_lesion": 32, "imagenet": FOLDER_SIZE}
+                "cifar10": 32, "cifar100": 32, "digits": 32, "imagenet": FOLDER_SIZE,
+                **{n: 32 for n in ("synth_lesion", "synth_lesion_half", "synth_streak", "synth_streak_half")}}
 
 
 def _parse_size(name: str, image_size) -> Tuple[int, int]:
@@ -54,8 +56,8 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
     ``imagenet`` is CSI's ImageNet-30, ``datasets.ood.load_imagenet30``).
 
     ``image_size`` is the resize target of ``imagefolder`` (default 224); the other datasets
-    have a fixed size and accept only ``None`` or that size. ``seed`` drives ``synth_lesion``'s
-    generator (the other datasets are files, or a fixed split for ``digits``).
+    have a fixed size and accept only ``None`` or that size. ``seed`` drives the generator of
+    ``synth_lesion`` and its variants (the other datasets are files, or a fixed split for ``digits``).
     ``aptos_all_grades`` (``aptos`` only): every grade 1-4 is an anomaly (labels 0 = grade 0,
     1 = grades 1-4) instead of the paper's grade 0 against grade 1 (grades 2-4 left out of the
     test set; in the training set they keep labels 2-4, for contamination only). Either way
@@ -95,4 +97,4 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
         from .digits import load_digits_dataset
         return load_digits_dataset()
     from .synth_lesion import load_synth_lesion
-    return load_synth_lesion(seed=seed)
+    return load_synth_lesion(seed=seed, variant=name)

@@ -17,6 +17,17 @@ so about 5-15 pixels) that is either a dark red haemorrhage or a bright yellowis
 Outside the lesion spots an anomalous image is pixel-for-pixel its normal version, so the
 anomaly is a small local addition and the classes differ only in fine detail.
 
+Variants (the dataset names; the normal tissue is drawn by the same generator in all):
+
+* ``synth_lesion``: the spots above;
+* ``synth_lesion_half``: the same spots with half the area (sigma / sqrt 2, about 0.9% of the
+  pixels on average);
+* ``synth_streak``: 1-2 thin dark-red streaks instead of spots (flame-shaped haemorrhages:
+  a 1-px-wide line, 6-10 px long, about 3.5% of the pixels on average), fine detail with
+  sharp edges;
+* ``synth_streak_half``: the same streaks at half the length (about 60% of the area: the
+  round ends stay).
+
 Generation is vectorised torch code driven by ``torch.Generator`` objects seeded from
 ``(seed, split)``: the same seed gives identical images, another seed different ones.
 Default sizes: train 2000 normal + 500 anomalous, test 500 + 500; about a second on a CPU.
@@ -32,11 +43,19 @@ import torch.nn.functional as F
 from .base import ArrayStore, DatasetInfo, ImageDataset
 
 SIZE = 32
+# dataset name -> (lesion shape, area factor)
+VARIANTS = {
+    "synth_lesion": ("spot", 1.0),
+    "synth_lesion_half": ("spot", 0.5),
+    "synth_streak": ("streak", 1.0),
+    "synth_streak_half": ("streak", 0.5),
+}
 SPLIT_SIZES = {"train": (2000, 500), "test": (500, 500)}   # (normal, anomalous)
 CLASS_NAMES = ["normal", "lesion"]
 _CHUNK = 512
 _MAX_NUCLEI = 14
 _MAX_LESIONS = 3
+_MAX_STREAKS = 2
 _CUTOFF = 0.05
 
 
@@ -107,23 +126,62 @@ def _tissue(g: torch.Generator, n: int) -> torch.Tensor:
     return img.clamp(0.0, 1.0)
 
 
-def _add_lesions(g: torch.Generator, img: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Add 1-3 small lesions to each image; returns (images, lesion weight map ``n x 1 x H x W``)."""
-    n = img.shape[0]
-    count = torch.randint(1, _MAX_LESIONS + 1, (n, 1), generator=g)
-    present = (torch.arange(_MAX_LESIONS).view(1, -1) < count).float().view(n, _MAX_LESIONS, 1, 1)
-    w = _spots(g, n, _MAX_LESIONS, 0.55, 0.85, elliptic=False)
-    w = torch.where(w < _CUTOFF, torch.zeros_like(w), w)
-    w = w * _u(g, (n, _MAX_LESIONS, 1, 1), 0.6, 0.9) * present       # n x L x H x W
-    red = torch.tensor([0.50, 0.06, 0.10])
-    bright = torch.tensor([1.00, 0.95, 0.62])
-    is_red = (torch.rand((n, _MAX_LESIONS), generator=g) < 0.6).float()
-    colour = is_red[..., None] * red + (1.0 - is_red[..., None]) * bright  # n x L x 3
+def _streaks(g: torch.Generator, n: int, k: int, length_lo: float, length_hi: float, width: float) -> torch.Tensor:
+    """``n x k x 32 x 32`` weights of straight streaks (Gaussian profile across, flat along).
+
+    Each streak has a uniform random centre (4 px from the border or more), direction and
+    length; its weight is ``exp(-d^2 / (2 width^2))`` with ``d`` the distance to the segment.
+    """
+    cy = _u(g, (n, k, 1, 1), 4.0, SIZE - 4.0)
+    cx = _u(g, (n, k, 1, 1), 4.0, SIZE - 4.0)
+    angle = _u(g, (n, k, 1, 1), 0.0, np.pi)
+    half = _u(g, (n, k, 1, 1), length_lo, length_hi) / 2
+    ys = torch.arange(SIZE, dtype=torch.float32).view(1, 1, SIZE, 1) - cy
+    xs = torch.arange(SIZE, dtype=torch.float32).view(1, 1, 1, SIZE) - cx
+    along = xs * torch.cos(angle) + ys * torch.sin(angle)
+    across = ys * torch.cos(angle) - xs * torch.sin(angle)
+    beyond = (along.abs() - half).clamp(min=0.0)
+    return torch.exp(-0.5 * (across ** 2 + beyond ** 2) / width ** 2)
+
+
+def _blend(img: torch.Tensor, w: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """Paint each of the ``L`` weight maps ``w`` (``n x L x H x W``) in its colour (``n x L x 3``)."""
     out = img
-    for k in range(_MAX_LESIONS):                                      # at most 3 spots: tiny loop
+    n = img.shape[0]
+    for k in range(w.shape[1]):                                        # at most 3 spots: tiny loop
         a = w[:, k : k + 1]
         out = out * (1.0 - a) + colour[:, k].view(n, 3, 1, 1) * a
-    return out.clamp(0.0, 1.0), w.amax(dim=1, keepdim=True)
+    return out.clamp(0.0, 1.0)
+
+
+def _add_lesions(g: torch.Generator, img: torch.Tensor, shape: str = "spot",
+                 area: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Add lesions to each image; returns (images, lesion weight map ``n x 1 x H x W``).
+
+    ``shape``: ``'spot'`` (1-3 spots, sigma 0.55-0.85 px times ``sqrt(area)``) or ``'streak'``
+    (1-2 streaks 1 px wide and 6-10 px times ``area`` long).
+    """
+    n = img.shape[0]
+    most = _MAX_LESIONS if shape == "spot" else _MAX_STREAKS
+    count = torch.randint(1, most + 1, (n, 1), generator=g)
+    present = (torch.arange(most).view(1, -1) < count).float().view(n, most, 1, 1)
+    if shape == "spot":
+        scale = float(np.sqrt(area))
+        w = _spots(g, n, most, 0.55 * scale, 0.85 * scale, elliptic=False)
+        w = torch.where(w < _CUTOFF, torch.zeros_like(w), w)
+        w = w * _u(g, (n, most, 1, 1), 0.6, 0.9) * present             # n x L x H x W
+        red = torch.tensor([0.50, 0.06, 0.10])
+        bright = torch.tensor([1.00, 0.95, 0.62])
+        is_red = (torch.rand((n, most), generator=g) < 0.6).float()
+        colour = is_red[..., None] * red + (1.0 - is_red[..., None]) * bright  # n x L x 3
+    elif shape == "streak":
+        w = _streaks(g, n, most, 6.0 * area, 10.0 * area, width=0.5)
+        w = torch.where(w < _CUTOFF, torch.zeros_like(w), w)
+        w = w * _u(g, (n, most, 1, 1), 0.8, 1.0) * present
+        colour = torch.tensor([0.35, 0.03, 0.06]).expand(n, most, 3)
+    else:
+        raise ValueError(f"unknown lesion shape {shape!r}")
+    return _blend(img, w, colour), w.amax(dim=1, keepdim=True)
 
 
 def _quantise(img: torch.Tensor) -> torch.Tensor:
@@ -131,13 +189,17 @@ def _quantise(img: torch.Tensor) -> torch.Tensor:
 
 
 def generate_synth_lesion(n_normal: int, n_anomalous: int, seed: int = 0, split_id: int = 0,
-                          return_parts: bool = False):
+                          return_parts: bool = False, variant: str = "synth_lesion"):
     """Images (``uint8 N x 3 x 32 x 32``) and labels (``LongTensor``, 0 normal / 1 lesion).
 
+    ``variant`` is one of ``VARIANTS`` (the lesions' shape and size).
     Labels come in a random order. With ``return_parts`` it also returns the images before
     lesions were added (``uint8``, equal to the images for class 0) and the lesion weight
     maps (``float N x 1 x 32 x 32``, zero wherever nothing was added).
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown synthetic variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    shape, area = VARIANTS[variant]
     g = _generator(seed, split_id)
     n = int(n_normal) + int(n_anomalous)
     labels = torch.cat([torch.zeros(int(n_normal), dtype=torch.long), torch.ones(int(n_anomalous), dtype=torch.long)])
@@ -151,7 +213,7 @@ def generate_synth_lesion(n_normal: int, n_anomalous: int, seed: int = 0, split_
         out = base.clone()
         anom = torch.nonzero(labels[s:e] == 1, as_tuple=False).flatten()
         if anom.numel():
-            with_lesion, w = _add_lesions(g, base.index_select(0, anom))
+            with_lesion, w = _add_lesions(g, base.index_select(0, anom), shape, area)
             out[anom] = with_lesion
             if masks is not None:
                 masks[s + anom] = w
@@ -163,12 +225,12 @@ def generate_synth_lesion(n_normal: int, n_anomalous: int, seed: int = 0, split_
     return images, labels
 
 
-def load_synth_lesion(seed: int = 0) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
+def load_synth_lesion(seed: int = 0, variant: str = "synth_lesion") -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
     sets = []
     for split_id, split in enumerate(("train", "test")):
         n_norm, n_anom = SPLIT_SIZES[split]
-        images, labels = generate_synth_lesion(n_norm, n_anom, seed=seed, split_id=split_id)
+        images, labels = generate_synth_lesion(n_norm, n_anom, seed=seed, split_id=split_id, variant=variant)
         sets.append(ImageDataset(ArrayStore(images), labels, [f"{split}/{i}" for i in range(len(labels))]))
-    info = DatasetInfo(name="synth_lesion", image_size=(SIZE, SIZE, 3), n_classes=2,
+    info = DatasetInfo(name=variant, image_size=(SIZE, SIZE, 3), n_classes=2,
                        class_names=list(CLASS_NAMES), native_kind="small32")
     return sets[0], sets[1], info

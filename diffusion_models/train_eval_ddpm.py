@@ -97,7 +97,7 @@ def build_parser():
     p.add_argument("--out", default=None,
                    help="eval: PNG path (default: next to the checkpoint); the dissolving-quality JSON goes beside it")
     p.add_argument("--quality_images", type=int, default=256,
-                   help="eval: images measured per timestep (frequency split; lesion removal on synth_lesion)")
+                   help="eval: images measured per timestep (frequency split; lesion removal on synth_lesion and its variants)")
     return p
 
 
@@ -439,18 +439,18 @@ def evaluate(args):
 
 def dissolving_quality(dissolver, test_set, labels, idx, show, args, device):
     """Per timestep: the frequency report on up to ``--quality_images`` normal test images and,
-    on ``synth_lesion``, the lesion report on the same tissue drawn with and without lesions."""
+    on ``synth_lesion`` and its variants, the lesion report on the same tissue drawn with and
+    without that variant's lesions."""
+    from datasets.synth_lesion import VARIANTS, generate_synth_lesion
     from evals.dissolve_quality import frequency_report, lesion_report
 
     normal = torch.nonzero(labels == idx).flatten()[:args.quality_images]
     x, _ = test_set.get_batch(normal)
     x = x.to(device, torch.float32)
     pairs = None
-    if args.dataset == "synth_lesion":
-        from datasets.synth_lesion import generate_synth_lesion
-
+    if args.dataset in VARIANTS:
         lesioned, _, clean, _ = generate_synth_lesion(0, args.quality_images, seed=args.seed + 7919, split_id=5,
-                                                      return_parts=True)
+                                                      return_parts=True, variant=args.dataset)
         pairs = (lesioned.float().div(255).to(device), clean.float().div(255).to(device))
     rows = []
     for t in show:

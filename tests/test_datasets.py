@@ -510,6 +510,37 @@ def test_synth_lesion_anomalies_are_small_local_additions():
     assert torch.equal(images, images2) and torch.equal(labels, labels2)
 
 
+@pytest.mark.parametrize("name,shape", [("synth_lesion_half", "spot"), ("synth_streak", "streak"),
+                                        ("synth_streak_half", "streak")])
+def test_synth_variants_share_the_tissue_and_differ_in_lesions(name, shape):
+    from datasets.synth_lesion import VARIANTS
+
+    train, test, info = get_dataset(name, "unused")
+    assert info.name == name and info.image_size == (32, 32, 3)
+    assert torch.bincount(test.labels).tolist() == [500, 500]
+    images, labels, clean, masks = generate_synth_lesion(300, 300, seed=3, return_parts=True, variant=name)
+    base, base_labels, base_clean, base_masks = generate_synth_lesion(300, 300, seed=3, return_parts=True)
+    # the labels and the first chunk's tissue (512 images) come from the same draws as synth_lesion
+    assert torch.equal(labels, base_labels) and torch.equal(clean[:512], base_clean[:512])
+    anom = labels == 1
+    assert torch.equal(images[~anom], clean[~anom])
+    area = (masks[anom] > 0).float().mean().item()
+    base_area = (base_masks[anom] > 0).float().mean().item()
+    assert area < 0.05                                                    # a few percent of the pixels
+    if name == "synth_lesion_half":                                       # half the area of synth_lesion's spots
+        assert 0.4 < area / base_area < 0.6
+    if shape == "streak":                                                 # thin: few pixels wide, long
+        big = masks[anom][:, 0] > 0.5
+        rows, cols = big.any(dim=2).sum(dim=1).float(), big.any(dim=1).sum(dim=1).float()
+        extent = torch.maximum(rows, cols)
+        assert float(extent.median()) >= (5 if name == "synth_streak" else 2.5)
+    if name == "synth_streak_half":
+        full = generate_synth_lesion(300, 300, seed=3, return_parts=True, variant="synth_streak")[3]
+        ratio = (masks[anom] > 0).float().mean().item() / (full[anom] > 0).float().mean().item()
+        assert 0.4 < ratio < 0.75                                         # the round ends keep some area
+    assert set(VARIANTS) >= {"synth_lesion", name}
+
+
 # ----------------------------------------------------------------------------- one_class_split
 def small_digits():
     return get_dataset("digits", "x")

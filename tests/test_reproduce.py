@@ -151,6 +151,34 @@ def test_csv_and_tables_agree_with_results_json(pipeline):
         assert not os.path.exists(os.path.join(out, row["run_dir"], "results_best.json"))  # not evaluated twice
 
 
+def test_dissolver_removal_ratio_is_reported_beside_the_table(pipeline):
+    """The dissolver's lesion removal ratio (from its dissolving-quality JSON) is printed after
+    the tables, written to results.md and to results.csv for the runs that use it."""
+    out = pipeline["out"]
+    folder = os.path.join(out, "dissolvers")
+    quality_file = [f for f in os.listdir(folder) if f.endswith("_dissolving.json")]
+    assert len(quality_file) == 1
+    with open(os.path.join(folder, quality_file[0])) as fh:
+        rows = json.load(fh)["timesteps"]
+    in_range = [r["removal_ratio"] for r in rows if 30 <= r["t"] <= 100]
+    assert [r["t"] for r in rows] == [10, 30, 50, 70, 100, 150] and len(in_range) == 4
+    expected = sum(in_range) / len(in_range)
+    for row in read_csv(os.path.join(out, "results.csv")):
+        if row["transformation"] == "diffusion_rotation":
+            assert float(row["dissolver_removal_ratio"]) == pytest.approx(expected, abs=1e-4)
+        else:
+            assert row["dissolver_removal_ratio"] == ""
+    text = open(os.path.join(out, "results.md")).read()
+    assert "## Dissolvers: what they dissolve" in text
+    table = [t for t in md_tables(os.path.join(out, "results.md")) if t[0][0] == "dissolver"][0]
+    assert table[0][1:] == [f"t={t}" for t in (10, 30, 50, 70, 100, 150)] + ["removal ratio, t in 30..100"]
+    by_t = {r["t"]: r for r in rows}
+    assert table[1][3] == f"{by_t[50]['removal_ratio']:.2f} / {by_t[50]['tissue_change']:.3f}"
+    assert table[1][-1] == f"{expected:.2f}"
+    assert "dissolvers, lesion removal ratio / tissue change per timestep:" in pipeline["stdout"]
+    assert f"lesion removal ratio {expected:.2f}" in pipeline["stdout"]
+
+
 def test_figures_are_png(pipeline):
     out = pipeline["out"]
     paths = [os.path.join(out, "synth_lesion_class0_roc.png")]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from common.args import parse_args
 from common.checkpoint_io import read_model_checkpoint
-from common.device import pick_device
+from common import distributed
 from common.errors import UserError, exit_on_user_error
 from common.paths import check_distinct, check_output_file
 from utils import atomic_write, atomic_write_csv, atomic_write_json, set_seed
@@ -99,10 +99,6 @@ def print_quantiles(name, scores):
 @exit_on_user_error
 def main(argv=None):
     P = parse_args("eval", argv)
-    from datasets import get_dataset, one_class_split
-    from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features
-    from models.resnet import build_model
-
     scores_wanted = list(dict.fromkeys(P.ood_score))
     if P.mode == "ood_pre":
         bad = [s for s in scores_wanted if s not in CSI_SCORES]
@@ -117,7 +113,23 @@ def main(argv=None):
         raise UserError("--score_folder works with --mode ood_pre")
     check_outputs(P)
 
-    device = pick_device(P.device)
+    if P.multi_gpu:
+        raise UserError("--multi_gpu is gone: run eval.py on several GPUs with torchrun --nproc_per_node=N "
+                        "eval.py ... (each process extracts the features of its share of the images)")
+    device = distributed.init(P.device)
+    distributed.quiet_unless_main()
+    try:
+        return evaluate(P, device, scores_wanted)
+    finally:
+        distributed.shutdown()
+
+
+def evaluate(P, device, scores_wanted):
+    """Features (sharded over torchrun's ranks), scores, AUROCs, and the files asked for."""
+    from datasets import get_dataset, one_class_split
+    from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features
+    from models.resnet import build_model
+
     set_seed(P.seed)
     ckpt = read_model_checkpoint(P.load_path, device)
     meta = ckpt.get("meta") or {}
@@ -145,9 +157,7 @@ def main(argv=None):
         raise UserError(f"{P.load_path} does not fit --model {P.model} with {info.n_classes} classes: "
                         f"{str(exc).splitlines()[0]}") from None
     model.eval()
-    from common.device import parallel
-
-    net = parallel(model, device, P.multi_gpu)
+    net = model
 
     labels = test_set.labels.numpy()
     results = {"auroc_by_score": {}, "dataset": P.dataset, "one_class_idx": P.one_class_idx,
@@ -171,7 +181,7 @@ def main(argv=None):
             raise UserError(f"--ood_score CSI needs a model trained with 4 shifts; {P.load_path} has {n_shifts} "
                             f"(it was trained with --mode simclr: use --ood_score simclr)")
         kw = dict(base_shift="rotation", n_samples=P.ood_samples, device=device, batch_size=P.ood_batch_size,
-                  resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp)
+                  resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp, sharded=True)
         target = folder_dataset(P.score_folder, info.image_size) if P.score_folder else test_set
         total = (len(normal_train) + len(target) + sum(len(d) for d in ood_sets.values())) * P.ood_samples
         with tqdm(total=total, desc="features", unit="img", disable=None) as bar:

@@ -1,6 +1,6 @@
 """One command from a dataset to the paper's table: dissolvers, training, evaluation, figures.
 
-    python reproduce.py --preset quick                  # synth_lesion, CPU-sized, about 10 minutes
+    python reproduce.py --preset quick                  # synth_streak, CPU-sized, about 10 minutes
     python reproduce.py --dataset kvasir --data_root ../data --one_class_idx 0 \
         --shift_trans_type rotation blurgaussian_rotation diffusion_rotation --seeds 0 1 2
 
@@ -33,6 +33,9 @@ kept, an interrupted training continues from its last checkpoint (``train.py --r
 ``--train_args`` flags that shape the data (``--img_size``, ``--aptos_all_grades``) reach
 eval.py too, and the run folders are named by the size trained at.
 
+``--devices cuda:0 cuda:1`` runs the runs concurrently, one at a time per listed device (the
+dissolvers are trained first); ``--nproc_per_run N`` trains each run under torchrun (N processes).
+
 CSI's unlabeled multi-class setting (``--one_class_idx`` left out on cifar10 / imagenet or with
 ``--ood_dataset``, or ``--one_class_idx None``): every training image is normal, the dissolver is
 trained on every class, each run lives in ``<out>/<dataset>/multi_class/...``, and results.md
@@ -48,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from common.errors import UserError, exit_on_user_error
@@ -66,7 +70,8 @@ DEFAULTS = {
     "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"], "seeds": [0],
     "diff_resolution": [32], "resize_to_constant": False, "model": None,
     "epochs": None, "batch_size": 32, "max_batches_per_epoch": None, "max_steps": None, "warmup": None,
-    "resnet_width": None, "log_every": None, "ood_samples": 10, "amp": False, "device": None,
+    "resnet_width": None, "log_every": None, "ood_samples": 10, "amp": "auto", "device": None,
+    "devices": None, "nproc_per_run": 1,
     "ddpm_train_steps": 156_250, "ddpm_unet_dim": 64, "ddpm_batch_size": 256, "ddpm_grad_accum": 2,
     "save_step": 1, "selection": True, "selection_samples": 10, "selection_max_images": None,
     "train_args": "", "out": None,
@@ -76,12 +81,12 @@ DEFAULTS = {
 # minutes on a 2-core CPU: a small UNet trained briefly, a narrow ResNet-18 in bf16.
 PRESETS = {
     "quick": {
-        "dataset": ["synth_lesion"], "one_class_idx": [0], "seeds": [0], "diff_resolution": [32],
+        "dataset": ["synth_streak"], "one_class_idx": [0], "seeds": [0], "diff_resolution": [32],
         "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"],
-        "epochs": 5, "max_batches_per_epoch": 25, "batch_size": 32, "warmup": 1, "resnet_width": 16,
-        "log_every": 2, "ood_samples": 1, "amp": True, "selection_samples": 1,
-        "ddpm_train_steps": 63, "ddpm_unet_dim": 16, "ddpm_batch_size": 32, "ddpm_grad_accum": 1,
-        "out": os.path.join("runs", "synth_lesion_quick"),
+        "epochs": 10, "max_batches_per_epoch": 25, "batch_size": 32, "warmup": 1, "resnet_width": 16,
+        "log_every": 5, "ood_samples": 10, "amp": "on", "selection_samples": 1,
+        "ddpm_train_steps": 250, "ddpm_unet_dim": 16, "ddpm_batch_size": 32, "ddpm_grad_accum": 1,
+        "out": os.path.join("runs", "synth_streak_quick"),
     },
 }
 
@@ -110,7 +115,7 @@ def build_parser():
         epilog="Flags left out take the preset's value (--preset), else the default shown. Runs already "
                "finished in --out are skipped.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="quick: synth_lesion, rotation vs blurgaussian_rotation vs diffusion_rotation, a "
+                   help="quick: synth_streak, rotation vs blurgaussian_rotation vs diffusion_rotation, a "
                         "CPU-sized budget (about 10 minutes on 2 cores)")
     g = p.add_argument_group("what to run")
     g.add_argument("--dataset", nargs="+", default=None, help="one or more dataset names (required without --preset)")
@@ -141,9 +146,24 @@ def build_parser():
     g.add_argument("--resnet_width", type=int, default=None, help="train.py --resnet_width (default 64)")
     g.add_argument("--log_every", type=int, default=None, help="train.py --log_every (steps between loss records)")
     g.add_argument("--ood_samples", type=int, default=None, help="eval.py --ood_samples (default 10, the paper's)")
-    g.add_argument("--amp", action="store_true", default=None, help="mixed precision (bf16 on CPU) in train and eval")
-    g.add_argument("--no_amp", action="store_false", dest="amp", default=None, help="turn --amp of a preset off")
+    g.add_argument("--amp", nargs="?", const="on", default=None, choices=("auto", "on", "off"),
+                   help="train.py / eval.py --amp: bf16 autocast; auto (default) = where the device computes bf16 "
+                        "in hardware; --amp alone = on; off = fp32, as the paper's code")
+    g.add_argument("--no_amp", action="store_const", const="off", dest="amp", default=None, help="--amp off")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N for every step (default: CUDA when present)")
+    g.add_argument("--devices", nargs="+", default=None, metavar="DEV",
+                   help="run the study's runs concurrently, one run at a time per listed device (cpu, cuda or "
+                        "cuda:N; a device listed twice takes two runs at once), each run's train.py and eval.py "
+                        "getting --device DEV; every dissolver the runs need is trained first, one after another, "
+                        "on the first listed device. Results, tables and figures are those of a sequential run "
+                        "(rows in plan order), the tables rewritten as runs finish. Not with --device")
+    g.add_argument("--nproc_per_run", type=int, default=None, metavar="N",
+                   help="N > 1 trains each run under torchrun (python -m torch.distributed.run --standalone "
+                        "--nproc_per_node N train.py ...): DDP, --batch_size per process, so a global batch of N x "
+                        "--batch_size; evaluation stays one process (default 1). On CPU (gloo) the N processes share "
+                        "the run's CPU (with --devices: each run is N processes). On CUDA train.py puts rank r on "
+                        "cuda:r, so a run takes GPUs 0..N-1 whatever --device's index says; hence N > 1 with CUDA "
+                        "entries in --devices is refused (NCCL runs one rank per GPU, N ranks cannot share one)")
     g.add_argument("--train_args", default=None,
                    help="more train.py flags as one string, written with '=' "
                         "(e.g. --train_args='--diffusion_scheduler beta_skewed')")
@@ -198,7 +218,7 @@ def normalise_transformations(names):
 def check_args(a):
     """Everything that can be wrong with the flags, before anything runs."""
     if not a.dataset:
-        raise UserError("give --dataset NAME [NAME ...] (or --preset quick for the built-in synth_lesion)")
+        raise UserError("give --dataset NAME [NAME ...] (or --preset quick for the built-in synth_streak)")
     a.dataset = list(dict.fromkeys(a.dataset))
     if a.one_class_idx is not None:
         a.one_class_idx = list(dict.fromkeys(a.one_class_idx))
@@ -212,7 +232,7 @@ def check_args(a):
     a.diff_resolution = sorted(set(a.diff_resolution))
     a.shift_trans_type = normalise_transformations(a.shift_trans_type)
     for name in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "resnet_width", "log_every",
-                 "ood_samples", "save_step", "selection_samples", "selection_max_images",
+                 "ood_samples", "nproc_per_run", "save_step", "selection_samples", "selection_max_images",
                  "ddpm_train_steps", "ddpm_unet_dim", "ddpm_batch_size", "ddpm_grad_accum"):
         v = getattr(a, name)
         if v is not None and v < 1:
@@ -242,11 +262,32 @@ def check_args(a):
         from common.device import pick_device
 
         pick_device(a.device)
+    if a.devices is not None:
+        check_devices(a)
     a.data_root = os.path.abspath(a.data_root)
     if a.out is None:
         a.out = os.path.join("runs", "+".join(a.dataset))
     a.out = os.path.abspath(a.out)
     return a
+
+
+def check_devices(a):
+    """``--devices``: each entry as ``--device`` is checked (one line, exit 2, before any work)."""
+    from common.device import pick_device
+
+    if a.device:
+        raise UserError(f"give --devices {' '.join(a.devices)} or --device {a.device}, not both: --devices runs the "
+                        f"runs concurrently, one per listed device")
+    for dev in a.devices:
+        try:
+            kind = pick_device(dev).type
+        except UserError as exc:
+            raise UserError(str(exc).replace("--device ", "--devices ")) from None
+        if kind == "cuda" and a.nproc_per_run > 1:
+            raise UserError(f"--nproc_per_run {a.nproc_per_run} with --devices {dev}: train.py under torchrun puts "
+                            f"rank r on cuda:r (NCCL, one GPU per rank), so the runs' processes cannot stay on "
+                            f"their device; use --device cuda --nproc_per_run N (one run at a time on GPUs 0..N-1) "
+                            f"or --devices with --nproc_per_run 1")
 
 
 def data_shaping_flags(train_args):
@@ -290,7 +331,7 @@ class Run:
         self.config = {
             "dataset": dataset, "one_class_idx": cls, "transformation": transformation, "resolution": resolution,
             "seed": seed, "model": model, "train": train_budget(a), "eval": {"ood_samples": a.ood_samples,
-                                                                            "amp": bool(a.amp)},
+                                                                            "amp": a.amp},
             "selection": selection_budget(a),
             "dissolver": self.dissolver["name"] if self.dissolver else None,
             "resize_to_constant": bool(a.resize_to_constant) if self.dissolve_type else None,
@@ -336,7 +377,9 @@ def classes_of(a, dataset):
 def train_budget(a):
     budget = {k: getattr(a, k) for k in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "warmup",
                                          "resnet_width")}
-    budget.update(amp=bool(a.amp), extra=list(a.train_args))
+    budget.update(amp=a.amp, extra=list(a.train_args))
+    if getattr(a, "nproc_per_run", 1) > 1:  # only then: the settings of earlier runs stay as they were recorded
+        budget["nproc_per_run"] = a.nproc_per_run  # a global batch of nproc_per_run x batch_size
     return budget
 
 
@@ -439,7 +482,11 @@ class Interrupted(Exception):
     """SIGTERM or SIGINT reached reproduce.py: the running step is stopped and the command ends."""
 
 
-CURRENT = {"proc": None, "what": None, "stopped": False}  # what runs now, for the interruption message
+# What runs now, for the interruption message: ``procs`` maps every running step (a Popen) to what
+# it does; ``stopping`` (the signal number) is set when an interruption stops them all, so that no
+# step starts after it and a stopped step is not reported as a failure (``--devices``' threads).
+CURRENT = {"procs": {}, "what": None, "stopped": False, "stopping": None}
+_CURRENT_LOCK = threading.Lock()
 
 
 def _on_signal(signum, frame):
@@ -473,17 +520,25 @@ _PARENT = [os.getpid()]
 
 def stop_child(proc, grace=10.0):
     """SIGTERM (train.py then removes its temporary files and lock), SIGKILL after ``grace`` s."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-        proc.send_signal(signal.SIGCONT)  # a stopped step (Ctrl-Z, a debugger) gets it too
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+    stop_children([proc], grace)
+
+
+def stop_children(procs, grace=10.0):
+    """:func:`stop_child` for several steps at once: SIGTERM to all, then SIGKILL to those still
+    running ``grace`` s later."""
+    procs = [p for p in procs if p.poll() is None]
+    for proc in procs:
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
+            proc.terminate()
+            proc.send_signal(signal.SIGCONT)  # a stopped step (Ctrl-Z, a debugger) gets it too
+    deadline = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
 
 
 def run_step(cmd, log_path, what=None, append=False):
@@ -494,14 +549,22 @@ def run_step(cmd, log_path, what=None, append=False):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.time()
+    what = what or os.path.basename(cmd[1])
+    main_thread = threading.current_thread() is threading.main_thread()
     with open(log_path, "a" if append else "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
-        _PARENT[0] = os.getpid()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_die_with_parent if _LIBC is not None else None)
+        with _CURRENT_LOCK:  # one fork at a time; none once an interruption stops the steps
+            if CURRENT["stopping"] is not None:
+                raise Interrupted(CURRENT["stopping"])
+            _PARENT[0] = os.getpid()
+            # (PR_SET_PDEATHSIG follows the thread that forks: run_step's thread waits for its step)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, preexec_fn=_die_with_parent if _LIBC is not None else None)
+            CURRENT["procs"][proc] = what
         before = CURRENT["what"]
-        CURRENT.update(proc=proc, what=what or os.path.basename(cmd[1]))
+        if main_thread:
+            CURRENT["what"] = what
         try:
             rc = proc.wait()
         except BaseException:
@@ -509,8 +572,12 @@ def run_step(cmd, log_path, what=None, append=False):
             CURRENT["stopped"] = True
             raise
         finally:
-            CURRENT["proc"] = None
-        CURRENT["what"] = before
+            with _CURRENT_LOCK:
+                CURRENT["procs"].pop(proc, None)
+        if main_thread:
+            CURRENT["what"] = before
+    if CURRENT["stopping"] is not None:  # stopped by the interruption (another thread's): not a failure
+        raise Interrupted(CURRENT["stopping"])
     seconds = time.time() - t0
     return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc))
 
@@ -733,11 +800,14 @@ def train_command(a, run, dissolver_ckpt):
             cmd.append("--resize_to_constant")
     if dissolver_ckpt:
         cmd += ["--diffusion_model_path", dissolver_ckpt]
-    if a.amp:
-        cmd.append("--amp")
+    cmd += ["--amp", a.amp]
     if a.device:
         cmd += ["--device", a.device]
-    return cmd + list(a.train_args)
+    cmd += list(a.train_args)
+    n = getattr(a, "nproc_per_run", 1)
+    if n > 1:  # DDP under torchrun (rank 0 writes the run folder); cmd[0] is this python
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    return cmd
 
 
 def eval_command(a, run, model="last.model", results="results.json", scores="scores.csv"):
@@ -752,8 +822,7 @@ def eval_command(a, run, model="last.model", results="results.json", scores="sco
         cmd += ["--img_size", str(a.img_size)]
     if a.aptos_all_grades:
         cmd.append("--aptos_all_grades")
-    if a.amp:
-        cmd.append("--amp")
+    cmd += ["--amp", a.amp]
     if a.device:
         cmd += ["--device", a.device]
     return cmd
@@ -841,8 +910,12 @@ def execute(a, run, dissolvers):
     run.status = "ok"
     run.train_seconds = (read_json(run.path("train_done.json")) or {}).get("seconds")
     run.eval_seconds = results.get("eval_seconds")
-    draw_run_figures(run, dissolver)
+    with _PLOT_LOCK:  # matplotlib, one figure at a time (--devices runs several runs in threads)
+        draw_run_figures(run, dissolver)
     return run
+
+
+_PLOT_LOCK = threading.Lock()
 
 
 def evaluate_best(a, run):
@@ -1252,13 +1325,15 @@ def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             handlers[sig] = signal.signal(sig, _on_signal)
-    CURRENT.update(proc=None, what=None, stopped=False)
+    CURRENT.update(procs={}, what=None, stopped=False, stopping=None)
     try:
         return run_all(a, runs, argv)
     except (Interrupted, KeyboardInterrupt) as exc:
         sig = exc.args[0] if isinstance(exc, Interrupted) and exc.args else signal.SIGINT
         what = CURRENT["what"] or "preparing"
-        stopped = " (that step was stopped)" if CURRENT["stopped"] else ""
+        n_stopped = int(CURRENT["stopped"])
+        stopped = (f" (those {n_stopped} steps were stopped)" if n_stopped > 1
+                   else " (that step was stopped)" if n_stopped else "")
         print(f"\ninterrupted by {signal.Signals(sig).name} while {what}{stopped}; finished runs are kept: run the "
               f"same command again to resume (an interrupted training continues from its last checkpoint)",
               file=sys.stderr, flush=True)
@@ -1280,36 +1355,127 @@ def remove_own_stale_temps(out):
         remove_stale_temps(folder, lambda name: not (writes_it(name) or name.endswith(".pt")))
 
 
+def report_run(a, run, t0):
+    """The end of a run's progress line (after its ``[i/n] label:``) and its notes."""
+    if run.status == "ok":
+        auroc = headline_auroc(run)
+        if run.reused:
+            what = "finished before, skipped"
+        else:
+            trained = "trained" if run.train_seconds is None else f"trained {run.train_seconds:.0f} s"
+            what = f"{trained}, evaluated {run.eval_seconds:.0f} s"
+        best = headline_auroc(run, "best")
+        best = f", {best:.3f} (best on test, epoch {run.best['epoch']})" if best is not None else ""
+        kind = "AUROC mean over the out-of-distribution sets" if run.multi else "AUROC"
+        print(f" {what}; {kind} {auroc:.3f} (last){best} ({time.time() - t0:.0f} s)", flush=True)
+        for note in run.notes:
+            print(f"    note: {note}", flush=True)
+    else:
+        print(f" FAILED ({run.error}); log {rel(run.log, a.out)} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def run_concurrently(a, runs, command):
+    """``--devices``: every dissolver the runs need is trained first (one after another, on the
+    first device), then one thread per listed device takes the runs in plan order, one at a time,
+    its steps getting ``--device <its device>``. This thread prints the progress and rewrites the
+    tables (rows in plan order) as runs finish; an interruption stops every running step."""
+    import copy
+    import queue
+
+    on_first = copy.copy(a)
+    on_first.device = a.devices[0]
+    dissolvers = Dissolvers(on_first)
+    CURRENT["what"] = "preparing the dissolvers"
+    for run in runs:
+        if needs_dissolver(run):
+            dissolvers.get(run.dissolver)
+    print(f"running the runs {len(a.devices)} at a time: on {', '.join(a.devices)}", flush=True)
+    shown = []  # what the tables show: the finished runs, and pending copies of the others
+    for run in runs:
+        pending = copy.copy(run)
+        pending.notes = []
+        shown.append(pending)
+    todo, events = queue.Queue(), queue.Queue()
+    for i in range(len(runs)):
+        todo.put(i)
+
+    def work(device):
+        on_device = copy.copy(a)
+        on_device.device = device
+        while CURRENT["stopping"] is None:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            events.put(("start", i, device))
+            try:
+                execute(on_device, runs[i], dissolvers)
+            except Interrupted:
+                return  # stopped: left for the next command to resume
+            except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the others
+                fail(runs[i], "reproduce", f"{type(exc).__name__}: {exc}", log=runs[i].path("train.log"))
+            events.put(("done", i, device))
+
+    threads = [threading.Thread(target=work, args=(dev,), name=f"runs on {dev}", daemon=True) for dev in a.devices]
+    started = {}
+    CURRENT["what"] = "starting the runs"
+    try:
+        for t in threads:
+            t.start()
+        n_done = 0
+        while n_done < len(runs):
+            try:
+                kind, i, device = events.get(timeout=1.0)
+            except queue.Empty:
+                if events.empty() and not any(t.is_alive() for t in threads):
+                    raise RuntimeError("the threads running the runs ended early") from None
+                continue
+            run, head = runs[i], f"[{i + 1}/{len(runs)}] {runs[i].label}"
+            if kind == "start":
+                started[i] = time.time()
+                print(f"{head}: started on {device}", flush=True)
+                continue
+            n_done += 1
+            print(f"{head} ({device}):", end="", flush=True)
+            report_run(a, run, started[i])
+            shown[i] = run
+            write_tables(a, shown, command)
+    except BaseException as exc:
+        sig = exc.args[0] if isinstance(exc, Interrupted) and exc.args else (
+            signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 0)
+        with _CURRENT_LOCK:  # no step starts from now on
+            CURRENT["stopping"] = sig
+            running = dict(CURRENT["procs"])
+        CURRENT["what"] = " and ".join(running.values()) or "running the runs"
+        if running:
+            stop_children(list(running))
+            CURRENT["stopped"] = len(running)
+        for t in threads:
+            t.join()
+        raise
+    for t in threads:
+        t.join()
+
+
 def run_all(a, runs, argv):
     command = "python reproduce.py " + " ".join(shlex.quote(x) for x in argv)
     n_todo = sum(not os.path.exists(r.path("results.json")) for r in runs)
     print(f"{len(runs)} run(s) in {a.out} ({len(runs) - n_todo} finished already, {n_todo} to do)", flush=True)
 
-    dissolvers = Dissolvers(a)
     t_all = time.time()
-    for i, run in enumerate(runs, 1):
-        if needs_dissolver(run):
-            dissolvers.get(run.dissolver)  # its own progress line, before the run's
-        t0 = time.time()
-        print(f"[{i}/{len(runs)}] {run.label}:", end="", flush=True)
-        CURRENT["what"] = f"working on {run.label}"
-        execute(a, run, dissolvers)
-        if run.status == "ok":
-            auroc = headline_auroc(run)
-            if run.reused:
-                what = "finished before, skipped"
-            else:
-                trained = "trained" if run.train_seconds is None else f"trained {run.train_seconds:.0f} s"
-                what = f"{trained}, evaluated {run.eval_seconds:.0f} s"
-            best = headline_auroc(run, "best")
-            best = f", {best:.3f} (best on test, epoch {run.best['epoch']})" if best is not None else ""
-            kind = "AUROC mean over the out-of-distribution sets" if run.multi else "AUROC"
-            print(f" {what}; {kind} {auroc:.3f} (last){best} ({time.time() - t0:.0f} s)", flush=True)
-            for note in run.notes:
-                print(f"    note: {note}", flush=True)
-        else:
-            print(f" FAILED ({run.error}); log {rel(run.log, a.out)} ({time.time() - t0:.0f} s)", flush=True)
-        write_tables(a, runs, command)
+    if a.devices:
+        run_concurrently(a, runs, command)
+    else:
+        dissolvers = Dissolvers(a)
+        for i, run in enumerate(runs, 1):
+            if needs_dissolver(run):
+                dissolvers.get(run.dissolver)  # its own progress line, before the run's
+            t0 = time.time()
+            print(f"[{i}/{len(runs)}] {run.label}:", end="", flush=True)
+            CURRENT["what"] = f"working on {run.label}"
+            execute(a, run, dissolvers)
+            report_run(a, run, t0)
+            write_tables(a, runs, command)
     CURRENT["what"] = "drawing the comparison figures"
     draw_comparisons(a, runs)
     write_tables(a, runs, command)

@@ -81,6 +81,8 @@ def run_args(P):
 
 
 def show_flag(key, value):
+    if key == "amp":  # decided once (--amp auto/on/off): recorded as on or off
+        return f"--amp {'on' if value else 'off'}"
     if isinstance(value, bool) or value is None:
         return f"--{key}" if value else f"no --{key}"
     if isinstance(value, (list, tuple)):

@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -59,16 +60,30 @@ def batch_indices(n, batch_size, perm=None, drop_last=False):
 
 
 def autocast_for(device, enabled):
-    """Mixed precision where asked: bf16 on CPU, fp16 on CUDA; a no-op otherwise."""
+    """Mixed precision where asked: bf16 (fp16 on a GPU without bf16); a no-op otherwise."""
     if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 TEMP_PREFIX = ".tmp-"
 # what atomic_write's temporary files are called: .tmp-<name>.<8 characters of tempfile's alphabet>
 _TEMP_RE = re.compile(r"\.tmp-(?P<name>.+)\.[a-z0-9_]{8}")
+
+
+_UMASK = []
+_UMASK_LOCK = threading.Lock()
+
+
+def process_umask():
+    """The process's umask, read once (reading it means setting it: never twice, never from two
+    threads at a time, so no file is created while it is briefly 0)."""
+    with _UMASK_LOCK:
+        if not _UMASK:
+            _UMASK.append(os.umask(0))
+            os.umask(_UMASK[0])
+        return _UMASK[0]
 
 
 def atomic_write(path, writer):
@@ -92,9 +107,7 @@ def atomic_write(path, writer):
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600 files; give the usual permissions
         fault_point("write:" + os.path.basename(path))
         os.replace(tmp, path)
     except BaseException:

@@ -120,10 +120,13 @@ def build_parser(program="train"):
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps in total (quick runs)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-    g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    g.add_argument("--amp", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="mixed precision (bf16 autocast; fp16 on a GPU without bf16): auto = where the device "
+                        "computes bf16 in hardware (CUDA with bf16, a CPU with AVX512-BF16 or AMX); --amp alone = "
+                        "on; --amp off = fp32 throughout, as the paper's code")
     g.add_argument("--multi_gpu", action="store_true",
-                   help="eval.py: split each batch over all visible GPUs (torch.nn.DataParallel); train.py runs "
-                        "on several GPUs under torchrun --nproc_per_node=N instead")
+                   help="gone (it was DataParallel): train.py and eval.py run on several GPUs under torchrun "
+                        "--nproc_per_node=N; passing it is an error that says so")
 
     g = p.add_argument_group("checkpoints and logs")
     g.add_argument("--logdir", default=None,
@@ -185,6 +188,9 @@ def parse_args(program="train", argv=None):
     P = build_parser(program).parse_args(argv)
     P.program = program
     normalise_args(P)
+    from common.device import decide_amp
+
+    P.amp = decide_amp(P.amp, P.device)  # decided once: a bool from here on
     return P
 
 

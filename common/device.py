@@ -1,5 +1,45 @@
-"""Pick the compute device once per process."""
+"""Pick the compute device, and whether to compute in bf16, once per process."""
+import functools
+
 import torch
+
+AMP_CHOICES = ("auto", "on", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def bf16_supported(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def decide_amp(request, device):
+    """``--amp``: ``'on'`` or ``'off'`` as asked; ``'auto'`` is on where ``device`` computes bf16 in
+    hardware (CUDA with bf16, a CPU with AVX512-BF16 or AMX). ``True``/``False`` are on/off."""
+    if isinstance(request, bool):
+        return request
+    if request not in AMP_CHOICES:
+        from common.errors import UserError
+
+        raise UserError(f"--amp {request} is not one of {', '.join(AMP_CHOICES)}")
+    if request != "auto":
+        return request == "on"
+    if not isinstance(device, torch.device):
+        device = pick_device(device)
+    return bf16_supported(device)
 
 
 def pick_device(requested=None):

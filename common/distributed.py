@@ -9,7 +9,9 @@ one process, rank 0, the main process, no collectives. Under ``torchrun --nproc_
 * :func:`gather_cat` concatenates a tensor over the ranks with PyTorch's gradient-carrying
   ``torch.distributed.nn.functional.all_gather``, so a loss built from it is the loss of the
   global batch and its gradient reaches every rank's own embeddings;
-* :func:`mean_all` averages logged values over the ranks; :func:`barrier` waits for all.
+* :func:`mean_all` averages logged values over the ranks; :func:`barrier` waits for all;
+* :func:`my_part` and :func:`all_gather_objects` share evaluation work out and gather it back
+  (eval.py's feature extraction).
 
 ``--batch_size`` is per process (per GPU, as CSI's): a step sees ``world_size * --batch_size``
 images, rank ``r`` taking the ``r``-th contiguous block of ``--batch_size`` images of each
@@ -143,6 +145,32 @@ def sync_batchnorm(model, device):
     if is_distributed() and device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def my_part(items):
+    """This rank's share of a list: every ``world_size``-th item from its rank (all of it in
+    one process)."""
+    items = list(items)
+    return items[rank()::world_size()] if is_distributed() else items
+
+
+def all_gather_objects(obj):
+    """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def quiet_unless_main():
+    """Under torchrun, the other ranks print nothing on stdout (their errors still reach stderr)."""
+    if is_distributed() and not is_main():
+        import sys
+
+        sys.stdout = open(os.devnull, "w")
 
 
 def shard(idx):

@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from common import distributed
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
 from utils import autocast_for, batch_indices, set_seed
 
 
 @torch.no_grad()
 def extract_features(model, dataset, base_shift, n_samples, device, batch_size=100,
-                     resize_factor=0.54, resize_fix=True, amp=False, progress=None, restore_rng=True):
+                     resize_factor=0.54, resize_fix=True, amp=False, progress=None, restore_rng=True,
+                     sharded=False):
     """Features of every image of ``dataset`` for every shift k and sample s.
 
     For sample s the random seed is set to s (per batch, as CSI does), each shift k gets its
@@ -29,6 +31,10 @@ def extract_features(model, dataset, base_shift, n_samples, device, batch_size=1
     ``restore_rng=False`` is what the paper's code does: every seeding reaches Python's,
     numpy's, torch's and CUDA's generators and nothing is restored, so they are left seeded
     with ``n_samples - 1`` and advanced by the last batch's draws. The features are the same.
+
+    ``sharded=True`` (every rank of a torchrun job calls it): rank r computes batches r, r + W,
+    ... and every rank gets all features back. Each batch reseeds as above, so the features
+    are those of one process, whatever the number of ranks.
     """
     shift = get_shift(base_shift)
     K = shift.max_range
@@ -41,9 +47,11 @@ def extract_features(model, dataset, base_shift, n_samples, device, batch_size=1
     devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
     keep = torch.random.fork_rng(devices=devices) if restore_rng else contextlib.nullcontext()
     reseed = torch.manual_seed if restore_rng else set_seed
+    batches = list(batch_indices(n, batch_size))
+    mine = distributed.my_part(range(len(batches))) if sharded else range(len(batches))
     with keep:
-        for idx in batch_indices(n, batch_size):
-            x, _ = dataset.get_batch(idx)
+        for bi in mine:
+            x, _ = dataset.get_batch(batches[bi])
             x = x.to(device, non_blocking=True)
             b = x.shape[0]
             per_sample = {"simclr": [], "shift": []}
@@ -57,12 +65,16 @@ def extract_features(model, dataset, base_shift, n_samples, device, batch_size=1
                     per_sample[key].append(aux[key].float().view(K, b, -1))
             for key, chunks in per_sample.items():
                 f = torch.stack(chunks, dim=1)  # K x S x B x d
-                f = f.permute(2, 0, 1, 3).reshape(b, K * n_samples, -1)
-                out.setdefault(key, []).append(f.cpu())
+                out.setdefault(bi, {})[key] = f.permute(2, 0, 1, 3).reshape(b, K * n_samples, -1).cpu()
             if progress is not None:
                 progress.update(b)
     model.train(was_training)
-    return {key: torch.cat(v) for key, v in out.items()}
+    if sharded:
+        for part in distributed.all_gather_objects(out):
+            out.update(part)
+    if not out:
+        return {}
+    return {key: torch.cat([out[bi][key] for bi in range(len(batches))]) for key in out[0]}
 
 
 def _split_shifts(feats, n_shifts):

@@ -163,7 +163,8 @@ class Dissolver(torch.nn.Module):
         if res != int(diff_resolution):
             raise UserError(f"the dissolver works at {res} px but --diff_resolution is {diff_resolution}; pass "
                             f"--diff_resolution {res} or retrain the dissolver at {diff_resolution} px")
-        self.diffusion = diffusion.eval().requires_grad_(False)
+        # channels-last: faster convolutions on CPU (oneDNN) and on CUDA under mixed precision
+        self.diffusion = diffusion.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.native_kind = native_kind
         self.diff_resolution = int(diff_resolution)
         self.offset = float(offset)
@@ -227,6 +228,7 @@ class Dissolver(torch.nn.Module):
         if self.range_correct:
             y = y * 2 - 1
         t = torch.tensor(ts, device=self.device, dtype=torch.long).repeat_interleave(x.shape[0] // k)
+        y = y.contiguous(memory_format=torch.channels_last)
         x0 = self.diffusion.model_predictions(y, t, clip_x_start=True).pred_x_start
         if self.range_correct:
             x0 = (x0 + 1) / 2

@@ -71,11 +71,12 @@ class ContrastiveResNet(nn.Module):
         self.simclr_layer = nn.Sequential(
             nn.Linear(last_dim, last_dim), nn.ReLU(), nn.Linear(last_dim, simclr_dim))
         self.shift_cls_layer = nn.Linear(last_dim, n_shifts)
+        self.memory_format = torch.channels_last  # build_model lays the weights out so too
 
     def penultimate(self, x):
         # the inputs are [0, 1] images; the network sees them centred as CSI does, laid out
         # channels-last (faster convolutions on CPU and on CUDA under mixed precision)
-        x = ((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
+        x = ((x - 0.5) / 0.5).contiguous(memory_format=self.memory_format)
         return self.backbone(x)
 
     def forward(self, x, penultimate=False, simclr=False, shift=False):

@@ -42,8 +42,9 @@ def colour_of(x):
 def test_dataset_names_are_the_documented_ones():
     assert set(DATASET_NAMES) == {"covid", "kvasir", "retina", "aptos", "breakhis", "chestxray",
                                   "pneumoniamnist", "breastmnist", "chestmnist", "cifar10", "cifar100",
-                                  "imagefolder", "digits", "synth_lesion"}
-    assert len(DATASET_NAMES) == 14
+                                  "imagefolder", "digits", "synth_lesion", "synth_lesion_half", "synth_streak",
+                                  "synth_streak_half"}
+    assert len(DATASET_NAMES) == 17
 
 
 def test_unknown_dataset_name_lists_valid_names(tmp_path):

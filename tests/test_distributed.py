@@ -1,5 +1,6 @@
 """train.py under torchrun (two CPU processes, gloo, 127.0.0.1): identical weights, the
 global-batch loss of one process, rank 0 alone writes, and the launch flags."""
+import csv
 import json
 import os
 import socket
@@ -99,6 +100,62 @@ def test_resume_with_another_process_count_is_one_line(two_process_run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "trained by 2 process(es)" in err[-1]
     assert "torchrun --nproc_per_node=2 train.py" in err[-1]
+
+
+def torchrun(script_and_args, tmp_path, nproc=2, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), *map(str, script_and_args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_resumed_distributed_run_repeats_an_uninterrupted_one(tmp_path):
+    """Two processes for 2 epochs straight, and the same run stopped after epoch 1 and resumed
+    by two processes: the same weights, bit for bit."""
+    two_epochs = [a for a in RUN if a not in ("--max_steps", "2")] + ["--max_batches_per_epoch", "2"]
+    one_epoch = [*two_epochs, "--epochs", "1"]
+    two_epochs = [*two_epochs, "--epochs", "2"]
+    torchrun(["train.py", *two_epochs, "--logdir", tmp_path / "straight"], tmp_path)
+    torchrun(["train.py", *one_epoch, "--logdir", tmp_path / "parts"], tmp_path)
+    first = torch.load(tmp_path / "parts" / "last.model", weights_only=False)
+    assert (first["epoch"], first["step"]) == (1, 2)
+    torchrun(["train.py", *two_epochs, "--resume_path", tmp_path / "parts"], tmp_path)
+    a = torch.load(tmp_path / "straight" / "last.model", weights_only=False)
+    b = torch.load(tmp_path / "parts" / "last.model", weights_only=False)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
+    assert a["meta"]["world_size"] == b["meta"]["world_size"] == 2
+    moved = False
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+        moved |= value.is_floating_point() and not torch.equal(value, first["model"][name])
+    assert moved  # the second epoch trained
+
+
+def test_eval_shards_features_over_ranks_and_scores_as_one_process(two_process_run, tmp_path):
+    """eval.py under torchrun: each rank extracts its share of the batches; the scores, AUROCs
+    and files are those of one process, written once."""
+    logdir = two_process_run[0]
+    args = ["eval.py", "--mode", "ood_pre", "--dataset", "synth_lesion", "--model", "resnet18", "--resnet_width", "8",
+            "--ood_score", "CSI", "--shift_trans_type", "rotation", "--ood_samples", "2", "--resize_factor", "0.54",
+            "--resize_fix", "--one_class_idx", "0", "--load_path", logdir / "last.model", "--device", "cpu",
+            "--ood_batch_size", "250", "--amp", "off"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *map(str, args), "--save_results", tmp_path / "one.json",
+                          "--save_scores_csv", tmp_path / "one.csv"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([*args, "--save_results", tmp_path / "two.json", "--save_scores_csv", tmp_path / "two.csv"],
+                   tmp_path)
+    rows = [list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 1000
+    for r1, r2 in zip(*rows):
+        assert r1["name"] == r2["name"] and abs(float(r1["score_CSI"]) - float(r2["score_CSI"])) <= 2e-6
+    res = [json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two")]
+    assert res[0]["auroc"]["pooled"] == pytest.approx(res[1]["auroc"]["pooled"], abs=1e-6)
+    # the AUROC line is printed once (rank 1 is quiet on stdout)
+    assert two.stdout.count("[pooled CSI") == 1 and one.stdout.count("[pooled CSI") == 1
 
 
 # ----- the loss of the global batch, two gloo processes against one ------------------------

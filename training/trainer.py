@@ -1,4 +1,5 @@
 """The training loop of ``--mode simclr``, ``simclr_CSI`` and ``simclr_DIA`` (docs/method.md §3)."""
+import contextlib
 import math
 import os
 import time
@@ -68,8 +69,8 @@ def divergence_cause(P, device=None):
         causes.append(f"--lr_init {P.lr_init:g} is very high (the paper's 0.1): lower --lr_init")
     if P.sim_lambda > 100:
         causes.append(f"--sim_lambda {P.sim_lambda:g} is very high (the paper's 1): lower it")
-    if P.amp and device is not None and device.type == "cuda":
-        causes.append("--amp runs fp16 on CUDA, which can overflow: drop --amp")
+    if P.amp and device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        causes.append("mixed precision runs fp16 on this GPU (no bf16), which can overflow: pass --amp off")
     if not causes:
         causes.append(f"--lr_init {P.lr_init:g} may be too high for --batch_size {P.batch_size} with "
                       f"--optimizer {P.optimizer}: lower --lr_init (or check the training images)")
@@ -106,6 +107,8 @@ class Trainer:
         self._resumed_rng = None
         self.logger = None  # set by fit: checkpoints record log.txt's length
         self.last_loss = None
+        # benchmarks/bench.py times the parts of a step: timer(name) -> context manager
+        self.timer = None
 
     # ----- one step -------------------------------------------------------------------
     def make_views(self, x):
@@ -131,7 +134,7 @@ class Trainer:
                 views.append(torch.cat([shift(c, k) for k, c in enumerate(cs)]))
                 continue
             # the K chunks in one batched call, each with its own strength
-            with autocast_for(self.device, self.P.amp):  # --amp covers the dissolver's UNet too
+            with self.timed("dissolve"), autocast_for(self.device, self.P.amp):  # --amp covers the UNet too
                 if getattr(d, "shift_inside", False):
                     out = d.dissolve_chunks(cs, epoch, shift=shift)
                 else:
@@ -140,35 +143,50 @@ class Trainer:
         return torch.cat(views), len(chunks)
 
     def train_step(self, x, y):
-        P, model = self.P, self.model
-        b, K = x.shape[0], self.K
+        b = x.shape[0]
         views, chunks = self.make_views(x)
-        views = self.aug(views)
+        with self.timed("augment"):
+            views = self.aug(views)
+        with self.timed("resnet"):
+            loss, loss_sim, loss_shift, aux = self.resnet_step(views, chunks, b)
+        with self.timed("linear"):
+            loss_linear = self.linear_step(aux, y, b)
+        values = torch.stack([loss, loss_sim, loss_shift, loss_linear]).detach()
+        values = distributed.mean_all(values).tolist()  # averaged over the ranks; one device sync
+        return dict(zip(("loss", "loss_sim", "loss_shift", "loss_linear"), values))
+
+    def timed(self, name):
+        return self.timer(name) if self.timer is not None else contextlib.nullcontext()
+
+    def resnet_step(self, views, chunks, b):
+        """Forward, losses, backward and the optimiser step of the network on the views."""
+        P, K = self.P, self.K
         with autocast_for(self.device, P.amp):
             _, aux = self.net(views, penultimate=True, simclr=True, shift=True)
         z = F.normalize(aux["simclr"].float(), dim=1)
         loss_sim = contrastive_loss(z, chunks, K, b, P)
         if K > 1:
-            shift_labels = torch.arange(K, device=x.device).repeat_interleave(b).repeat(chunks)
+            shift_labels = torch.arange(K, device=views.device).repeat_interleave(b).repeat(chunks)
             loss_shift = F.cross_entropy(aux["shift"].float(), shift_labels)
         else:
-            loss_shift = torch.zeros((), device=x.device)
+            loss_shift = torch.zeros((), device=views.device)
         loss = loss_sim + loss_shift
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        return loss, loss_sim, loss_shift, aux
 
-        # the linear head learns the classes from the detached features of the unshifted views
+    def linear_step(self, aux, y, b):
+        """The linear head learns the classes from the detached features of the unshifted views."""
+        K = self.K
         h = aux["penultimate"].detach().float()
         h0 = torch.cat([h[:b], h[K * b:K * b + b]])
         h0, y0 = distributed.gather_cat(h0), distributed.gather_cat(y.repeat(2))  # the global batch on every rank
-        loss_linear = F.cross_entropy(model.linear(h0), y0)
+        loss_linear = F.cross_entropy(self.model.linear(h0), y0)
         self.linear_optim.zero_grad(set_to_none=True)
         loss_linear.backward()
         self.linear_optim.step()
-        values = torch.stack([loss, loss_sim, loss_shift, loss_linear]).detach()
-        values = distributed.mean_all(values).tolist()  # averaged over the ranks; one device sync
-        return dict(zip(("loss", "loss_sim", "loss_shift", "loss_linear"), values))
+        return loss_linear
 
     # ----- checkpoints ------------------------------------------------------------------
     def state(self, meta, selection=None):

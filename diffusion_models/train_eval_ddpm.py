@@ -15,7 +15,13 @@ optimiser step); Adam lr 8e-5, betas (0.9, 0.99); gradient-norm clipping at 1.0;
 ``--save_every`` 31,250 steps, and the default ``--train_steps`` 156,250 is the paper's
 ``model-5.pt``. Checkpoints are written atomically at each milestone and resume exactly
 (``--resume``); a diverged (non-finite) model is never written.
+
+Under ``torchrun --nproc_per_node=N`` training runs with DDP: ``--batch_size`` is per process,
+so each micro-batch is N x ``--batch_size`` images (rank r takes the r-th block of it), the
+gradients are averaged over the ranks, each rank draws its own timesteps and noise, and rank 0
+alone writes the checkpoint (which records ``world_size``; a resume needs the same N).
 """
+import contextlib
 import argparse
 import math
 import os
@@ -31,6 +37,7 @@ if _ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common import distributed  # noqa: E402
 from common.device import pick_device  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
 from utils import rng_state, set_rng_state  # noqa: E402
@@ -154,18 +161,25 @@ def _check_writable(path, flag="--save_path"):
     check_output_file(path, flag)
 
 
-def accumulate_and_step(diffusion, opt, micro_batches, grad_clip):
+def accumulate_and_step(diffusion, opt, micro_batches, grad_clip, net=None, average=None):
     """One optimiser step as the package's Trainer makes it: each micro-batch's loss divided by
     their number and back-propagated, the gradient norm clipped to ``grad_clip``, then the step.
 
+    ``net``: what the micro-batches go through (DDP under torchrun: gradients averaged over the
+    ranks once, at the last micro-batch); ``average``: the loss averaged over the ranks.
     Returns ``(loss, grad_norm)``: the mean micro-batch loss and the norm before clipping. A
     non-finite loss skips the update (the caller stops with an error).
     """
+    net = diffusion if net is None else net
     total = 0.0
-    for x in micro_batches:
-        loss = diffusion(x) / len(micro_batches)
-        loss.backward()
+    for i, x in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            loss = net(x) / len(micro_batches)
+            loss.backward()
         total += loss.item()
+    if average is not None:
+        total = average(total)  # every rank sees the same number, so all stop together
     if not math.isfinite(total):
         opt.zero_grad(set_to_none=True)
         return total, float("nan")
@@ -180,11 +194,14 @@ def train(args):
     beside it, released by the kernel when the process ends), so two trainings never write one
     checkpoint."""
     held = []
+    device = distributed.init(args.device)  # joins torchrun's process group when there is one
+    distributed.quiet_unless_main()
     try:
-        return _train(args, held)
+        return _train(args, held, device)
     finally:
         for lock in held:
             lock.release()
+        distributed.shutdown()
 
 
 def _lock_save_path(save_path, held):
@@ -202,7 +219,7 @@ def _lock_save_path(save_path, held):
     remove_stale_temps(folder, name)
 
 
-def _train(args, held):
+def _train(args, held, device):
     from ema_pytorch import EMA
     from tqdm import tqdm
 
@@ -219,7 +236,6 @@ def _train(args, held):
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
     config = _config_from_args(args, resolution)
-    device = pick_device(args.device)
     if not args.dataset:
         raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
     if args.all_classes and args.one_class_idx is not None:
@@ -230,7 +246,10 @@ def _train(args, held):
     else:
         idx = default_one_class_idx(args.dataset) if args.one_class_idx is None else args.one_class_idx
     save_path = args.save_path or default_save_path(args.dataset, idx, resolution)
-    _lock_save_path(save_path, held)  # before looking at it: what is there cannot change under us
+    # before looking at it (rank 0 holds the lock): what is there cannot change under us
+    distributed.main_writes(_lock_save_path, save_path, held)
+    distributed.barrier()
+    world = distributed.world_size()
     if args.resume and not os.path.exists(save_path):
         raise UserError(f"--resume: nothing to resume at {save_path}; drop --resume to start training")
     if not args.resume and os.path.exists(save_path) and not args.overwrite:
@@ -243,6 +262,12 @@ def _train(args, held):
         diffs = [f"{k} {stored.get(k)} (now {v})" for k, v in config.items() if stored.get(k) != v]
         saved = (ckpt["train_state"] or {}).get("recipe", {})
         diffs += [f"--{k} {saved[k]} (now {v})" for k, v in recipe.items() if k in saved and saved[k] != v]
+        saved_world = int((ckpt["meta"] or {}).get("world_size", 1))
+        if saved_world != world:
+            how = (f"torchrun --nproc_per_node={saved_world} diffusion_models/train_eval_ddpm.py ..."
+                   if saved_world > 1 else "one process (python diffusion_models/train_eval_ddpm.py ...)")
+            raise UserError(f"--resume: {save_path} was trained by {saved_world} process(es), this is {world}; "
+                            f"resume it with {how} (the micro-batch is processes x --batch_size)")
         if diffs:
             raise UserError(f"--resume: {save_path} was trained with {', '.join(diffs)}; pass the same flags "
                             "(only --train_steps and --save_every may change) or another --save_path")
@@ -290,11 +315,17 @@ def _train(args, held):
         print(f"resuming {save_path} at step {step}")
         del ckpt
 
-    n_micro = (n + args.batch_size - 1) // args.batch_size
-    per_step = args.batch_size * args.grad_accum
+    net = distributed.wrap_model(diffusion, device)
+    gb = args.batch_size * world  # a micro-batch of every rank together
+
+    def average(value):
+        return distributed.mean_all(torch.tensor(float(value), device=device)).item()
+
+    n_micro = (n + gb - 1) // gb
+    per_step = gb * args.grad_accum
     print(f"dissolver: {args.dataset} {class_text}, {n} normal training images "
           f"({info.native_kind}) -> {resolution} px, {args.train_steps} optimiser steps of {args.grad_accum} x "
-          f"{args.batch_size} images ({per_step * args.train_steps / max(n, 1):.1f} passes over the data), "
+          f"{gb} images{f' ({world} processes x {args.batch_size})' if world > 1 else ''} ({per_step * args.train_steps / max(n, 1):.1f} passes over the data), "
           f"milestone every {args.save_every} steps, device {device}, "
           f"Unet(dim={config['unet_dim']}, dim_mults={tuple(config['dim_mults'])}), {config['objective']}, "
           f"{config['beta_schedule']}, {config['loss_type']}")
@@ -310,7 +341,7 @@ def _train(args, held):
             "class_name": "all" if idx is None else str(info.class_names[idx]),
             "native_kind": info.native_kind, "package_version": package_version(),
             "steps": step, "milestone": step // args.save_every, "images_seen": step * per_step,
-            "normal_train_images": n, "seed": args.seed, "batch_size": args.batch_size,
+            "normal_train_images": n, "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "grad_accum": args.grad_accum, "lr": args.lr, "grad_clip": args.grad_clip,
             "ema": f"ema_pytorch EMA(beta={args.ema_decay}, update_every={args.ema_every}, defaults otherwise)",
             "train_transform": "original -> hflip -> bilinear resize without antialias (MedMNIST: pad 2)",
@@ -322,7 +353,8 @@ def _train(args, held):
         print(f"nothing to do: {save_path} is at step {step} of --train_steps {args.train_steps}")
         return
     diffusion.train()
-    bar = tqdm(total=args.train_steps, initial=step, desc="DDPM steps", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(total=args.train_steps, initial=step, desc="DDPM steps",
+               disable=args.no_progress or not distributed.is_main(), dynamic_ncols=True)
     t0, t_steps, recent = time.time(), 0, []
     order = _epoch_order(n, args.seed, epoch)
     while step < args.train_steps:
@@ -331,12 +363,16 @@ def _train(args, held):
             if pos >= n_micro:
                 epoch, pos = epoch + 1, 0
                 order = _epoch_order(n, args.seed, epoch)
-            idx_b = order[pos * args.batch_size:(pos + 1) * args.batch_size]
+            idx_b = order[pos * gb:(pos + 1) * gb]
             pos += 1
+            flip = torch.rand(len(idx_b), generator=flip_gen) < 0.5  # the global micro-batch's flips
+            idx_b, flip = distributed.shard(idx_b), distributed.shard(flip)  # this rank's block of it
             x = images.index_select(0, idx_b).to(device)
-            flip = (torch.rand(x.shape[0], generator=flip_gen) < 0.5).to(device)
-            micro.append(torch.where(flip[:, None, None, None], x.flip(-1), x))
-        total, _ = accumulate_and_step(diffusion, opt, micro, args.grad_clip)
+            micro.append(torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x))
+        if distributed.is_distributed():  # each rank its own timesteps and noise, resumable without state
+            torch.manual_seed((args.seed * 1_000_003 + step) * 1_009 + distributed.rank())
+        total, _ = accumulate_and_step(diffusion, opt, micro, args.grad_clip, net=net,
+                                       average=average if distributed.is_distributed() else None)
         if not math.isfinite(total):
             bar.close()
             raise UserError(f"the DDPM loss became {total} at step {step + 1}; nothing was written after the last "

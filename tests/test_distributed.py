@@ -158,6 +158,31 @@ def test_eval_shards_features_over_ranks_and_scores_as_one_process(two_process_r
     assert two.stdout.count("[pooled CSI") == 1 and one.stdout.count("[pooled CSI") == 1
 
 
+def test_ddpm_trains_under_torchrun_and_resumes_exactly(tmp_path):
+    """The dissolver's training with two processes: rank 0 writes a checkpoint recording the
+    world size; 4 steps straight equal 2 steps resumed to 4; one process cannot resume it."""
+    ddpm = ["diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", "synth_lesion", "--unet_dim", "8",
+            "--batch_size", "4", "--grad_accum", "2", "--save_every", "2", "--no_progress", "--device", "cpu"]
+    straight, parts = tmp_path / "straight.pt", tmp_path / "parts.pt"
+    proc = torchrun([*ddpm, "--train_steps", "4", "--save_path", straight], tmp_path)
+    assert "2 x 8 images (2 processes x 4)" in proc.stdout and proc.stdout.count("saved ") == 2  # rank 0 only
+    torchrun([*ddpm, "--train_steps", "2", "--save_path", parts], tmp_path)
+    first = torch.load(parts, weights_only=False)
+    torchrun([*ddpm, "--train_steps", "4", "--save_path", parts, "--resume"], tmp_path)
+    a, b = torch.load(straight, weights_only=False), torch.load(parts, weights_only=False)
+    assert a["meta"]["world_size"] == b["meta"]["world_size"] == 2 and a["meta"]["steps"] == b["meta"]["steps"] == 4
+    assert a["meta"]["images_seen"] == 4 * 2 * 8
+    for key in ("model_state", "ema_state"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    assert any(not torch.equal(v, first["model_state"][k]) for k, v in b["model_state"].items()
+               if v.is_floating_point())
+    one = subprocess.run([sys.executable, *map(str, ddpm), "--train_steps", "6", "--save_path", parts, "--resume"],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert one.returncode == 2 and one.stderr.strip().splitlines()[-1].startswith("error: --resume:")
+    assert "trained by 2 process(es)" in one.stderr and "torchrun --nproc_per_node=2" in one.stderr
+
+
 # ----- the loss of the global batch, two gloo processes against one ------------------------
 B, K, D_IN, D = 3, 2, 6, 5  # images per rank, shifts, input and embedding sizes
 

@@ -112,19 +112,20 @@ def paper_style_step(tr, x, y, dissolver, timer):
 
 
 def time_steps(step, device, warmup, steps):
-    """Median seconds per step and the median seconds of each part."""
-    totals, parts = [], {p: [] for p in PARTS}
+    """Median seconds per step, the median seconds of each part, and the first step's seconds."""
+    totals, parts, first = [], {p: [] for p in PARTS}, None
     for i in range(warmup + steps):
         timer = Timer(device)
         sync(device)
         t0 = time.perf_counter()
         step(timer)
         sync(device)
+        first = time.perf_counter() - t0 if first is None else first
         if i >= warmup:
             totals.append(time.perf_counter() - t0)
             for p in PARTS:
                 parts[p].append(timer.seconds.get(p, 0.0))
-    return statistics.median(totals), {p: statistics.median(v) for p, v in parts.items()}
+    return statistics.median(totals), {p: statistics.median(v) for p, v in parts.items()}, first
 
 
 def count_flops(fn):
@@ -157,6 +158,9 @@ def build_parser():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--ood_samples", type=int, default=10, help="samples per image of the CSI evaluation")
     ap.add_argument("--eval_images", type=int, default=128, help="images the evaluation throughput is timed on")
+    ap.add_argument("--compile_dissolver", action="store_true",
+                    help="our step with train.py --compile_dissolver (torch.compile of the UNet; compiled in the "
+                         "first warm-up step, whose time is printed)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     return ap
@@ -193,6 +197,8 @@ def main(argv=None):
                     "--shift_trans_type", "diffusion_rotation" if ckpt else "rotation", "--amp", "on" if amp_on else "off"]
             if ckpt:
                 argv += ["--diffusion_model_path", ckpt]
+            if a.compile_dissolver and memory_format == torch.channels_last:  # ours only
+                argv.append("--compile_dissolver")
             P = parse_args("train", argv)
             P.amp, P.dataset = amp_on, "random"
             torch.manual_seed(a.seed)
@@ -210,7 +216,8 @@ def main(argv=None):
         print(f"config: {a.mode}, {a.model}" + (f" width {a.resnet_width}" if not a.model.endswith("imagenet") else "")
               + f", batch {a.batch_size} at {a.image_size} px" + (f", dissolver UNet dim {a.unet_dim} at 32 px" if ckpt
                                                                  else "")
-              + f"; ours: {'bf16 autocast' if amp else 'fp32'}, channels-last, the K dissolving calls batched", flush=True)
+              + f"; ours: {'bf16 autocast' if amp else 'fp32'}, channels-last, the K dissolving calls batched"
+              + (", the UNet compiled" if a.compile_dissolver else ""), flush=True)
 
         ours = trainer(amp, torch.channels_last)
 
@@ -218,7 +225,9 @@ def main(argv=None):
             ours.timer = timer
             ours.train_step(x, y)
 
-        s_ours, p_ours = time_steps(our_step, device, a.warmup, a.steps)
+        s_ours, p_ours, first = time_steps(our_step, device, a.warmup, a.steps)
+        if a.compile_dissolver:
+            print(f"first step of ours, compiling the dissolver: {first:.1f} s", flush=True)
         views, chunks = ours.make_views(x)
         views = ours.aug(views)
         flops_ours = count_flops(lambda: ours.resnet_step(views, chunks, a.batch_size))
@@ -230,7 +239,7 @@ def main(argv=None):
         def paper_step(timer):
             paper_style_step(paper, x, y, paper.dissolve, timer)
 
-        s_paper, p_paper = time_steps(paper_step, device, a.warmup, a.steps)
+        s_paper, p_paper, _ = time_steps(paper_step, device, a.warmup, a.steps)
         report("paper-style", s_paper, p_paper, a.batch_size, flops_ours, fp32_peak, "fp32")
 
         sub = data.subset(torch.arange(a.eval_images))

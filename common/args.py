@@ -24,7 +24,7 @@ SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch",
 OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar")
 # train.py --resume_path: the flags a resumed run may change (its budget, logging, where it runs and
 # where the data lie); any other difference from the saved flags is refused (train.py)
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "num_workers", "data_root")
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "num_workers", "data_root", "compile_dissolver")
 # --one_class_idx None: the unlabeled multi-class setting, asked for by name (as CSI's README says it)
 MULTI_CLASS = "None"
 
@@ -92,6 +92,9 @@ def build_parser(program="train"):
     g.add_argument("--diffusion_weights", default="online", choices=("online", "ema"),
                    help="which weights of the dissolver checkpoint dissolve: online (the paper's: the Trainer "
                         "file's 'model') or ema")
+    g.add_argument("--compile_dissolver", action="store_true",
+                   help="torch.compile the dissolver's UNet (inference only): about 1.5x faster dissolving on a "
+                        "2-core CPU in bf16, after a compilation of seconds (cached) to minutes (first time)")
     g.add_argument("--diffusion_range_correct", action="store_true",
                    help="feed the dissolver [-1,1] images and map its output back to [0,1] "
                         "(the paper feeds [0,1] and keeps the [-1,1] output)")

@@ -155,7 +155,7 @@ class Dissolver(torch.nn.Module):
     """
 
     def __init__(self, diffusion, native_kind, diff_resolution=32, offset=0.3, upper=1.0, scheduler="uniform",
-                 range_correct=False, step_scale=STEP_SCALE, generator=None):
+                 range_correct=False, step_scale=STEP_SCALE, generator=None, compile=False):
         super().__init__()
         _check_kind(native_kind)
         res = diffusion.image_size
@@ -165,6 +165,8 @@ class Dissolver(torch.nn.Module):
                             f"--diff_resolution {res} or retrain the dissolver at {diff_resolution} px")
         # channels-last: faster convolutions on CPU (oneDNN) and on CUDA under mixed precision
         self.diffusion = diffusion.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        if compile:  # the frozen UNet only: the same weights, fused kernels, compiled at the first call
+            self.diffusion.model = torch.compile(self.diffusion.model, dynamic=False)
         self.native_kind = native_kind
         self.diff_resolution = int(diff_resolution)
         self.offset = float(offset)
@@ -293,6 +295,7 @@ def make_dissolve_fn(shift_trans_type, P, device, native_kind):
             upper=float(_arg(P, "diffusion_upper_offset", 1.0)),
             scheduler=_arg(P, "diffusion_scheduler", "uniform"),
             range_correct=bool(_arg(P, "range_correct", False) or _arg(P, "diffusion_range_correct", False)),
+            compile=bool(_arg(P, "compile_dissolver", False)),
         )
         warn_if_other_data(dissolver.info, getattr(P, "dataset", None), getattr(P, "one_class_idx", None))
         return dissolver

@@ -107,6 +107,19 @@ def test_batched_chunks_equal_separate_p_sample_calls(diffusion):
     assert torch.allclose(batched, separate, atol=1e-5)
 
 
+def test_compiled_dissolver_dissolves_as_the_eager_one():
+    """--compile_dissolver: torch.compile of the UNet gives the eager network's images."""
+    torch.manual_seed(0)
+    eager = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)).eval()
+    compiled = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)).eval()
+    compiled.load_state_dict(eager.state_dict())
+    a, b = Dissolver(eager, "small32"), Dissolver(compiled, "small32", compile=True)
+    assert type(b.diffusion.model).__name__ == "OptimizedModule" and type(a.diffusion.model).__name__ == "Unet"
+    x = images(8)
+    ts = [30, 47, 81, 99]
+    assert torch.allclose(a(x, ts), b(x, ts), atol=1e-4)
+
+
 def test_output_usable_in_autograd(diffusion):
     d = Dissolver(diffusion, "small32")
     w = torch.ones(1, requires_grad=True)

@@ -3,7 +3,7 @@
 # seeds each, with the main job's budget (reproduce.py --preset quick: 250 optimiser steps of a
 # ResNet-18 at width 16 in bf16, a UNet-16 dissolver trained for 250 steps, ood_samples 10),
 # except that train.py evaluates for checkpoint selection every 5 epochs instead of every one.
-#   bash benchmarks/method_study.sh [OUT]        (default runs/method_study; about an hour)
+#   bash benchmarks/method_study.sh [OUT]        (default runs/method_study; about 70 minutes; SEEDS="0" for one seed)
 # Tables: OUT/fine/results.md (synth_streak, synth_streak_half) and OUT/digits/results.md;
 # ROC figures per dataset: OUT/*/<dataset>_class0_roc.png. Finished runs are kept: rerun to resume.
 set -euo pipefail

@@ -13,11 +13,14 @@ gradients, keep the input's device, and bring images to the dissolving resolutio
 the same way (:func:`to_dissolve_resolution`).
 """
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
+from diffusion_models.inference_form import inference_form
 
 NATIVE_KINDS = ("medmnist28", "small32", "large224")
 SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
@@ -148,10 +151,13 @@ class Dissolver(torch.nn.Module):
     ``[-1, 1]`` prediction is returned unscaled. ``range_correct=True`` maps ``x * 2 - 1`` before
     and ``(x0 + 1) / 2`` after.
 
-    The given ``diffusion`` is frozen in place (eval mode, ``requires_grad_(False)``). It is a
-    registered submodule (``.to(device)`` moves it), so keep a ``Dissolver`` outside the
-    trained network: as an attribute of it, its 35 M DDPM weights would join that network's
-    ``parameters()`` and ``state_dict()``.
+    The dissolver keeps its own frozen copy of ``diffusion`` (eval mode, no gradients; the given
+    object is left as it was), whose UNet is in inference form
+    (``diffusion_models.inference_form``: weight standardisation computed once, a fast channel
+    LayerNorm, the fp32 network's epsilons at every precision). The copy is a registered
+    submodule (``.to(device)`` moves it), so keep a ``Dissolver`` outside the trained network: as
+    an attribute of it, its 35 M DDPM weights would join that network's ``parameters()`` and
+    ``state_dict()``.
     """
 
     def __init__(self, diffusion, native_kind, diff_resolution=32, offset=0.3, upper=1.0, scheduler="uniform",
@@ -163,7 +169,10 @@ class Dissolver(torch.nn.Module):
         if res != int(diff_resolution):
             raise UserError(f"the dissolver works at {res} px but --diff_resolution is {diff_resolution}; pass "
                             f"--diff_resolution {res} or retrain the dissolver at {diff_resolution} px")
-        # channels-last: faster convolutions on CPU (oneDNN) and on CUDA under mixed precision
+        # our own frozen copy, its UNet in inference form (the same function, computed faster) and
+        # channels-last (faster convolutions on CPU with oneDNN and on CUDA under mixed precision)
+        net, _ = inference_form(diffusion.model)
+        diffusion = copy.deepcopy(diffusion, memo={id(diffusion.model): net})
         self.diffusion = diffusion.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         if compile:  # the frozen UNet only: the same weights, fused kernels, compiled at the first call
             self.diffusion.model = torch.compile(self.diffusion.model, dynamic=False)

@@ -32,8 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from common.args import parse_args  # noqa: E402
 from common.device import decide_amp, pick_device  # noqa: E402
 from datasets.base import ArrayStore, ImageDataset  # noqa: E402
-from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver  # noqa: E402
+from diffusion_models.ddpm import build_diffusion, ddpm_config, load_dissolver, save_dissolver  # noqa: E402
 from evals.ood_pre import extract_features  # noqa: E402
+from models.dissolve import to_dissolve_resolution  # noqa: E402
 from models.resnet import build_model  # noqa: E402
 from train import build_dissolve  # noqa: E402
 from training.trainer import Trainer, contrastive_loss  # noqa: E402
@@ -79,10 +80,12 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def paper_style_step(tr, x, y, dissolver, timer):
+def paper_style_step(tr, x, y, dissolver, library_diffusion, timer):
     """One step written as the paper's simclr_DIA / simclr_CSI loop writes it: fp32, each of the K
     dissolved chunks made by its own call (dissolve, then rotate), images1/2/3 shifted one
-    chunk at a time, one SimCLR augmentation of the whole batch, then the network."""
+    chunk at a time, one SimCLR augmentation of the whole batch, then the network. Each dissolving
+    call is the library's ``GaussianDiffusion.p_sample(x, t)[1]`` on the library's own UNet, as
+    the paper's code calls it (our dissolver's timestep sampler drawing ``t``)."""
     K, b = tr.K, x.shape[0]
     x1, x2 = tr.hflip(x.repeat(2, 1, 1, 1)).chunk(2)
     chunks = [x1, x2]
@@ -90,8 +93,9 @@ def paper_style_step(tr, x, y, dissolver, timer):
         with timer("dissolve"):
             x3 = []
             for k in range(K):  # the paper's P.shift_trans(hflip(images), k, diffusion=True)
-                t = dissolver.draw_timesteps(1)
-                x3.append(tr.shift(dissolver(tr.hflip(x), t), k))
+                t = dissolver.draw_timesteps(1)[0]
+                small, undo = to_dissolve_resolution(tr.hflip(x), dissolver.native_kind, dissolver.diff_resolution)
+                x3.append(tr.shift(undo(library_diffusion.p_sample(small, t)[1]), k))  # the library's network
             x3 = torch.cat(x3)
     views = [torch.cat([tr.shift(c, k) for k in range(K)]) for c in chunks]
     if dissolver is not None:
@@ -207,8 +211,6 @@ def main(argv=None):
             model.memory_format = memory_format
             model.to(memory_format=memory_format)
             tr = Trainer(P, model, device, dissolve=build_dissolve(P, device, info))
-            if tr.dissolve is not None and memory_format == torch.contiguous_format:
-                tr.dissolve.diffusion.to(memory_format=torch.contiguous_format)
             return tr
 
         x, y = data.get_batch(torch.arange(a.batch_size))
@@ -236,8 +238,10 @@ def main(argv=None):
 
         paper = trainer(False, torch.contiguous_format)
 
+        library_diffusion = load_dissolver(ckpt, device)[0].eval() if ckpt else None
+
         def paper_step(timer):
-            paper_style_step(paper, x, y, paper.dissolve, timer)
+            paper_style_step(paper, x, y, paper.dissolve, library_diffusion, timer)
 
         s_paper, p_paper, _ = time_steps(paper_step, device, a.warmup, a.steps)
         report("paper-style", s_paper, p_paper, a.batch_size, flops_ours, fp32_peak, "fp32")

@@ -147,6 +147,22 @@ def sync_batchnorm(model, device):
     return model
 
 
+def buffers_from_main(module):
+    """Give every rank the main process's buffers of ``module`` (BatchNorm running statistics).
+
+    On CPU each rank's BatchNorm keeps statistics of its own part of the batch (DDP broadcasts
+    rank 0's at the start of each forward pass, so they differ after the last one); an
+    evaluation sharded across the ranks must use the statistics the checkpoint holds: rank 0's.
+    Nothing to do in one process."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def my_part(items):
     """This rank's share of a list: every ``world_size``-th item from its rank (all of it in
     one process)."""

@@ -72,13 +72,15 @@ class SelectionEvaluation:
         return (f"{self.score} score, {self.samples} sample(s), {crop}, {len(self.train_set)} normal training / "
                 f"{len(self.test_set)} test images{sets}; {self.filename} keeps the highest test {self.metric}")
 
-    def __call__(self, net, restore_rng=True):
+    def __call__(self, net, restore_rng=True, sharded=False):
         """AUROCs of ``net`` on the test set: ``auroc_<score>_one_class_mean``, ``..._pooled``
         and ``..._one_class_<j>``. ``restore_rng=False`` leaves the random generators as the
-        paper's evaluation leaves them (see ``extract_features``)."""
+        paper's evaluation leaves them (see ``extract_features``). ``sharded=True`` (every rank
+        of a torchrun job calls it): each rank extracts its share of the batches, every rank
+        gets the features of one process and returns the same AUROCs."""
         kw = dict(base_shift="rotation", n_samples=self.samples, device=self.device, batch_size=self.batch_size,
                   resize_factor=self.resize_factor, resize_fix=self.resize_fix, amp=self.amp,
-                  restore_rng=restore_rng)
+                  restore_rng=restore_rng, sharded=sharded)
         f_tr = extract_features(net, self.train_set, **kw)
         f_te = extract_features(net, self.test_set, **kw)  # last: its draws are the ones left over
         metrics = {}

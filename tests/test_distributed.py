@@ -158,6 +158,31 @@ def test_eval_shards_features_over_ranks_and_scores_as_one_process(two_process_r
     assert two.stdout.count("[pooled CSI") == 1 and one.stdout.count("[pooled CSI") == 1
 
 
+def test_selection_evaluation_is_sharded_and_scores_as_one_process(tmp_path):
+    """train.py's evaluation during training under torchrun: each rank extracts its share of the
+    batches, and selection.json records the AUROCs one process computes on the same model."""
+    from datasets.registry import get_dataset
+    from datasets.split import one_class_split
+    from models.resnet import build_model
+
+    run = [a for a in RUN if a != "--no_eval"] + ["--ood_samples", "1", "--eval_max_train", "50",
+                                                   "--eval_max_test", "90", "--test_batch_size", "16",
+                                                   "--amp", "off"]
+    torchrun(["train.py", *run, "--logdir", tmp_path / "run"], tmp_path)
+    recorded = json.loads((tmp_path / "run" / "selection.json").read_text())["evaluations"]
+    assert len(recorded) == 1 and recorded[0]["epoch"] == 1
+    ckpt = torch.load(tmp_path / "run" / "last.model", weights_only=False)
+    P = parse_args("train", run)
+    train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed)
+    normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)
+    model = build_model("resnet18", info.n_classes, n_shifts=4, width=8, simclr_dim=16)
+    model.load_state_dict(ckpt["model"])
+    metrics = train_program.make_evaluate(P, normal_train, test_set, torch.device("cpu"))(model)
+    assert metrics["auroc_CSI_pooled"] != 0.5
+    for key, value in metrics.items():
+        assert recorded[0][key] == pytest.approx(value, abs=1e-6), key
+
+
 def test_ddpm_trains_under_torchrun_and_resumes_exactly(tmp_path):
     """The dissolver's training with two processes: rank 0 writes a checkpoint recording the
     world size; 4 steps straight equal 2 steps resumed to 4; one process cannot resume it."""

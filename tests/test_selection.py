@@ -174,7 +174,7 @@ class ScriptedEvaluation:
     def describe(self):
         return "scripted"
 
-    def __call__(self, net, restore_rng=True):
+    def __call__(self, net, restore_rng=True, sharded=False):
         self.seen.append({k: v.clone() for k, v in net.state_dict().items()})
         v = self.values[len(self.seen) - 1]
         return {"auroc_CSI_one_class_mean": v, "auroc_CSI_pooled": 1 - v}

@@ -340,9 +340,8 @@ class Trainer:
             saving = epoch % P.save_step == 0 or final or stop
             if evaluating or saving:
                 self.check_finite("evaluating and saving" if evaluating else "saving last.model")
-            if evaluating:  # under torchrun: on the main process, the others wait at the barrier
-                distributed.main_writes(self.evaluate_and_select, evaluate, logger, meta, restore_rng=not replay)
-                distributed.barrier()
+            if evaluating:  # under torchrun every rank extracts its share; the main process alone writes
+                self.evaluate_and_select(evaluate, logger, meta, restore_rng=not replay)
             if saving:
                 self.save(last_path, meta, selection={"file": "last.model", "rule": LAST_RULE})
                 self.last_saved = {"epoch": self.epoch, "step": self.step}
@@ -357,10 +356,15 @@ class Trainer:
 
     def evaluate_and_select(self, evaluate, logger, meta, restore_rng=True):
         """One evaluation: log its AUROCs, keep the model as ``evaluate.filename`` when its
-        ``evaluate.metric`` beats every earlier evaluation's (the paper's ``best_CSI.model``)."""
+        ``evaluate.metric`` beats every earlier evaluation's (the paper's ``best_CSI.model``).
+
+        Under torchrun every rank calls it: the features are extracted sharded across the ranks,
+        every rank gets the same AUROCs and keeps the same record, and only the main process
+        writes (the logger and the atomic writes do nothing elsewhere)."""
         t0 = time.time()
         fault_point("eval")
-        metrics = evaluate(self.model, restore_rng=restore_rng)
+        distributed.buffers_from_main(self.model)  # the BatchNorm statistics last.model holds (CPU ranks differ)
+        metrics = evaluate(self.model, restore_rng=restore_rng, sharded=distributed.is_distributed())
         epoch = self.epoch
         for key, v in metrics.items():
             logger.scalar(f"eval/{key}", v, epoch)

@@ -161,9 +161,11 @@ def build_parser():
                    help="N > 1 trains each run under torchrun (python -m torch.distributed.run --standalone "
                         "--nproc_per_node N train.py ...): DDP, --batch_size per process, so a global batch of N x "
                         "--batch_size; evaluation stays one process (default 1). On CPU (gloo) the N processes share "
-                        "the run's CPU (with --devices: each run is N processes). On CUDA train.py puts rank r on "
-                        "cuda:r, so a run takes GPUs 0..N-1 whatever --device's index says; hence N > 1 with CUDA "
-                        "entries in --devices is refused (NCCL runs one rank per GPU, N ranks cannot share one)")
+                        "the run's CPU (with --devices: each cpu entry runs one run of N processes). On CUDA rank r "
+                        "uses GPU r of those visible, so with --device cuda a run takes GPUs 0..N-1; with --devices "
+                        "the cuda:K entries are taken N at a time, each group running one run that sees only its "
+                        "GPUs (CUDA_VISIBLE_DEVICES), e.g. --devices cuda:0 cuda:1 cuda:2 cuda:3 --nproc_per_run 2 "
+                        "runs two runs at once on GPUs 0,1 and 2,3")
     g.add_argument("--train_args", default=None,
                    help="more train.py flags as one string, written with '=' "
                         "(e.g. --train_args='--diffusion_scheduler beta_skewed')")
@@ -271,23 +273,55 @@ def check_args(a):
     return a
 
 
+def device_slots(devices, nproc=1):
+    """Where ``--devices`` runs the runs: a list of ``(label, device, gpus)``, one per run at a time.
+
+    ``nproc`` 1: each entry is a slot (``gpus`` None). ``nproc`` N > 1 (``--nproc_per_run``): a
+    ``cpu`` entry is still a slot (its run's N processes share the CPU), while the CUDA entries,
+    each ``cuda:K``, are taken N at a time in the order given: a group's run sees only its GPUs
+    (``CUDA_VISIBLE_DEVICES`` = their indices, ``gpus``) and gets ``--device cuda``, so its
+    rank r uses the group's r-th GPU. Raises :class:`UserError` when the CUDA entries cannot be
+    grouped so (no index, a count not a multiple of N, a GPU twice in one group).
+    """
+    if nproc <= 1:
+        return [(dev, dev, None) for dev in devices]
+    slots, cuda = [], []
+    for dev in devices:
+        kind, _, index = str(dev).strip().lower().partition(":")
+        if kind != "cuda":
+            slots.append((dev, dev, None))
+            continue
+        if not index.isdigit():
+            raise UserError(f"--devices {dev} with --nproc_per_run {nproc}: name each GPU as cuda:K, {nproc} entries "
+                            f"per run (e.g. --devices " + " ".join(f"cuda:{i}" for i in range(nproc)) + ")")
+        cuda.append(int(index))
+    if len(cuda) % nproc:
+        raise UserError(f"--devices lists {len(cuda)} GPUs but --nproc_per_run {nproc} takes them {nproc} at a time "
+                        f"(one run per {nproc} GPUs): list a multiple of {nproc} cuda:K entries")
+    for i in range(0, len(cuda), nproc):
+        group = cuda[i:i + nproc]
+        if len(set(group)) < nproc:
+            raise UserError(f"--devices group {' '.join(f'cuda:{g}' for g in group)} names a GPU twice: under "
+                            f"torchrun each of a run's {nproc} processes needs a GPU of its own (NCCL)")
+        gpus = ",".join(map(str, group))
+        slots.append((f"cuda:{gpus}", "cuda", gpus))
+    return slots
+
+
 def check_devices(a):
-    """``--devices``: each entry as ``--device`` is checked (one line, exit 2, before any work)."""
+    """``--devices``: each entry as ``--device`` is checked, and grouped by ``--nproc_per_run``
+    (:func:`device_slots`; one line, exit 2, before any work)."""
     from common.device import pick_device
 
     if a.device:
         raise UserError(f"give --devices {' '.join(a.devices)} or --device {a.device}, not both: --devices runs the "
                         f"runs concurrently, one per listed device")
+    device_slots(a.devices, a.nproc_per_run)
     for dev in a.devices:
         try:
-            kind = pick_device(dev).type
+            pick_device(dev)
         except UserError as exc:
             raise UserError(str(exc).replace("--device ", "--devices ")) from None
-        if kind == "cuda" and a.nproc_per_run > 1:
-            raise UserError(f"--nproc_per_run {a.nproc_per_run} with --devices {dev}: train.py under torchrun puts "
-                            f"rank r on cuda:r (NCCL, one GPU per rank), so the runs' processes cannot stay on "
-                            f"their device; use --device cuda --nproc_per_run N (one run at a time on GPUs 0..N-1) "
-                            f"or --devices with --nproc_per_run 1")
 
 
 def data_shaping_flags(train_args):
@@ -541,18 +575,28 @@ def stop_children(procs, grace=10.0):
             proc.wait()
 
 
-def run_step(cmd, log_path, what=None, append=False):
+def step_env(a):
+    """What a step's environment adds for the device slot ``a`` runs on (a GPU group's
+    ``CUDA_VISIBLE_DEVICES``), or None."""
+    gpus = getattr(a, "gpus", None)
+    return {"CUDA_VISIBLE_DEVICES": gpus} if gpus else None
+
+
+def run_step(cmd, log_path, what=None, append=False, env=None):
     """Run ``cmd`` (a list, ``python`` first) from the repository root, stdout and stderr into
-    ``log_path`` (appended to with ``append``); returns ``(ok, seconds, reason)``. The step dies
-    with this process; a signal to this process stops it first."""
+    ``log_path`` (appended to with ``append``), ``env`` added to this process's environment (and
+    written in the log); returns ``(ok, seconds, reason)``. The step dies with this process; a
+    signal to this process stops it first."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    extra = dict(env or {})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.time()
     what = what or os.path.basename(cmd[1])
     main_thread = threading.current_thread() is threading.main_thread()
     with open(log_path, "a" if append else "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.write("$ " + "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
+                  + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
         with _CURRENT_LOCK:  # one fork at a time; none once an interruption stops the steps
             if CURRENT["stopping"] is not None:
@@ -885,7 +929,7 @@ def execute(a, run, dissolvers):
                 if state is None:
                     clean_partial_training(run)
                 ok, seconds, reason = run_step(cmd, run.path("train.log"), what=f"training {run.label}",
-                                               append=state == "resume")
+                                               append=state == "resume", env=step_env(a))
                 if not ok:
                     return fail(run, "train", reason, seconds=seconds)
             atomic_write_json({"seconds": None if seconds is None else round(seconds, 2),
@@ -893,7 +937,8 @@ def execute(a, run, dissolvers):
         best, reason = evaluate_best(a, run)  # before last.model's: results.json marks a finished run
         if reason:
             return fail(run, "eval", reason, log=run.path("eval_best.log"))
-        ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"), what=f"evaluating {run.label}")
+        ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"), what=f"evaluating {run.label}",
+                                       env=step_env(a))
         if not ok:
             return fail(run, "eval", reason)
         results = read_json(run.path("results.json"))
@@ -939,7 +984,7 @@ def evaluate_best(a, run):
     if best["same_as_last"]:
         return best, ""
     ok, seconds, reason = run_step(eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]), run.path("eval_best.log"),
-                                   what=f"evaluating {BEST_FILE} of {run.label}")
+                                   what=f"evaluating {BEST_FILE} of {run.label}", env=step_env(a))
     res = read_json(run.path("results_best.json")) if ok else None
     if res is None:
         return None, f"{BEST_FILE}: " + (reason or "eval.py finished without writing results_best.json")
@@ -1389,7 +1434,8 @@ def run_concurrently(a, runs, command):
     for run in runs:
         if needs_dissolver(run):
             dissolvers.get(run.dissolver)
-    print(f"running the runs {len(a.devices)} at a time: on {', '.join(a.devices)}", flush=True)
+    slots = device_slots(a.devices, getattr(a, "nproc_per_run", 1))
+    print(f"running the runs {len(slots)} at a time: on {', '.join(label for label, _, _ in slots)}", flush=True)
     shown = []  # what the tables show: the finished runs, and pending copies of the others
     for run in runs:
         pending = copy.copy(run)
@@ -1399,24 +1445,24 @@ def run_concurrently(a, runs, command):
     for i in range(len(runs)):
         todo.put(i)
 
-    def work(device):
+    def work(label, device, gpus):
         on_device = copy.copy(a)
-        on_device.device = device
+        on_device.device, on_device.gpus = device, gpus
         while CURRENT["stopping"] is None:
             try:
                 i = todo.get_nowait()
             except queue.Empty:
                 return
-            events.put(("start", i, device))
+            events.put(("start", i, label))
             try:
                 execute(on_device, runs[i], dissolvers)
             except Interrupted:
                 return  # stopped: left for the next command to resume
             except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the others
                 fail(runs[i], "reproduce", f"{type(exc).__name__}: {exc}", log=runs[i].path("train.log"))
-            events.put(("done", i, device))
+            events.put(("done", i, label))
 
-    threads = [threading.Thread(target=work, args=(dev,), name=f"runs on {dev}", daemon=True) for dev in a.devices]
+    threads = [threading.Thread(target=work, args=slot, name=f"runs on {slot[0]}", daemon=True) for slot in slots]
     started = {}
     CURRENT["what"] = "starting the runs"
     try:

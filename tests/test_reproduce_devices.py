@@ -139,6 +139,9 @@ def test_sigterm_stops_every_running_step(tmp_path):
     (["--nproc_per_run", "0"], "--nproc_per_run must be at least 1, got 0"),
     (["--devices", "cpu", "--device", "cpu"], "give --devices cpu or --device cpu, not both"),
     (["--devices", "cpu", "bogus"], "--devices bogus is not a device"),
+    (["--devices", "cuda:0", "cuda:1", "cuda:2", "--nproc_per_run", "2"], "--devices lists 3 GPUs but --nproc_per_run 2"),
+    (["--devices", "cuda:0", "cuda:0", "--nproc_per_run", "2"], "cuda:0 cuda:0 names a GPU twice"),
+    (["--devices", "cuda", "cuda", "--nproc_per_run", "2"], "name each GPU as cuda:K"),
 ])
 def test_bad_device_flags_exit_2_with_one_line(args, message, tmp_path, capsys):
     import reproduce
@@ -151,3 +154,27 @@ def test_bad_device_flags_exit_2_with_one_line(args, message, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert captured.out == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_device_slots_group_gpus_by_nproc_per_run():
+    from reproduce import device_slots
+
+    assert device_slots(["cpu", "cuda:1"]) == [("cpu", "cpu", None), ("cuda:1", "cuda:1", None)]
+    assert device_slots(["cuda:3", "cuda:2", "cpu"], 2) == [("cpu", "cpu", None), ("cuda:3,2", "cuda", "3,2")]
+    assert device_slots([f"cuda:{i}" for i in range(4)], 2) == [("cuda:0,1", "cuda", "0,1"), ("cuda:2,3", "cuda", "2,3")]
+    assert device_slots([f"cuda:{i}" for i in range(4)], 4) == [("cuda:0,1,2,3", "cuda", "0,1,2,3")]
+
+
+def test_a_gpu_groups_steps_see_only_its_gpus(tmp_path):
+    """The slot's CUDA_VISIBLE_DEVICES reaches the step's process and its log's command line."""
+    import types
+
+    from reproduce import run_step, step_env
+
+    log = tmp_path / "step.log"
+    cmd = [sys.executable, "-c", "import os; print('visible=' + os.environ['CUDA_VISIBLE_DEVICES'])"]
+    ok, _, reason = run_step(cmd, str(log), what="probe", env=step_env(types.SimpleNamespace(gpus="2,3")))
+    assert ok, reason
+    text = log.read_text().splitlines()
+    assert text[0].startswith("$ CUDA_VISIBLE_DEVICES=2,3 ") and "visible=2,3" in text
+    assert step_env(types.SimpleNamespace(gpus=None)) is None and step_env(types.SimpleNamespace()) is None

@@ -1,0 +1,228 @@
+"""One run: its train.py and eval.py commands, and training, evaluating and drawing it (or reusing it)."""
+import contextlib
+import json
+import os
+import threading
+
+from common.errors import UserError
+from study.dissolvers import read_quality, removal_ratio
+from study.figures import draw_run_figures
+from study.steps import class_flags, py, run_step, step_env
+
+FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
+BEST_FILE = "best_CSI.model"  # train.py's selection: the highest test AUROC during training
+BEST_LABEL = "best on test (paper's selection)"
+TRAIN_FILES = ("last.model", "scalars.csv", "log.txt", "config.json", "train_done.json", "selection.json")
+BEST_EVAL_FILES = ("results_best.json", "scores_best.csv", "eval_best.log")
+
+
+def clean_partial_training(run):
+    """Remove what an interrupted or failed training left, so train.py starts afresh."""
+    for name in os.listdir(run.dir):
+        if name in TRAIN_FILES or name.startswith("events.out.tfevents") or (
+                name.startswith("best_") and name.endswith(".model")):
+            os.remove(run.path(name))
+
+
+def interrupted_training(run, same_settings):
+    """What an interrupted training of ``run`` left: ``"resume"`` (a last.model of these
+    settings, to continue exactly), ``"finished"`` (train.py got to the end but its record was
+    not written) or None (nothing to continue: train afresh)."""
+    if not same_settings or not os.path.exists(run.path("last.model")):
+        return None
+    from common.checkpoint_io import read_model_checkpoint
+
+    try:
+        ckpt = read_model_checkpoint(run.path("last.model"), "cpu")
+    except UserError:
+        return None
+    args = (ckpt.get("meta") or {}).get("args") or {}
+    epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+    if "epochs" not in args:
+        return None
+    if epoch >= args["epochs"] or (args.get("max_steps") is not None and step >= args["max_steps"]):
+        return "finished"
+    return "resume"
+
+
+def train_command(a, run, dissolver_ckpt):
+    mode = "simclr_DIA" if run.dissolve_type else "simclr_CSI"
+    cmd = py("train.py", "--dataset", run.dataset, "--data_root", a.data_root,
+             *class_flags(run.cls, multi_class_flags(a)),
+             "--model", run.model, "--mode", mode, "--shift_trans_type", run.transformation, "--seed", run.seed,
+             "--logdir", run.dir, "--save_step", a.save_step)
+    if a.selection:
+        cmd += ["--ood_samples", str(a.selection_samples)]
+        if a.selection_max_images:
+            cmd += ["--eval_max_train", str(a.selection_max_images), "--eval_max_test", str(a.selection_max_images)]
+    else:
+        cmd.append("--no_eval")
+    for flag in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "warmup", "resnet_width",
+                 "log_every"):
+        v = getattr(a, flag)
+        if v is not None:
+            cmd += [f"--{flag}", str(v)]
+    if run.dissolve_type:
+        cmd += ["--diff_resolution", str(run.resolution)]
+        if a.resize_to_constant:
+            cmd.append("--resize_to_constant")
+    if dissolver_ckpt:
+        cmd += ["--diffusion_model_path", dissolver_ckpt]
+    cmd += ["--amp", a.amp]
+    if a.device:
+        cmd += ["--device", a.device]
+    cmd += list(a.train_args)
+    n = getattr(a, "nproc_per_run", 1)
+    if n > 1:  # DDP under torchrun (rank 0 writes the run folder); cmd[0] is this python
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    return cmd
+
+
+def eval_command(a, run, model="last.model", results="results.json", scores="scores.csv"):
+    cmd = py("eval.py", "--mode", "ood_pre", "--dataset", run.dataset, "--data_root", a.data_root,
+             "--model", run.model, "--ood_score", "CSI", "--shift_trans_type", "rotation",
+             "--ood_samples", a.ood_samples, "--resize_factor", 0.54, "--resize_fix",
+             *class_flags(run.cls, multi_class_flags(a)), "--seed", run.seed, "--load_path", run.path(model),
+             "--save_results", run.path(results), "--save_scores_csv", run.path(scores))
+    if a.resnet_width is not None:
+        cmd += ["--resnet_width", str(a.resnet_width)]
+    if a.img_size is not None:  # the data as train.py read it (--train_args)
+        cmd += ["--img_size", str(a.img_size)]
+    if a.aptos_all_grades:
+        cmd.append("--aptos_all_grades")
+    cmd += ["--amp", a.amp]
+    if a.device:
+        cmd += ["--device", a.device]
+    return cmd
+
+
+def multi_class_flags(a):
+    """train.py's and eval.py's flags for the multi-class setting."""
+    return ["--one_class_idx", "None"] + (["--ood_dataset", *a.ood_dataset] if a.ood_dataset else [])
+
+
+def needs_dissolver(run):
+    """Whether the run still needs its dissolver (to train, or to draw its grid)."""
+    return run.dissolver is not None and not (os.path.exists(run.path("results.json"))
+                                              and os.path.exists(run.path("dissolving.png")))
+
+
+def read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def execute(a, run, dissolvers):
+    """Train, evaluate and draw one run (or reuse it when finished); fills ``run``'s fields."""
+    from utils import atomic_write_json
+
+    results = read_json(run.path("results.json"))
+    dissolver = None
+    if run.dissolver is not None:  # a finished run only reads the dissolver's record
+        dissolver = dissolvers.get(run.dissolver) if needs_dissolver(run) else (read_json(run.dissolver["done"]) or {})
+        run.gmacs = dissolver.get("gmacs")
+        run.removal = removal_ratio({"quality": read_quality(run.dissolver)})
+    if results is not None:
+        run.reused = True
+    else:
+        os.makedirs(run.dir, exist_ok=True)
+        for name in ("failed.json", "dissolving.png") + FIGURES + BEST_EVAL_FILES:  # nothing stale from before
+            if os.path.exists(run.path(name)):
+                os.remove(run.path(name))
+        if dissolver is not None and not dissolver["ok"]:
+            return fail(run, "dissolver", dissolver["reason"], log=dissolver["log"])
+        ckpt = run.dissolver["ckpt"] if run.dissolver else None
+        train_cmd, eval_cmd = train_command(a, run, ckpt), eval_command(a, run)
+        old = (read_json(run.path("run.json")) or {}).get("config")
+        if old is not None and old != json.loads(json.dumps(run.config)):
+            with contextlib.suppress(FileNotFoundError):  # trained with other settings: train again
+                os.remove(run.path("train_done.json"))
+        atomic_write_json({"config": run.config, "train_command": train_cmd, "eval_command": eval_cmd,
+                           "eval_best_command": eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2])},
+                          run.path("run.json"))
+        done = read_json(run.path("train_done.json"))
+        if done is None or not os.path.exists(run.path("last.model")):
+            state = interrupted_training(run, old == json.loads(json.dumps(run.config)))
+            if state == "finished":  # train.py ended, the record of it did not get written
+                seconds = None
+            else:
+                cmd = train_cmd + (["--resume_path", run.dir] if state == "resume" else [])
+                if state is None:
+                    clean_partial_training(run)
+                ok, seconds, reason = run_step(cmd, run.path("train.log"), what=f"training {run.label}",
+                                               append=state == "resume", env=step_env(a))
+                if not ok:
+                    return fail(run, "train", reason, seconds=seconds)
+            atomic_write_json({"seconds": None if seconds is None else round(seconds, 2),
+                               "resumed": state is not None}, run.path("train_done.json"))
+        best, reason = evaluate_best(a, run)  # before last.model's: results.json marks a finished run
+        if reason:
+            return fail(run, "eval", reason, log=run.path("eval_best.log"))
+        ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"), what=f"evaluating {run.label}",
+                                       env=step_env(a))
+        if not ok:
+            return fail(run, "eval", reason)
+        results = read_json(run.path("results.json"))
+        if results is None:
+            return fail(run, "eval", "eval.py finished without writing results.json")
+        results["eval_seconds"] = round(seconds, 2)
+        if best is not None:
+            if best["same_as_last"]:
+                best["auroc"] = results["auroc"]
+            results["best"] = best
+        atomic_write_json(results, run.path("results.json"))
+    run.results = results
+    run.best = results.get("best")
+    run.status = "ok"
+    run.train_seconds = (read_json(run.path("train_done.json")) or {}).get("seconds")
+    run.eval_seconds = results.get("eval_seconds")
+    with _PLOT_LOCK:  # matplotlib, one figure at a time (--devices runs several runs in threads)
+        draw_run_figures(run, dissolver)
+    return run
+
+
+_PLOT_LOCK = threading.Lock()
+
+
+def evaluate_best(a, run):
+    """Evaluate ``best_CSI.model`` as ``last.model`` is evaluated; returns ``(best, error)``.
+
+    ``best`` (None when train.py kept no such file: ``--no_selection``, or no evaluation epoch
+    was reached) holds the epoch, what selected it (train.py's test AUROC and its protocol) and
+    eval.py's AUROCs; a best epoch equal to last.model's is the same weights, not evaluated twice.
+    """
+    if not a.selection:
+        return None, ""
+    selection = read_json(run.path("selection.json")) or {}
+    info = selection.get(BEST_FILE)
+    if info is None or not os.path.exists(run.path(BEST_FILE)):
+        return None, ""
+    last_epoch = (selection.get("last.model") or {}).get("epoch")
+    best = {"file": BEST_FILE, "label": BEST_LABEL, "rule": info["rule"], "epoch": info["epoch"],
+            "last_epoch": last_epoch, "selected_on": {"metric": info["metric"], "value": info["value"],
+                                                      "protocol": info["protocol"]},
+            "same_as_last": info["epoch"] == last_epoch}
+    if best["same_as_last"]:
+        return best, ""
+    ok, seconds, reason = run_step(eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]), run.path("eval_best.log"),
+                                   what=f"evaluating {BEST_FILE} of {run.label}", env=step_env(a))
+    res = read_json(run.path("results_best.json")) if ok else None
+    if res is None:
+        return None, f"{BEST_FILE}: " + (reason or "eval.py finished without writing results_best.json")
+    best.update(auroc=res["auroc"], eval_seconds=round(seconds, 2))
+    return best, ""
+
+
+def fail(run, stage, reason, seconds=None, log=None):
+    from utils import atomic_write_json
+
+    reason = reason.replace(run.out + os.sep, "")  # paths inside the run folder, relative to it
+    run.status, run.error = "failed", f"{stage}: {reason}"
+    run.log = log or run.path(f"{stage}.log")
+    run.train_seconds = round(seconds, 2) if seconds is not None and stage == "train" else None
+    os.makedirs(run.dir, exist_ok=True)
+    atomic_write_json({"stage": stage, "reason": reason, "log": run.log}, run.path("failed.json"))
+    return run

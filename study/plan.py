@@ -139,16 +139,30 @@ def make_plan(a):
             ddpm_config(image_size=res, unet_dim=a.ddpm_unet_dim)  # UserError for an impossible UNet
     for run in runs:  # a finished run made with other settings must not slip into this table
         if os.path.exists(run.path("results.json")) and os.path.exists(run.path("run.json")):
-            try:
-                with open(run.path("run.json")) as fh:
-                    old = json.load(fh).get("config")
-            except (OSError, ValueError):
-                old = None
+            old = recorded_config(run)
             if old is not None and old != json.loads(json.dumps(run.config)):
                 diff = [f"{k}: {old.get(k)} (now {run.config[k]})" for k in run.config if old.get(k) != run.config[k]]
                 raise UserError(f"{run.dir} holds a finished run made with other settings ({'; '.join(diff)[:300]}); "
                                 f"use another --out, or delete that folder to redo it")
     return runs
+
+
+def recorded_config(run):
+    """The settings a run folder's ``run.json`` records (None if there is none to read), in
+    today's spelling: folders made before ``--amp`` took ``auto|on|off`` recorded it as
+    true/false, which meant ``on``/``off``."""
+    try:
+        with open(run.path("run.json")) as fh:
+            config = json.load(fh).get("config")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for part in ("train", "eval"):
+        section = config.get(part)
+        if isinstance(section, dict) and isinstance(section.get("amp"), bool):
+            section["amp"] = "on" if section["amp"] else "off"
+    return config
 
 
 def column_key(r):

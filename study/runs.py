@@ -7,6 +7,7 @@ import threading
 from common.errors import UserError
 from study.dissolvers import read_quality, removal_ratio
 from study.figures import draw_run_figures
+from study.plan import recorded_config
 from study.steps import class_flags, py, run_step, step_env
 
 FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
@@ -136,7 +137,7 @@ def execute(a, run, dissolvers):
             return fail(run, "dissolver", dissolver["reason"], log=dissolver["log"])
         ckpt = run.dissolver["ckpt"] if run.dissolver else None
         train_cmd, eval_cmd = train_command(a, run, ckpt), eval_command(a, run)
-        old = (read_json(run.path("run.json")) or {}).get("config")
+        old = recorded_config(run)
         if old is not None and old != json.loads(json.dumps(run.config)):
             with contextlib.suppress(FileNotFoundError):  # trained with other settings: train again
                 os.remove(run.path("train_done.json"))

@@ -225,6 +225,35 @@ def test_finished_run_with_other_budget_is_refused(pipeline, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "other settings" in err[0] and "max_steps" in err[0]
 
 
+def test_folder_recording_amp_as_a_boolean_is_read_as_on_or_off(pipeline, tmp_path, capsys):
+    """A study folder made when --amp was a switch recorded it as true/false: true is today's
+    'on' (resumed, not redone), false is 'off' (other settings than --amp on: refused)."""
+    import reproduce
+
+    out = str(tmp_path / "out")
+    shutil.copytree(pipeline["out"], out)
+    argv = list(pipeline["argv"])
+    argv[argv.index("--out") + 1] = out
+    path = os.path.join(run_dir(out, "rotation"), "run.json")
+    with open(path) as fh:
+        doc = json.load(fh)
+    assert doc["config"]["train"]["amp"] == doc["config"]["eval"]["amp"] == "on"
+    for legacy, accepted in ((True, True), (False, False)):
+        doc["config"]["train"]["amp"] = doc["config"]["eval"]["amp"] = legacy
+        with open(path, "w") as fh:
+            json.dump(doc, fh)
+        if accepted:
+            rc, stdout, stderr, _ = run_main(argv)
+            assert rc == 0, stdout + stderr
+            assert stdout.count("finished before, skipped") == 2
+            continue
+        with pytest.raises(SystemExit) as exc:
+            reproduce.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other settings" in err[0] and "'amp': 'off'" in err[0]
+
+
 def test_failing_run_is_reported_and_others_finish(pipeline, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(pipeline["out"], out)

@@ -36,9 +36,10 @@ def init(requested_device=None):
     """Join torchrun's process group when there is one; return this process's device.
 
     The backend is NCCL on CUDA and gloo on CPU (``--device cpu`` or no GPU); on CUDA each
-    process takes the GPU of its ``LOCAL_RANK``."""
+    process takes the GPU of its ``LOCAL_RANK``. More processes per machine than visible GPUs
+    share them (local rank r on GPU r mod n) over gloo, since NCCL refuses two ranks on one GPU:
+    slower, meant for trying a multi-process run on one GPU (a warning says so)."""
     from common.device import pick_device
-    from common.errors import UserError
 
     world = env_world_size()
     if world <= 1:
@@ -47,15 +48,22 @@ def init(requested_device=None):
 
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device)
+    backend = "gloo"
     if device.type == "cuda":
         n = torch.cuda.device_count()
-        if local >= n:
-            raise UserError(f"torchrun started local rank {local} but only {n} CUDA device(s) are visible; use "
-                            f"--nproc_per_node {n} at most")
-        device = torch.device("cuda", local)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
+        if per_node > n:
+            if local == 0:
+                from utils import warn
+
+                warn(f"torchrun started {per_node} processes on this machine but only {n} CUDA device(s) are "
+                     f"visible: they share the GPUs over gloo (slower than NCCL); use --nproc_per_node {n} for speed")
+        else:
+            backend = "nccl"
+        device = torch.device("cuda", local % n)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     _STATE.update(rank=rank, world=world, local_rank=local, on=True)
     return device
 
@@ -96,16 +104,19 @@ def barrier():
 
 def gather_cat(t, dim=0):
     """``t`` of every rank concatenated along ``dim`` in rank order, gradient-carrying (the
-    backward sums the gradients of all ranks' copies and hands each rank its own slice)."""
+    backward sums the gradients of all ranks' copies and hands each rank its own slice). GPUs
+    shared over gloo gather through host memory (gloo gathers CPU tensors only)."""
     if not is_distributed():
         return t
     import warnings
 
     from torch.distributed.nn.functional import all_gather
 
+    hop = t.device.type == "cuda" and _backend() == "gloo"
     with warnings.catch_warnings():  # (deprecated in favour of a private module; still the autograd-aware one)
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(t.contiguous()), dim=dim)
+        out = torch.cat(all_gather((t.cpu() if hop else t).contiguous()), dim=dim)
+    return out.to(t.device) if hop else out
 
 
 def mean_all(t):
@@ -140,11 +151,17 @@ def wrap_model(model, device, ignore=(), find_unused=False):
 
 def sync_batchnorm(model, device):
     """As CSI converts its model: BatchNorm statistics over the global batch. SyncBatchNorm
-    runs on CUDA only; on CPU (gloo) each process keeps its own batch statistics (DDP
-    broadcasts rank 0's running statistics)."""
-    if is_distributed() and device.type == "cuda":
+    runs on CUDA with NCCL only; on CPU, or GPUs shared over gloo, each process keeps its own
+    batch statistics (DDP broadcasts rank 0's running statistics)."""
+    if is_distributed() and device.type == "cuda" and _backend() == "nccl":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def _backend():
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_initialized() else None
 
 
 def buffers_from_main(module):

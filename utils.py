@@ -273,6 +273,10 @@ class Logger:
 
 
 def warn(msg):
+    """One ``warning:`` line on stderr; under torchrun from rank 0 only (every rank would say the
+    same; ``RANK`` is read from the environment, so this holds before the process group exists)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
@@ -398,3 +402,7 @@ def fault_point(name):
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+            # Continued: a signal sent while stopped may be taken by another thread (torch's, the
+            # TensorBoard writer's), whose C handler only flags it for the main thread. Wait a
+            # moment so that the flag is set before this thread goes on (e.g. renames a file).
+            time.sleep(0.5)

@@ -90,6 +90,7 @@ def test_rank0_alone_writes(two_process_run):
     rows = (logdir / "scalars.csv").read_text().splitlines()
     assert sum(r.startswith("1,train/loss,") for r in rows) == 1  # step 1's loss once, not once per rank
     assert proc.stdout.count('"logdir"') == 1  # one summary line
+    assert proc.stderr.count("warning: CSI uses --batch_size 32") == 1  # warned once, not once per rank
 
 
 def test_resume_with_another_process_count_is_one_line(two_process_run, capsys):

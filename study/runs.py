@@ -3,17 +3,19 @@ import contextlib
 import json
 import os
 import threading
+import time
 
 from common.errors import UserError
 from study.dissolvers import read_quality, removal_ratio
 from study.figures import draw_run_figures
 from study.plan import recorded_config
-from study.steps import class_flags, py, run_step, step_env
+from study.steps import Interrupted, class_flags, py, run_step, step_env
 
 FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
 BEST_FILE = "best_CSI.model"  # train.py's selection: the highest test AUROC during training
 BEST_LABEL = "best on test (paper's selection)"
-TRAIN_FILES = ("last.model", "scalars.csv", "log.txt", "config.json", "train_done.json", "selection.json")
+TRAIN_FILES = ("last.model", "scalars.csv", "log.txt", "config.json", "train_done.json", "selection.json",
+               "train_attempts.json")
 BEST_EVAL_FILES = ("results_best.json", "scores_best.csv", "eval_best.log")
 
 
@@ -153,10 +155,19 @@ def execute(a, run, dissolvers):
                 cmd = train_cmd + (["--resume_path", run.dir] if state == "resume" else [])
                 if state is None:
                     clean_partial_training(run)
-                ok, seconds, reason = run_step(cmd, run.path("train.log"), what=f"training {run.label}",
-                                               append=state == "resume", env=step_env(a))
+                # the seconds of earlier, interrupted attempts this one continues
+                earlier = float((read_json(run.path("train_attempts.json")) or {}).get("seconds") or 0.0)
+                t0 = time.time()
+                try:
+                    ok, seconds, reason = run_step(cmd, run.path("train.log"), what=f"training {run.label}",
+                                                   append=state == "resume", env=step_env(a))
+                except Interrupted:
+                    atomic_write_json({"seconds": round(earlier + time.time() - t0, 2)},
+                                      run.path("train_attempts.json"))
+                    raise
                 if not ok:
                     return fail(run, "train", reason, seconds=seconds)
+                seconds += earlier
             atomic_write_json({"seconds": None if seconds is None else round(seconds, 2),
                                "resumed": state is not None}, run.path("train_done.json"))
         best, reason = evaluate_best(a, run)  # before last.model's: results.json marks a finished run

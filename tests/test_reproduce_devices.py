@@ -133,6 +133,9 @@ def test_sigterm_stops_every_running_step(tmp_path):
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in steps)
     for seed in (0, 1):  # stopped, not failed: the next command resumes them
         assert not os.path.exists(os.path.join(run_dir(out, "rotation", seed), "failed.json"))
+        # and counts the seconds of this attempt in the run's train_seconds
+        with open(os.path.join(run_dir(out, "rotation", seed), "train_attempts.json")) as fh:
+            assert 2.0 <= json.load(fh)["seconds"] <= time.time() - t0
 
 
 @pytest.mark.parametrize("args, message", [

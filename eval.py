@@ -116,12 +116,9 @@ def main(argv=None):
     if P.multi_gpu:
         raise UserError("--multi_gpu is gone: run eval.py on several GPUs with torchrun --nproc_per_node=N "
                         "eval.py ... (each process extracts the features of its share of the images)")
-    device = distributed.init(P.device)
-    distributed.quiet_unless_main()
-    try:
+    with distributed.joined(P.device) as device:
+        distributed.quiet_unless_main()
         return evaluate(P, device, scores_wanted)
-    finally:
-        distributed.shutdown()
 
 
 def evaluate(P, device, scores_wanted):

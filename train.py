@@ -294,11 +294,8 @@ def train(P, logdir_out):
     if P.paper_rng_replay and distributed.env_world_size() > 1:
         raise UserError("--paper_rng_replay replays one process's generator stream; it does not run under torchrun: "
                         "drop it, or train in one process")
-    device = distributed.init(P.device)
-    try:
+    with distributed.joined(P.device) as device:
         return train_on(P, device, logdir_out)
-    finally:
-        distributed.shutdown()
 
 
 def train_on(P, device, logdir_out):

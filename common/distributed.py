@@ -17,6 +17,7 @@ one process, rank 0, the main process, no collectives. Under ``torchrun --nproc_
 images, rank ``r`` taking the ``r``-th contiguous block of ``--batch_size`` images of each
 global batch (so the global batch is exactly one process's ``--batch_size world*B`` batch).
 """
+import contextlib
 import os
 
 import torch
@@ -68,12 +69,45 @@ def init(requested_device=None):
     return device
 
 
-def shutdown():
-    """Leave the process group (a no-op without one)."""
+@contextlib.contextmanager
+def joined(requested_device=None):
+    """``with joined(P.device) as device:`` :func:`init` on entry, :func:`shutdown` on exit,
+    told whether the body completed (an exception skips the final barrier)."""
+    device = init(requested_device)
+    try:
+        yield device
+    except BaseException:
+        shutdown(completed=False)
+        raise
+    shutdown(completed=True)
+
+
+# The final barrier's work, kept until the interpreter ends (see shutdown).
+_FINAL_WORK = []
+
+
+def shutdown(completed=True):
+    """Leave the process group (a no-op without one).
+
+    After a completed run every rank first waits at a barrier whose work object this module
+    keeps. Why: DDP's reducer keeps the gloo process group alive past
+    ``destroy_process_group`` (its worker threads too), and a collective launched during a
+    backward pass carries a Python object in its thread-local state. When the last reference
+    to such a work is dropped by a gloo worker thread while the interpreter is finalising, the
+    thread cannot take the GIL and the process aborts ("terminate called without an active
+    exception", SIGABRT) after all its work is done: about one run in five of a two-rank DDP
+    run on this CPU (scripts/ddp_exit_stress.py). The barrier holds every work still pending
+    or in progress, so with it kept here the last reference is this module's, dropped by the
+    main thread. ``completed=False`` (a rank failed) skips the barrier: the other ranks may
+    never reach it."""
     if _STATE["on"]:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if completed and _STATE["world"] > 1:
+                work = dist.barrier(async_op=True)
+                work.wait()
+                _FINAL_WORK.append(work)
             dist.destroy_process_group()
         _STATE.update(rank=0, world=1, local_rank=0, on=False)
 

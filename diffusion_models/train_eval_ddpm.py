@@ -194,14 +194,13 @@ def train(args):
     beside it, released by the kernel when the process ends), so two trainings never write one
     checkpoint."""
     held = []
-    device = distributed.init(args.device)  # joins torchrun's process group when there is one
-    distributed.quiet_unless_main()
-    try:
-        return _train(args, held, device)
-    finally:
-        for lock in held:
-            lock.release()
-        distributed.shutdown()
+    with distributed.joined(args.device) as device:  # torchrun's process group, when there is one
+        distributed.quiet_unless_main()
+        try:
+            return _train(args, held, device)
+        finally:
+            for lock in held:
+                lock.release()
 
 
 def _lock_save_path(save_path, held):

@@ -238,8 +238,7 @@ def _worker(rank, port, out):
     from common import distributed
     from training.trainer import contrastive_loss
 
-    device = distributed.init("cpu")
-    try:
+    with distributed.joined("cpu") as device:
         results = {}
         for chunks in (2, 3):
             x, net = make_problem(chunks)
@@ -254,8 +253,6 @@ def _worker(rank, port, out):
                                "bias": net.bias.detach().clone(),
                                "logged": distributed.mean_all(torch.tensor([float(rank)])).item()}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        distributed.shutdown()
 
 
 def test_gathered_loss_is_one_process_loss_of_the_global_batch(tmp_path):

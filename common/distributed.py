@@ -95,8 +95,8 @@ def shutdown(completed=True):
     backward pass carries a Python object in its thread-local state. When the last reference
     to such a work is dropped by a gloo worker thread while the interpreter is finalising, the
     thread cannot take the GIL and the process aborts ("terminate called without an active
-    exception", SIGABRT) after all its work is done: about one run in five of a two-rank DDP
-    run on this CPU (scripts/ddp_exit_stress.py). The barrier holds every work still pending
+    exception", SIGABRT) after all its work is done: one two-rank DDP run in ten to one in four
+    on our 2-core CPU (scripts/ddp_exit_stress.py --plain_exit). The barrier holds every work still pending
     or in progress, so with it kept here the last reference is this module's, dropped by the
     main thread. ``completed=False`` (a rank failed) skips the barrier: the other ranks may
     never reach it."""

@@ -42,7 +42,7 @@ RUN_ID_KEYS = ("run_id", "resumed_from", "world_size")  # what config.json holds
 def writes_it(name):
     """Whether train.py writes the run folder's file ``name`` (atomically)."""
     return name in ("last.model", "config.json", "selection.json", "scalars.csv") or (
-        name.startswith("best_") and name.endswith(".model"))
+        name.startswith("best_") and name.endswith(".model")) or name.startswith("events.out.tfevents.")
 
 
 def default_logdir(P):
@@ -419,9 +419,10 @@ def train_locked(P, device, logdir, inputs, stale=()):
              else "")
     logger.log(f"run folder {logdir}; device {device}; {procs}{normal}; {len(test_set)} test images; "
                f"mode {P.mode}, shift {P.shift_trans_type}" + what)
-    if stale or logger.dropped_rows or logger.dropped_log_bytes:
+    if stale or logger.dropped_rows or logger.dropped_log_bytes or logger.dropped_events:
         logger.log(f"an interrupted attempt left {len(stale)} temporary file(s), {logger.dropped_rows} scalars.csv "
-                   f"row(s) and {logger.dropped_log_bytes} bytes of log.txt past this point: removed")
+                   f"row(s), {logger.dropped_events} TensorBoard scalar(s) and {logger.dropped_log_bytes} bytes of "
+                   f"log.txt past this point: removed")
     evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device, ood_sets)
     try:
         last = trainer.fit(normal_train, logger, meta, evaluate=evaluate)

@@ -170,8 +170,9 @@ class Logger:
 
     A resumed run passes ``keep_row(tag, step) -> bool``: rows of ``scalars.csv`` it rejects
     (those past the resumed point, written by the interrupted attempt) are dropped before
-    anything is appended, and ``log_bytes``: ``log.txt`` is cut back to that length (what it
-    held when the checkpoint was written). TensorBoard's event files keep what was written.
+    anything is appended, and so are those scalars from the folder's TensorBoard event files
+    (``common.tb_events.prune_events``); and ``log_bytes``: ``log.txt`` is cut back to that
+    length (what it held when the checkpoint was written).
     Under torchrun only the main process (``common.distributed.is_main``) writes or prints;
     on the others every call does nothing.
     """
@@ -181,7 +182,7 @@ class Logger:
 
         self.logdir = logdir
         self.active = distributed.is_main()
-        self.dropped_log_bytes = self.dropped_rows = 0
+        self.dropped_log_bytes = self.dropped_rows = self.dropped_events = 0
         if not self.active:
             return
         os.makedirs(logdir, exist_ok=True)
@@ -192,10 +193,18 @@ class Logger:
             os.truncate(text_path, log_bytes)
         self._text = open(text_path, "a")
         self._writer = None
+        if keep_row is not None:
+            from common.tb_events import prune_events
+
+            self.dropped_events = prune_events(logdir, keep_row)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir)
+            import uuid
+
+            # tensorboardX names its file by the second and opens it "wb": a second writer in the
+            # same second (a quick resume) would empty the first one's file without a suffix of its own
+            self._writer = SummaryWriter(logdir, filename_suffix="." + uuid.uuid4().hex[:8])
         self._csv_path = os.path.join(logdir, "scalars.csv")
         self.dropped_rows = 0
         if keep_row is not None and os.path.exists(self._csv_path):

@@ -145,6 +145,18 @@ def scalars(logdir):
         return [r[:3] for r in csv.reader(fh) if r[1] != "epoch/seconds_per_step"]
 
 
+def tb_scalars(logdir):
+    """Every scalar of the folder's TensorBoard event files (all of them, as TensorBoard reads the
+    folder), sorted, without the timing tag."""
+    from common.tb_events import scalars as event_scalars
+
+    out = []
+    for name in sorted(os.listdir(logdir)):
+        if name.startswith("events.out.tfevents."):
+            out += [r for r in event_scalars(os.path.join(logdir, name)) if r[0] != "epoch/seconds_per_step"]
+    return sorted(out)
+
+
 def leftovers(folder):
     return sorted(f for f in os.listdir(folder) if f.startswith(".tmp-") or f == LOCK_NAME or f.endswith(".lock"))
 
@@ -160,6 +172,7 @@ def assert_same_run(reference, logdir):
     sel_b = json.loads(open(os.path.join(logdir, "selection.json")).read())
     assert sel_a["evaluations"] == sel_b["evaluations"] and sel_a["best_CSI.model"] == sel_b["best_CSI.model"]
     assert scalars(reference) == scalars(logdir)  # every step once: the interrupted attempt's rows went
+    assert tb_scalars(reference) == tb_scalars(logdir)  # in TensorBoard's files too
     with open(os.path.join(logdir, "log.txt")) as fh:
         log = fh.read()
     for epoch in (1, 2):  # and its log lines past the checkpoint

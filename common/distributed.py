@@ -98,8 +98,8 @@ def shutdown(completed=True):
     exception", SIGABRT) after all its work is done: one two-rank DDP run in ten to one in four
     on our 2-core CPU (scripts/ddp_exit_stress.py --plain_exit). The barrier holds every work still pending
     or in progress, so with it kept here the last reference is this module's, dropped by the
-    main thread. ``completed=False`` (a rank failed) skips the barrier: the other ranks may
-    never reach it."""
+    main thread (gloo's works; NCCL's are only waited for). ``completed=False`` (a rank
+    failed) skips the barrier: the other ranks may never reach it."""
     if _STATE["on"]:
         import torch.distributed as dist
 
@@ -107,7 +107,8 @@ def shutdown(completed=True):
             if completed and _STATE["world"] > 1:
                 work = dist.barrier(async_op=True)
                 work.wait()
-                _FINAL_WORK.append(work)
+                if dist.get_backend() == "gloo":  # (where the abort was seen; NCCL runs, untested here, only wait)
+                    _FINAL_WORK.append(work)
             dist.destroy_process_group()
         _STATE.update(rank=0, world=1, local_rank=0, on=False)
 

@@ -36,6 +36,7 @@ from diffusion_models.ddpm import build_diffusion, ddpm_config, load_dissolver, 
 from evals.ood_pre import extract_features  # noqa: E402
 from models.dissolve import to_dissolve_resolution  # noqa: E402
 from models.resnet import build_model  # noqa: E402
+from models.transform_layers import simclr_augmentation  # noqa: E402
 from train import build_dissolve  # noqa: E402
 from training.trainer import Trainer, contrastive_loss  # noqa: E402
 from utils import autocast_for  # noqa: E402
@@ -237,6 +238,8 @@ def main(argv=None):
                "bf16" if amp else "fp32")
 
         paper = trainer(False, torch.contiguous_format)
+        # CSI's colour jitter and crop take the whole batch in one pass (ours a few images at a time)
+        paper.aug = simclr_augmentation(paper.P.resize_factor, paper.P.resize_fix, chunk_pixels=0)
 
         library_diffusion = load_dissolver(ckpt, device)[0].eval() if ckpt else None
 
@@ -248,10 +251,11 @@ def main(argv=None):
 
         sub = data.subset(torch.arange(a.eval_images))
         for label, tr, amp_on in (("ours", ours, amp), ("paper-style", paper, False)):
-            extract_features(tr.model, sub, "rotation", 1, device, batch_size=100, amp=amp_on)  # warm-up
+            aug_kw = {} if label == "ours" else {"chunk_pixels": 0}
+            extract_features(tr.model, sub, "rotation", 1, device, batch_size=100, amp=amp_on, **aug_kw)  # warm-up
             sync(device)
             t0 = time.perf_counter()
-            extract_features(tr.model, sub, "rotation", a.ood_samples, device, batch_size=100, amp=amp_on)
+            extract_features(tr.model, sub, "rotation", a.ood_samples, device, batch_size=100, amp=amp_on, **aug_kw)
             sync(device)
             ev = a.eval_images / (time.perf_counter() - t0)
             print(f"CSI evaluation ({label}, {'bf16' if amp_on else 'fp32'}): {ev:.1f} images/s at "

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from common import distributed
-from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
+from models.transform_layers import CHUNK_PIXELS, HorizontalFlipRandom, get_shift, simclr_augmentation
 from utils import autocast_for, batch_indices, set_seed
 
 
 @torch.no_grad()
 def extract_features(model, dataset, base_shift, n_samples, device, batch_size=100,
                      resize_factor=0.54, resize_fix=True, amp=False, progress=None, restore_rng=True,
-                     sharded=False):
+                     sharded=False, chunk_pixels=CHUNK_PIXELS):
     """Features of every image of ``dataset`` for every shift k and sample s.
 
     For sample s the random seed is set to s (per batch, as CSI does), each shift k gets its
@@ -39,7 +39,7 @@ def extract_features(model, dataset, base_shift, n_samples, device, batch_size=1
     shift = get_shift(base_shift)
     K = shift.max_range
     hflip = HorizontalFlipRandom(0.5)
-    aug = simclr_augmentation(resize_factor, resize_fix)
+    aug = simclr_augmentation(resize_factor, resize_fix, chunk_pixels)  # (chunks: the same bits, faster)
     was_training = model.training
     model.eval()
     n = len(dataset)

@@ -12,6 +12,17 @@ import torch.nn.functional as F
 
 HUE_SCALE = 255.0 / 360.0  # CSI adds f_h * 255/360 (of a turn) to the hue
 CROP_TRIALS = 10  # candidate crops drawn per image, as CSI's layer
+# On CPU the colour jitter and the resized crop run a few images at a time, so that their passes
+# over the images stay in cache (384 images at 224 px: the jitter 2.25 s in one go against 0.65 s
+# four images at a time, the crop 0.27 against 0.19 s; the same bits either way)
+CHUNK_PIXELS = 4 * 224 * 224
+
+
+def _images_per_chunk(x, chunk_pixels):
+    """How many images of ``x`` a chunk holds: all of them off the CPU or with ``chunk_pixels`` 0."""
+    if x.device.type != "cpu" or not chunk_pixels:
+        return x.shape[0]
+    return max(1, chunk_pixels // (x.shape[2] * x.shape[3]))
 
 
 class Rotation(nn.Module):
@@ -72,9 +83,10 @@ class ColorJitterLayer(nn.Module):
     mean, the two applied in random order; the result is clipped to [0, 1]. The hue moves
     by up to ``hue * 255/360`` of a turn, as CSI's layer does."""
 
-    def __init__(self, p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+    def __init__(self, p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, chunk_pixels=CHUNK_PIXELS):
         super().__init__()
         self.p, self.brightness, self.contrast, self.saturation, self.hue = p, brightness, contrast, saturation, hue
+        self.chunk_pixels = chunk_pixels  # 0: the whole batch in one pass (as CSI's layer)
 
     @staticmethod
     def _factor(n, spread, like):
@@ -94,17 +106,24 @@ class ColorJitterLayer(nn.Module):
         return kornia.color.hsv_to_rgb(torch.stack([h, s, v], dim=1))
 
     def forward(self, x):
-        n = x.shape[0]
+        n, chunk_pixels = x.shape[0], self.chunk_pixels
         f_c = self._factor(n, self.contrast, x)
         f_s = self._factor(n, self.saturation, x)
         f_v = self._factor(n, self.brightness, x)
         f_h = (torch.rand(n, 1, 1, device=x.device) * 2 - 1) * self.hue
-        if torch.rand(1).item() < 0.5:
-            y = self._hsv(self._contrast(x, f_c), f_h, f_s, f_v)
-        else:
-            y = self._contrast(self._hsv(x, f_h, f_s, f_v), f_c)
-        y = y.clamp(0, 1)
-        return torch.where(_coin(n, self.p, x), y, x)
+        contrast_first = torch.rand(1).item() < 0.5
+        coin = _coin(n, self.p, x)
+        # every operation below is per image: a chunk of images gives the bits of the whole batch
+        step = _images_per_chunk(x, chunk_pixels)
+        out = []
+        for i in range(0, n, step):
+            part, c = x[i:i + step], slice(i, i + step)
+            if contrast_first:
+                y = self._hsv(self._contrast(part, f_c[c]), f_h[c], f_s[c], f_v[c])
+            else:
+                y = self._contrast(self._hsv(part, f_h[c], f_s[c], f_v[c]), f_c[c])
+            out.append(torch.where(coin[c], y.clamp(0, 1), part))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class RandomColorGrayLayer(nn.Module):
@@ -131,9 +150,10 @@ class RandomResizedCropLayer(nn.Module):
     among the positions that keep it inside the image.
     """
 
-    def __init__(self, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), fix_scale=False):
+    def __init__(self, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), fix_scale=False, chunk_pixels=CHUNK_PIXELS):
         super().__init__()
         self.scale, self.ratio, self.fix_scale = scale, ratio, fix_scale
+        self.chunk_pixels = chunk_pixels  # 0: the whole batch in one pass
 
     def sample_boxes(self, n, height, width, device=None):
         """``(w, h, cx, cy)`` for ``n`` images of ``height x width``: box size as fractions of
@@ -163,14 +183,19 @@ class RandomResizedCropLayer(nn.Module):
         w, h, cx, cy = self.sample_boxes(n, height, width, x.device)
         theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        step, out = _images_per_chunk(x, self.chunk_pixels), []
+        for i in range(0, n, step):  # per image: chunks give the bits of one pass
+            part = x[i:i + step]
+            grid = F.affine_grid(theta[i:i + step], list(part.shape), align_corners=False)
+            out.append(F.grid_sample(part, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def simclr_augmentation(resize_factor=0.08, resize_fix=False):
+def simclr_augmentation(resize_factor=0.08, resize_fix=False, chunk_pixels=CHUNK_PIXELS):
     """The SimCLR augmentation of docs/method.md §3, step 4: jitter, grayscale, resized crop."""
     return nn.Sequential(
-        ColorJitterLayer(p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
+        ColorJitterLayer(p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                         chunk_pixels=chunk_pixels),
         RandomColorGrayLayer(p=0.2),
-        RandomResizedCropLayer(scale=(resize_factor, 1.0), fix_scale=resize_fix),
+        RandomResizedCropLayer(scale=(resize_factor, 1.0), fix_scale=resize_fix, chunk_pixels=chunk_pixels),
     )

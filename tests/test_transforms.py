@@ -64,6 +64,42 @@ def test_grayscale_and_jitter_extremes():
     assert j.min() >= 0 and j.max() <= 1 and not torch.allclose(j, x, atol=1e-3)
 
 
+def test_jitter_in_chunks_gives_the_bits_of_the_whole_batch():
+    """On CPU the jitter runs a few images at a time (for the cache); the same seed must give the
+    same bits as one pass over the batch, in both orders of its two changes, when a chunk does not
+    divide the batch, and channels-last too."""
+    whole_layer, layer = ColorJitterLayer(p=0.5, chunk_pixels=0), ColorJitterLayer(p=0.5, chunk_pixels=2 * 16 * 16)
+    x = torch.rand(7, 3, 16, 16)
+    orders = set()
+    for seed in range(6):
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.manual_seed(seed)
+            whole = whole_layer(inp)
+            torch.manual_seed(seed)
+            [torch.rand(7, 1, 1) for _ in range(4)]  # the jitter's four factors, then its order
+            orders.add(torch.rand(1).item() < 0.5)
+            torch.manual_seed(seed)
+            parts = layer(inp)  # chunks of 2, 2, 2, 1 images
+            assert torch.equal(whole, parts), seed
+            assert not torch.equal(whole, x)
+    assert orders == {True, False}  # both orders were met
+
+
+def test_crop_and_whole_augmentation_in_chunks_give_the_bits_of_one_pass():
+    x = torch.rand(7, 3, 16, 16)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        whole = RandomResizedCropLayer((0.08, 1.0), chunk_pixels=0)(x)
+        torch.manual_seed(seed)
+        parts = RandomResizedCropLayer((0.08, 1.0), chunk_pixels=3 * 16 * 16)(x)  # 3, 3, 1 images
+        assert torch.equal(whole, parts) and not torch.equal(whole, x)
+        torch.manual_seed(seed)
+        whole = simclr_augmentation(chunk_pixels=0)(x)
+        torch.manual_seed(seed)
+        parts = simclr_augmentation(chunk_pixels=2 * 16 * 16)(x)
+        assert torch.equal(whole, parts)
+
+
 def test_contrast_about_channel_mean():
     x = torch.rand(2, 3, 5, 5)
     layer = ColorJitterLayer(p=1.0)

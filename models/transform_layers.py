@@ -21,8 +21,15 @@ CHUNK_PIXELS = 4 * 224 * 224
 def _images_per_chunk(x, chunk_pixels):
     """How many images of ``x`` a chunk holds: all of them off the CPU or with ``chunk_pixels`` 0."""
     if x.device.type != "cpu" or not chunk_pixels:
-        return x.shape[0]
+        return max(1, x.shape[0])
     return max(1, chunk_pixels // (x.shape[2] * x.shape[3]))
+
+
+def _joined(chunks, x):
+    """The chunks' outputs as one batch (an empty batch stays empty)."""
+    if not chunks:
+        return x.clone()
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 class Rotation(nn.Module):
@@ -123,7 +130,7 @@ class ColorJitterLayer(nn.Module):
             else:
                 y = self._contrast(self._hsv(part, f_h[c], f_s[c], f_v[c]), f_c[c])
             out.append(torch.where(coin[c], y.clamp(0, 1), part))
-        return out[0] if len(out) == 1 else torch.cat(out)
+        return _joined(out, x)
 
 
 class RandomColorGrayLayer(nn.Module):
@@ -188,7 +195,7 @@ class RandomResizedCropLayer(nn.Module):
             part = x[i:i + step]
             grid = F.affine_grid(theta[i:i + step], list(part.shape), align_corners=False)
             out.append(F.grid_sample(part, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
-        return out[0] if len(out) == 1 else torch.cat(out)
+        return _joined(out, x)
 
 
 def simclr_augmentation(resize_factor=0.08, resize_fix=False, chunk_pixels=CHUNK_PIXELS):

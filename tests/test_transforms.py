@@ -83,6 +83,7 @@ def test_jitter_in_chunks_gives_the_bits_of_the_whole_batch():
             assert torch.equal(whole, parts), seed
             assert not torch.equal(whole, x)
     assert orders == {True, False}  # both orders were met
+    assert layer(torch.rand(0, 3, 16, 16)).shape == (0, 3, 16, 16)  # an empty batch stays empty
 
 
 def test_crop_and_whole_augmentation_in_chunks_give_the_bits_of_one_pass():

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -199,8 +200,6 @@ class Logger:
             self.dropped_events = prune_events(logdir, keep_row)
         if tensorboard:
             from tensorboardX import SummaryWriter
-
-            import uuid
 
             # tensorboardX names its file by the second and opens it "wb": a second writer in the
             # same second (a quick resume) would empty the first one's file without a suffix of its own

@@ -107,6 +107,33 @@ def test_batched_chunks_equal_separate_p_sample_calls(diffusion):
     assert torch.allclose(batched, separate, atol=1e-5)
 
 
+def test_dissolving_a_few_images_at_a_time_gives_the_one_call_images(diffusion):
+    """On CPU the UNet takes chunk_pixels pixels per call. Calls of 5 images straddle the chunks'
+    timesteps and the last is short: the one-call images to float rounding. Calls of 32 images
+    (the default at 32 px) under bf16: the same bits."""
+    x = images(12, seed=3)
+    ts = [30, 47, 81, 99]
+    whole, parts = Dissolver(diffusion, "small32", chunk_pixels=0), Dissolver(diffusion, "small32",
+                                                                             chunk_pixels=5 * 32 * 32)
+    calls = []
+    hook = parts.diffusion.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    a, b = whole(x, ts), parts(x, ts)
+    hook.remove()
+    assert calls == [5, 5, 2]
+    assert torch.allclose(a, b, atol=1e-5)
+    assert (a[:3] - a[3:6]).abs().max() > 1e-2  # the chunks' timesteps differ, so a misplaced one would show
+
+    x = images(128, seed=4)
+    default = Dissolver(diffusion, "small32")
+    calls = []
+    hook = default.diffusion.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = whole(x, ts), default(x, ts)
+    hook.remove()
+    assert calls == [32, 32, 32, 32]
+    assert torch.equal(a, b)
+
+
 def test_compiled_dissolver_dissolves_as_the_eager_one():
     """--compile_dissolver: torch.compile of the UNet gives the eager network's images."""
     torch.manual_seed(0)

@@ -2,7 +2,9 @@
 
     python benchmarks/dissolver_study.py --widths 16 32 --steps 250 500 1000 2000 --out runs/dissolver_study
 
-For each UNet width, trains one dissolver on the normal class of ``synth_lesion`` with
+For each UNet width, trains one dissolver on the normal class of ``--dataset`` (a built-in set
+whose generator draws the same tissue with and without its lesions: ``synth_lesion``, the
+default, ``synth_streak`` or ``synth_streak_half``) with
 ``diffusion_models/train_eval_ddpm.py`` (resumed from one step count to the next, so the
 checkpoints form one training run), and after each step count runs ``--mode eval``, whose
 JSON holds, per timestep, the lesion removal ratio, the tissue change and the share of
@@ -32,6 +34,7 @@ def run(cmd, log):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synth_lesion", choices=("synth_lesion", "synth_streak", "synth_streak_half"))
     p.add_argument("--widths", type=int, nargs="+", default=[16, 32])
     p.add_argument("--steps", type=int, nargs="+", default=[250, 500, 1000, 2000])
     p.add_argument("--batch_size", type=int, default=32)
@@ -49,11 +52,11 @@ def main():
     py = sys.executable
     rows = []
     for width in a.widths:
-        ckpt = os.path.join(out, f"synth_lesion_dim{width}.pt")
+        ckpt = os.path.join(out, f"{a.dataset}_dim{width}.pt")
         spent = 0.0
         for steps in sorted(a.steps):
             t0 = time.time()
-            cmd = [py, "diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", "synth_lesion",
+            cmd = [py, "diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", a.dataset,
                    "--unet_dim", str(width), "--batch_size", str(a.batch_size), "--grad_accum", str(a.grad_accum),
                    "--lr", str(a.lr), "--train_steps", str(steps), "--save_every", str(steps),
                    "--save_path", ckpt, "--device", a.device, "--no_progress"]
@@ -63,7 +66,7 @@ def main():
             spent += time.time() - t0
             for rc in ([False, True] if a.range_correct else [False]):
                 png = os.path.join(out, f"dim{width}_s{steps}{'_rc' if rc else ''}.png")
-                cmd = [py, "diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", "synth_lesion",
+                cmd = [py, "diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", a.dataset,
                        "--diffusion_model_path", ckpt, "--out", png, "--quality_images", str(a.quality_images),
                        "--device", a.device, "--timesteps_to_show", *map(str, a.timesteps)]
                 if rc:
@@ -72,7 +75,7 @@ def main():
                 with open(os.path.splitext(png)[0] + ".json") as fh:
                     quality = json.load(fh)
                 for r in quality["timesteps"]:
-                    row = {"unet_dim": width, "ddpm_steps": steps, "images_seen": steps * a.batch_size * a.grad_accum,
+                    row = {"dataset": a.dataset, "unet_dim": width, "ddpm_steps": steps, "images_seen": steps * a.batch_size * a.grad_accum,
                            "train_seconds": round(spent, 1), "range": "correct" if rc else "paper", "t": r["t"],
                            "removal_ratio": round(r["removal_ratio"], 4), "tissue_change": round(r["tissue_change"], 4),
                            "hf_removed": round(r["hf_removed"], 4), "lf_change": round(r["lf_change"], 4)}

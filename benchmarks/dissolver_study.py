@@ -45,6 +45,7 @@ def main():
     p.add_argument("--range_correct", action="store_true", help="also measure the range-correct variant")
     p.add_argument("--out", default=os.path.join("runs", "dissolver_study"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="train_eval_ddpm.py --amp (training)")
     a = p.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
@@ -59,7 +60,7 @@ def main():
             cmd = [py, "diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset", a.dataset,
                    "--unet_dim", str(width), "--batch_size", str(a.batch_size), "--grad_accum", str(a.grad_accum),
                    "--lr", str(a.lr), "--train_steps", str(steps), "--save_every", str(steps),
-                   "--save_path", ckpt, "--device", a.device, "--no_progress"]
+                   "--save_path", ckpt, "--device", a.device, "--amp", a.amp, "--no_progress"]
             if os.path.exists(ckpt):
                 cmd.append("--resume")
             run(cmd, log)

@@ -28,11 +28,13 @@ FP32_EPS = 1e-5  # the library's eps for fp32 inputs, in both layers
 
 
 class ChannelLayerNorm(torch.nn.Module):
-    """``(x - mean_c) / sqrt(var_c + eps) * g`` over the channels of each pixel (biased var)."""
+    """``(x - mean_c) / sqrt(var_c + eps) * g`` over the channels of each pixel (biased var).
 
-    def __init__(self, g, eps=FP32_EPS):
+    ``share=False``: a frozen copy of ``g``; ``True``: ``g`` itself (the training form's)."""
+
+    def __init__(self, g, eps=FP32_EPS, share=False):
         super().__init__()
-        self.g = torch.nn.Parameter(g.detach().clone(), requires_grad=False)
+        self.g = g if share else torch.nn.Parameter(g.detach().clone(), requires_grad=False)
         self.eps = float(eps)
 
     def forward(self, x):

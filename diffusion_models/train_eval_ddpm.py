@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from common import distributed  # noqa: E402
 from common.device import pick_device  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
-from utils import rng_state, set_rng_state  # noqa: E402
+from utils import autocast_for, rng_state, set_rng_state  # noqa: E402
 
 PAPER_GMACS = {32: 2.33, 64: 3.84, 128: 9.90}
 DEFAULT_SHOW_TIMESTEPS = [10, 30, 50, 70, 100, 150]
@@ -91,6 +91,10 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_path instead of refusing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--amp", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="train: bf16 autocast of the forward pass (fp32 weights, optimiser and EMA); auto (default) = "
+                        "where the device computes bf16 in hardware (CUDA with bf16, a CPU with AVX512-BF16 or "
+                        "AMX); --amp alone = on; off = fp32 throughout, as the paper's Trainer")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     # eval
     p.add_argument("--diffusion_model_path", default=None, help="dissolver checkpoint (eval; macs: optional)")
@@ -142,6 +146,17 @@ def _check_class(idx, info):
                         f"({', '.join(map(str, info.class_names))}); use 0..{n - 1}")
 
 
+def _decide_training_amp(request, device):
+    """``--amp`` for training: bf16 or nothing (fp16 would need loss scaling, which this loop has not)."""
+    from common.device import bf16_supported, decide_amp
+
+    amp = decide_amp(request, device)
+    if amp and not bf16_supported(device) and device.type == "cuda":
+        raise UserError(f"--amp {request}: {device} has no bf16, and the dissolver trains in bf16 or fp32 only; "
+                        f"pass --amp off (or --amp auto, which decides the same here)")
+    return amp
+
+
 def _epoch_order(n, seed, epoch):
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
@@ -161,12 +176,14 @@ def _check_writable(path, flag="--save_path"):
     check_output_file(path, flag)
 
 
-def accumulate_and_step(diffusion, opt, micro_batches, grad_clip, net=None, average=None):
+def accumulate_and_step(diffusion, opt, micro_batches, grad_clip, net=None, average=None,
+                        autocast=contextlib.nullcontext):
     """One optimiser step as the package's Trainer makes it: each micro-batch's loss divided by
     their number and back-propagated, the gradient norm clipped to ``grad_clip``, then the step.
 
     ``net``: what the micro-batches go through (DDP under torchrun: gradients averaged over the
-    ranks once, at the last micro-batch); ``average``: the loss averaged over the ranks.
+    ranks once, at the last micro-batch); ``average``: the loss averaged over the ranks;
+    ``autocast``: a context factory for the forward passes (mixed precision).
     Returns ``(loss, grad_norm)``: the mean micro-batch loss and the norm before clipping. A
     non-finite loss skips the update (the caller stops with an error).
     """
@@ -175,7 +192,8 @@ def accumulate_and_step(diffusion, opt, micro_batches, grad_clip, net=None, aver
     for i, x in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
-            loss = net(x) / len(micro_batches)
+            with autocast():
+                loss = net(x) / len(micro_batches)
             loss.backward()
         total += loss.item()
     if average is not None:
@@ -225,6 +243,7 @@ def _train(args, held, device):
     from datasets import one_class_split
     from diffusion_models.ddpm import build_diffusion, package_version, read_dissolver_checkpoint, save_dissolver
     from diffusion_models.ddpm_data import ddpm_training_images
+    from diffusion_models.training_form import training_form
 
     resolution = _single_size(args, 32)
     for name in ("train_steps", "batch_size", "grad_accum", "save_every", "ema_every"):
@@ -255,12 +274,16 @@ def _train(args, held, device):
         raise UserError(f"{save_path} already exists; pass --resume to continue it, --overwrite to start over, "
                         "or another --save_path")
     ckpt = read_dissolver_checkpoint(save_path, device) if args.resume else None
-    recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
+    amp = _decide_training_amp(args.amp, device)
+    recipe = dict({k: getattr(args, k) for k in RECIPE_KEYS}, amp=amp)
     if ckpt is not None:
         stored = ckpt["config"]
         diffs = [f"{k} {stored.get(k)} (now {v})" for k, v in config.items() if stored.get(k) != v]
         saved = (ckpt["train_state"] or {}).get("recipe", {})
         diffs += [f"--{k} {saved[k]} (now {v})" for k, v in recipe.items() if k in saved and saved[k] != v]
+        if saved and bool(saved.get("amp", False)) != amp:  # trained before --amp existed: fp32
+            was = "on" if saved.get("amp", False) else "off"
+            diffs.append(f"--amp {was} (now {'on' if amp else 'off'})")
         saved_world = int((ckpt["meta"] or {}).get("world_size", 1))
         if saved_world != world:
             how = (f"torchrun --nproc_per_node={saved_world} diffusion_models/train_eval_ddpm.py ..."
@@ -295,6 +318,7 @@ def _train(args, held, device):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     diffusion = build_diffusion(config).to(device)
+    training_form(diffusion.model)  # the fp32 network's epsilons under bf16 too (same parameters, same names)
     ema = EMA(diffusion, beta=args.ema_decay, update_every=args.ema_every, include_online_model=False)
     ema.to(device)
     opt = torch.optim.Adam(diffusion.parameters(), lr=args.lr, betas=(0.9, 0.99))
@@ -325,7 +349,7 @@ def _train(args, held, device):
     print(f"dissolver: {args.dataset} {class_text}, {n} normal training images "
           f"({info.native_kind}) -> {resolution} px, {args.train_steps} optimiser steps of {args.grad_accum} x "
           f"{gb} images{f' ({world} processes x {args.batch_size})' if world > 1 else ''} ({per_step * args.train_steps / max(n, 1):.1f} passes over the data), "
-          f"milestone every {args.save_every} steps, device {device}, "
+          f"milestone every {args.save_every} steps, device {device} ({'bf16 autocast' if amp else 'fp32'}), "
           f"Unet(dim={config['unet_dim']}, dim_mults={tuple(config['dim_mults'])}), {config['objective']}, "
           f"{config['beta_schedule']}, {config['loss_type']}")
 
@@ -342,6 +366,7 @@ def _train(args, held, device):
             "steps": step, "milestone": step // args.save_every, "images_seen": step * per_step,
             "normal_train_images": n, "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "grad_accum": args.grad_accum, "lr": args.lr, "grad_clip": args.grad_clip,
+            "precision": "bf16 autocast (fp32 weights)" if amp else "fp32",
             "ema": f"ema_pytorch EMA(beta={args.ema_decay}, update_every={args.ema_every}, defaults otherwise)",
             "train_transform": "original -> hflip -> bilinear resize without antialias (MedMNIST: pad 2)",
         }
@@ -371,7 +396,8 @@ def _train(args, held, device):
         if distributed.is_distributed():  # each rank its own timesteps and noise, resumable without state
             torch.manual_seed((args.seed * 1_000_003 + step) * 1_009 + distributed.rank())
         total, _ = accumulate_and_step(diffusion, opt, micro, args.grad_clip, net=net,
-                                       average=average if distributed.is_distributed() else None)
+                                       average=average if distributed.is_distributed() else None,
+                                       autocast=lambda: autocast_for(device, amp))
         if not math.isfinite(total):
             bar.close()
             raise UserError(f"the DDPM loss became {total} at step {step + 1}; nothing was written after the last "

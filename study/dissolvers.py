@@ -51,7 +51,8 @@ class Dissolvers:
                      "--image_size", spec["resolution"],
                      "--train_steps", a.ddpm_train_steps, "--save_every", ddpm_save_every(a.ddpm_train_steps),
                      "--batch_size", a.ddpm_batch_size, "--grad_accum", a.ddpm_grad_accum,
-                     "--unet_dim", a.ddpm_unet_dim, "--save_path", spec["ckpt"], "--seed", 0, "--no_progress")
+                     "--unet_dim", a.ddpm_unet_dim, "--save_path", spec["ckpt"], "--seed", 0, "--no_progress",
+                     "--amp", a.amp)
             if a.device:
                 cmd += ["--device", a.device]
             resuming = os.path.exists(spec["ckpt"])
@@ -71,7 +72,8 @@ class Dissolvers:
 
             atomic_write_json({"gmacs": gmacs, "train_seconds": round(seconds, 2), "checkpoint": spec["ckpt"],
                                "ddpm": {"unet_dim": a.ddpm_unet_dim, "train_steps": a.ddpm_train_steps,
-                                        "batch_size": a.ddpm_batch_size, "grad_accum": a.ddpm_grad_accum}},
+                                        "batch_size": a.ddpm_batch_size, "grad_accum": a.ddpm_grad_accum,
+                                        "amp": a.amp}},
                               spec["done"])
         if not os.path.exists(spec["grid"]):
             cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", spec["dataset"],

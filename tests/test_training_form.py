@@ -1,0 +1,133 @@
+"""The dissolver's training form (fixed fp32 epsilons under bf16) and train_eval_ddpm.py --amp."""
+import pytest
+import torch
+import torch.nn.functional as F
+from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
+
+from diffusion_models.ddpm import build_diffusion, ddpm_config, read_dissolver_checkpoint
+from diffusion_models.inference_form import ChannelLayerNorm
+from diffusion_models.training_form import StandardisedConv2d, training_form
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = ["--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size", "8", "--grad_accum", "1", "--no_progress"]
+
+
+def diffusion(seed=0):
+    torch.manual_seed(seed)
+    return build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10))
+
+
+def test_same_parameters_same_names_same_loss_and_gradients_in_fp32():
+    package, ours = diffusion(), diffusion()
+    names = [n for n, _ in package.named_parameters()]
+    before = dict(ours.named_parameters())
+    n = training_form(ours.model)
+    assert n == sum(isinstance(m, (WeightStandardizedConv2d, LayerNorm)) for m in package.modules()) > 0
+    assert not any(isinstance(m, (WeightStandardizedConv2d, LayerNorm)) for m in ours.modules())
+    after = dict(ours.named_parameters())
+    assert list(after) == names and all(after[k] is before[k] for k in names)  # the very same tensors
+    assert list(ours.state_dict()) == list(package.state_dict())
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 40, 200, 900])
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    losses = []
+    for d in (package, ours):
+        loss = d.p_losses(x * 2 - 1, t, noise=noise)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    grads = {k: p.grad for k, p in package.named_parameters()}
+    for k, p in ours.named_parameters():
+        assert torch.allclose(p.grad, grads[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_bf16_inputs_keep_the_fp32_epsilon():
+    """The package's layer switches to eps 1e-3 for a bf16 input; ours keeps 1e-5. A weight of tiny
+    spread (variance 1e-4) makes the two visibly different."""
+    torch.manual_seed(3)
+    package = WeightStandardizedConv2d(4, 3, 3, padding=1)
+    with torch.no_grad():
+        package.weight.mul_(0.01 / package.weight.std())
+    holder = torch.nn.Sequential(WeightStandardizedConv2d(4, 3, 3, padding=1))
+    holder[0].load_state_dict(package.state_dict())
+    training_form(holder)
+    ours = holder[0]
+    assert type(ours) is StandardisedConv2d
+    x = torch.randn(2, 4, 6, 6)
+    w = package.weight.detach().double()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    expect = F.conv2d(x.double(), (w - mean) / torch.sqrt(var + 1e-5), package.bias.double(), padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(x.to(torch.bfloat16)).double()
+        theirs = package(x.to(torch.bfloat16)).double()
+
+    def err(y):
+        return float((y.detach() - expect).abs().mean() / expect.abs().mean())
+
+    assert err(got) < 0.01  # bf16 rounding
+    assert err(theirs) > 0.2  # sqrt(1e-4 + 1e-3) against sqrt(1e-4 + 1e-5): outputs about 3x smaller
+
+
+def test_shared_channel_norm_trains_the_package_parameter():
+    ln = LayerNorm(5)
+    ours = ChannelLayerNorm(ln.g, share=True)
+    assert ours.g is ln.g and ours.g.requires_grad
+    x = torch.randn(2, 5, 3, 3) * 2 + 1
+    ours(x).square().sum().backward()
+    ref_g = ln.g.detach().clone().requires_grad_(True)
+    y = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5) * ref_g
+    y.square().sum().backward()
+    assert torch.allclose(ln.g.grad, ref_g.grad, atol=1e-4)
+    frozen = ChannelLayerNorm(ln.g)
+    assert frozen.g is not ln.g and not frozen.g.requires_grad
+
+
+def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path):
+    from diffusion_models import train_eval_ddpm as script
+
+    ckpt = tmp_path / "d.pt"
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "2", "--save_path", str(ckpt),
+                 "--amp", "on", *TINY])
+    stored = read_dissolver_checkpoint(ckpt)
+    assert stored["train_state"]["recipe"]["amp"] is True
+    assert stored["meta"]["precision"].startswith("bf16")
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
+                     "--resume", "--amp", "off", *TINY])
+    assert e.value.code == 2 and ckpt.read_bytes() == before
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
+                 "--resume", "--amp", "on", *TINY])
+    assert read_dissolver_checkpoint(ckpt)["train_state"]["step"] == 3
+
+    # bf16 training is not fp32 training: the same recipe in fp32 gives other weights
+    fp32 = tmp_path / "f.pt"
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(fp32),
+                 "--amp", "off", *TINY])
+    a, b = read_dissolver_checkpoint(ckpt)["model_state"], read_dissolver_checkpoint(fp32)["model_state"]
+    assert read_dissolver_checkpoint(fp32)["meta"]["precision"] == "fp32"
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # three small Adam steps apart
+
+
+def test_checkpoint_from_before_amp_resumes_in_fp32_only(tmp_path):
+    from diffusion_models import train_eval_ddpm as script
+    from utils import atomic_torch_save
+
+    ckpt = tmp_path / "old.pt"
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "2", "--save_path", str(ckpt),
+                 "--amp", "off", *TINY])
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    recipe = raw["train_state"]["recipe"]
+    del recipe["amp"]  # as written before --amp existed
+    atomic_torch_save(raw, ckpt)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
+                     "--resume", "--amp", "on", *TINY])
+    assert e.value.code == 2
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
+                 "--resume", "--amp", "off", *TINY])
+    assert read_dissolver_checkpoint(ckpt)["train_state"]["step"] == 3

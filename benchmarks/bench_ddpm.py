@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from common.device import pick_device  # noqa: E402
 from diffusion_models.ddpm import build_diffusion, ddpm_config  # noqa: E402
-from diffusion_models.train_eval_ddpm import _decide_training_amp, accumulate_and_step  # noqa: E402
+from diffusion_models.train_eval_ddpm import decide_training_amp, accumulate_and_step  # noqa: E402
 from diffusion_models.training_form import training_form  # noqa: E402
 from utils import autocast_for  # noqa: E402
 
@@ -57,7 +57,7 @@ def main():
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     device = pick_device(a.device)
-    amp = _decide_training_amp(a.amp, device)
+    amp = decide_training_amp(a.amp, device)
     n = a.batch_size * a.grad_accum
     head = (f"DDPM step: Unet(dim={a.unet_dim}), {a.grad_accum} x {a.batch_size} images at {a.image_size} px, "
             f"device {device}, {torch.get_num_threads()} threads")

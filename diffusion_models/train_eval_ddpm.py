@@ -146,7 +146,7 @@ def _check_class(idx, info):
                         f"({', '.join(map(str, info.class_names))}); use 0..{n - 1}")
 
 
-def _decide_training_amp(request, device):
+def decide_training_amp(request, device):
     """``--amp`` for training: bf16 or nothing (fp16 would need loss scaling, which this loop has not)."""
     from common.device import bf16_supported, decide_amp
 
@@ -274,7 +274,7 @@ def _train(args, held, device):
         raise UserError(f"{save_path} already exists; pass --resume to continue it, --overwrite to start over, "
                         "or another --save_path")
     ckpt = read_dissolver_checkpoint(save_path, device) if args.resume else None
-    amp = _decide_training_amp(args.amp, device)
+    amp = decide_training_amp(args.amp, device)
     recipe = dict({k: getattr(args, k) for k in RECIPE_KEYS}, amp=amp)
     if ckpt is not None:
         stored = ckpt["config"]

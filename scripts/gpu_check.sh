@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (device tool, carry .whl; fetch them first with scripts/gpu_wheels.sh):
 # every program on --device "$DEV" with a tiny budget, a two-process torchrun on the one GPU, the
-# benchmark at 32 and 224 px, and the test suite on the machine's CPU cores. Prints what it ran and
+# benchmarks (bench.py at 32 and 224 px, bench_ddpm.py), and the test suite on the machine's CPU cores. Prints what it ran and
 # keeps the whole log in $OUT/gpu_check.log when $OUT is set. DEV=cpu QUICK=1 runs the programs on the CPU
 # and stops before the benchmark (a dry run of the script here).
 set -uo pipefail
@@ -43,6 +43,8 @@ $PY benchmarks/bench.py --mode simclr_DIA --model resnet18 --batch_size 32 --ima
 step "bench.py, 224 px"
 $PY benchmarks/bench.py --mode simclr_DIA --model resnet18_imagenet --batch_size 32 --image_size 224 --device "$DEV" \
     --steps 5 --warmup 2
+step "bench_ddpm.py, the paper's recipe (dim 64, 2 x 256 images)"
+$PY benchmarks/bench_ddpm.py --device "$DEV" --steps 5
 step "the test suite (CPU)"
 $PY -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -5
 step "done"

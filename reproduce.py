@@ -144,7 +144,7 @@ def build_parser():
     g.add_argument("--log_every", type=int, default=None, help="train.py --log_every (steps between loss records)")
     g.add_argument("--ood_samples", type=int, default=None, help="eval.py --ood_samples (default 10, the paper's)")
     g.add_argument("--amp", nargs="?", const="on", default=None, choices=("auto", "on", "off"),
-                   help="train.py / eval.py --amp: bf16 autocast; auto (default) = where the device computes bf16 "
+                   help="train.py / eval.py / the dissolver's training --amp: bf16 autocast; auto (default) = where the device computes bf16 "
                         "in hardware; --amp alone = on; off = fp32, as the paper's code")
     g.add_argument("--no_amp", action="store_const", const="off", dest="amp", default=None, help="--amp off")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N for every step (default: CUDA when present)")

@@ -280,7 +280,7 @@ def _train(args, held, device):
         stored = ckpt["config"]
         diffs = [f"{k} {stored.get(k)} (now {v})" for k, v in config.items() if stored.get(k) != v]
         saved = (ckpt["train_state"] or {}).get("recipe", {})
-        diffs += [f"--{k} {saved[k]} (now {v})" for k, v in recipe.items() if k in saved and saved[k] != v]
+        diffs += [f"--{k} {saved[k]} (now {recipe[k]})" for k in RECIPE_KEYS if k in saved and saved[k] != recipe[k]]
         if saved and bool(saved.get("amp", False)) != amp:  # trained before --amp existed: fp32
             was = "on" if saved.get("amp", False) else "off"
             diffs.append(f"--amp {was} (now {'on' if amp else 'off'})")

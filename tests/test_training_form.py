@@ -85,7 +85,7 @@ def test_shared_channel_norm_trains_the_package_parameter():
     assert frozen.g is not ln.g and not frozen.g.requires_grad
 
 
-def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path):
+def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path, capsys):
     from diffusion_models import train_eval_ddpm as script
 
     ckpt = tmp_path / "d.pt"
@@ -99,6 +99,8 @@ def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path):
         script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
                      "--resume", "--amp", "off", *TINY])
     assert e.value.code == 2 and ckpt.read_bytes() == before
+    err = capsys.readouterr().err
+    assert err.count("--amp") == 1 and "--amp on (now off)" in err, err
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
                  "--resume", "--amp", "on", *TINY])
     assert read_dissolver_checkpoint(ckpt)["train_state"]["step"] == 3

@@ -149,7 +149,7 @@ class Dissolver(torch.nn.Module):
     ``K`` timesteps (one per chunk). The images are brought to ``diff_resolution``, taken as
     ``x_t`` at their chunk's timestep, and the network's clipped ``x_0`` prediction is returned
     (the second output of ``GaussianDiffusion.p_sample``, deterministic) in one batched network
-    call, brought back to the input size.
+    call (on CPU, calls of ``chunk_pixels`` pixels: the same images), brought back to the input size.
 
     Range: by default (as the paper's code) the ``[0, 1]`` image enters the network as is and the
     ``[-1, 1]`` prediction is returned unscaled. ``range_correct=True`` maps ``x * 2 - 1`` before
@@ -267,7 +267,7 @@ class Dissolver(torch.nn.Module):
                           for yc, tc in zip(y.split(per_chunk), t.split(per_chunk))])
 
     def dissolve_chunks(self, x_chunks, epoch=0):
-        """Dissolve each chunk with its own random timestep (one network call for all)."""
+        """Dissolve each chunk with its own random timestep (one batched network call for all)."""
         sizes = [c.shape[0] for c in x_chunks]
         if len(set(sizes)) != 1:
             raise ValueError(f"chunks must have equal sizes, got {sizes}")

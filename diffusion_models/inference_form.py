@@ -42,21 +42,43 @@ class ChannelLayerNorm(torch.nn.Module):
         return y * self.g
 
 
+def standardised_weight(w, eps=FP32_EPS):
+    """The library's weight standardisation: ``(w - mean) / sqrt(var + eps)`` per output channel
+    (biased variance), computed in ``w``'s dtype."""
+    var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), unbiased=False, keepdim=True)
+    return (w - mean) * (var + eps).rsqrt()
+
+
 def standardised_conv(conv, eps=FP32_EPS):
     """A plain ``Conv2d`` holding ``conv``'s weight standardised as the library does per call."""
     w = conv.weight.detach()
-    dims = tuple(range(1, w.dim()))
-    mean = w.mean(dim=dims, keepdim=True)
-    var = w.var(dim=dims, unbiased=False, keepdim=True)
     plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                             bias=conv.bias is not None, padding_mode=conv.padding_mode,
                             device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        plain.weight.copy_((w - mean) * (var + eps).rsqrt())
+        plain.weight.copy_(standardised_weight(w, eps))
         if conv.bias is not None:
             plain.bias.copy_(conv.bias)
     return plain
+
+
+def swap_package_layers(net, conv_for, norm_for):
+    """Replace, in place, each of ``net``'s ``WeightStandardizedConv2d`` by ``conv_for(layer)`` and
+    each channel ``LayerNorm`` by ``norm_for(layer)``; returns how many were replaced."""
+    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
+
+    swapped = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, WeightStandardizedConv2d):
+                setattr(module, name, conv_for(child))
+            elif isinstance(child, LayerNorm):
+                setattr(module, name, norm_for(child))
+            else:
+                continue
+            swapped += 1
+    return swapped
 
 
 def inference_form(unet):
@@ -64,17 +86,6 @@ def inference_form(unet):
 
     ``unet`` itself is left as it was. Returns the copy and the number of layers rewritten.
     """
-    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
-
     net = copy.deepcopy(unet).eval().requires_grad_(False)
-    rewritten = 0
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, WeightStandardizedConv2d):
-                setattr(module, name, standardised_conv(child))
-            elif isinstance(child, LayerNorm):
-                setattr(module, name, ChannelLayerNorm(child.g))
-            else:
-                continue
-            rewritten += 1
+    rewritten = swap_package_layers(net, standardised_conv, lambda ln: ChannelLayerNorm(ln.g))
     return net.requires_grad_(False), rewritten

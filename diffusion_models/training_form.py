@@ -18,7 +18,7 @@ images) went from 48.3 s (the package's layers, fp32) to 16.1 s under bf16 (``be
 import torch
 import torch.nn.functional as F
 
-from diffusion_models.inference_form import FP32_EPS, ChannelLayerNorm
+from diffusion_models.inference_form import FP32_EPS, ChannelLayerNorm, standardised_weight, swap_package_layers
 
 
 class StandardisedConv2d(torch.nn.Conv2d):
@@ -28,10 +28,8 @@ class StandardisedConv2d(torch.nn.Conv2d):
     eps = FP32_EPS
 
     def forward(self, x):
-        w = self.weight.float()
-        var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), unbiased=False, keepdim=True)
-        return F.conv2d(x, (w - mean) * (var + self.eps).rsqrt(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        return F.conv2d(x, standardised_weight(self.weight.float(), self.eps), self.bias, self.stride,
+                        self.padding, self.dilation, self.groups)
 
 
 def _standardised_like(conv):
@@ -45,16 +43,4 @@ def _standardised_like(conv):
 
 def training_form(unet):
     """Swap ``unet``'s eps-switching layers in place (see the module's text); returns how many."""
-    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
-
-    swapped = 0
-    for module in list(unet.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, WeightStandardizedConv2d):
-                setattr(module, name, _standardised_like(child))
-            elif isinstance(child, LayerNorm):
-                setattr(module, name, ChannelLayerNorm(child.g, share=True))
-            else:
-                continue
-            swapped += 1
-    return swapped
+    return swap_package_layers(unet, _standardised_like, lambda ln: ChannelLayerNorm(ln.g, share=True))

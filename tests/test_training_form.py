@@ -59,7 +59,7 @@ def test_bf16_inputs_keep_the_fp32_epsilon():
     w = package.weight.detach().double()
     mean = w.mean(dim=(1, 2, 3), keepdim=True)
     var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
-    expect = F.conv2d(x.double(), (w - mean) / torch.sqrt(var + 1e-5), package.bias.double(), padding=1)
+    expect = F.conv2d(x.double(), (w - mean) / torch.sqrt(var + 1e-5), package.bias.detach().double(), padding=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = ours(x.to(torch.bfloat16)).double()
         theirs = package(x.to(torch.bfloat16)).double()

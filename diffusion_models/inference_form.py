@@ -42,22 +42,22 @@ class ChannelLayerNorm(torch.nn.Module):
         return y * self.g
 
 
-def standardised_weight(w, eps=FP32_EPS):
-    """The library's weight standardisation: ``(w - mean) / sqrt(var + eps)`` per output channel
-    (biased variance), computed in ``w``'s dtype."""
-    var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), unbiased=False, keepdim=True)
-    return (w - mean) * (var + eps).rsqrt()
-
-
 def standardised_conv(conv, eps=FP32_EPS):
-    """A plain ``Conv2d`` holding ``conv``'s weight standardised as the library does per call."""
+    """A plain ``Conv2d`` holding ``conv``'s weight standardised as the library does per call.
+
+    ``mean`` and ``var`` are taken apart, as the library takes them: ``torch.var_mean`` gives the
+    same numbers to float rounding but not the same bits, and every dissolver measured in
+    ``benchmarks/README.md`` dissolved with these bits."""
     w = conv.weight.detach()
+    dims = tuple(range(1, w.dim()))
+    mean = w.mean(dim=dims, keepdim=True)
+    var = w.var(dim=dims, unbiased=False, keepdim=True)
     plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                             bias=conv.bias is not None, padding_mode=conv.padding_mode,
                             device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        plain.weight.copy_(standardised_weight(w, eps))
+        plain.weight.copy_((w - mean) * (var + eps).rsqrt())
         if conv.bias is not None:
             plain.bias.copy_(conv.bias)
     return plain

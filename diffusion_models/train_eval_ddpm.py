@@ -254,6 +254,7 @@ def _train(args, held, device):
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
     config = _config_from_args(args, resolution)
+    amp = decide_training_amp(args.amp, device)  # before anything is locked or written
     if not args.dataset:
         raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
     if args.all_classes and args.one_class_idx is not None:
@@ -274,7 +275,6 @@ def _train(args, held, device):
         raise UserError(f"{save_path} already exists; pass --resume to continue it, --overwrite to start over, "
                         "or another --save_path")
     ckpt = read_dissolver_checkpoint(save_path, device) if args.resume else None
-    amp = decide_training_amp(args.amp, device)
     recipe = dict({k: getattr(args, k) for k in RECIPE_KEYS}, amp=amp)
     if ckpt is not None:
         stored = ckpt["config"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from diffusion_models.inference_form import inference_form
+from diffusion_models.inference_form import AutocastWeights, inference_form
 
 NATIVE_KINDS = ("medmnist28", "small32", "large224")
 SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
@@ -180,6 +180,9 @@ class Dissolver(torch.nn.Module):
         net, _ = inference_form(diffusion.model)
         diffusion = copy.deepcopy(diffusion, memo={id(diffusion.model): net})
         self.diffusion = diffusion.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        # under autocast, its conv and linear weights are held in autocast's dtype (cast once, not per call);
+        # a compiled UNet keeps fp32 weights (a dtype change would recompile it)
+        self._weights = None if compile else AutocastWeights(self.diffusion.model)
         if compile:  # the frozen UNet only: the same weights, fused kernels, compiled at the first call
             self.diffusion.model = torch.compile(self.diffusion.model, dynamic=False)
         self.native_kind = native_kind
@@ -258,6 +261,8 @@ class Dissolver(torch.nn.Module):
         activations stay in cache. Every layer works per image (eval mode: no batch statistics),
         so the result is the one-call result up to float rounding, which may differ with the
         batch size (tested: the same bits in 32-image calls under bf16, 1e-5 in fp32 for odd ones)."""
+        if self._weights is not None:
+            self._weights.match(y.device.type)
         per_chunk = y.shape[0]
         if y.device.type == "cpu" and self.chunk_pixels:
             per_chunk = max(1, self.chunk_pixels // (y.shape[2] * y.shape[3]))

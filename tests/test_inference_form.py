@@ -4,7 +4,7 @@ import torch
 from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
 
 from diffusion_models.ddpm import build_diffusion, ddpm_config
-from diffusion_models.inference_form import ChannelLayerNorm, inference_form, standardised_conv
+from diffusion_models.inference_form import AutocastWeights, ChannelLayerNorm, inference_form, standardised_conv
 from models.dissolve import Dissolver
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,3 +80,39 @@ def test_dissolver_uses_the_inference_form_and_matches_p_sample():
     with torch.no_grad():
         separate = torch.cat([diffusion.p_sample(c, t)[1] for c, t in zip(x.chunk(4), ts)])
     assert torch.allclose(d(x, ts), separate, atol=1e-5)
+
+
+def test_autocast_weights_cast_once_give_autocasts_own_bits_and_come_back_to_fp32():
+    fast, _ = inference_form(unet(dim=16, seed=4))
+    fast = fast.to(memory_format=torch.channels_last)
+    x = (torch.rand(4, 3, 32, 32) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([10, 60, 200, 700])
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in fast.modules() if isinstance(m, (ChannelLayerNorm, torch.nn.GroupNorm))]
+    fp32 = [m.weight.detach().clone() for m in convs]
+    with torch.no_grad():
+        ref32 = fast(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16 = fast(x, t)  # autocast casting the fp32 weights at every call
+            weights = AutocastWeights(fast)
+            weights.match("cpu")
+            assert all(m.weight.dtype == torch.bfloat16 for m in convs)
+            assert all(p.dtype == torch.float32 for m in norms for p in m.parameters())  # run in fp32
+            ours16 = fast(x, t)
+        weights.match("cpu")  # autocast off: back to the fp32 weights, bit for bit
+        assert all(torch.equal(m.weight, w) for m, w in zip(convs, fp32))
+        ours32 = fast(x, t)
+    assert torch.equal(ours16, ref16) and (ref16.float() - ref32).abs().max() > 1e-4  # bf16 did differ
+    assert torch.equal(ours32, ref32)
+
+
+def test_dissolver_under_bf16_then_fp32_keeps_both_results():
+    diffusion = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10))
+    d = Dissolver(diffusion, "small32")
+    x = torch.rand(8, 3, 32, 32)
+    ts = [30, 47, 81, 99]
+    before = d(x, ts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = d(x, ts)
+    assert next(m for m in d.diffusion.model.modules() if isinstance(m, torch.nn.Conv2d)).weight.dtype == torch.bfloat16
+    assert torch.equal(d(x, ts), before) and (low - before).abs().max() > 1e-4

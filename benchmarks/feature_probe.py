@@ -25,6 +25,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common.errors import UserError, exit_on_user_error  # noqa: E402
+
 SETS = ("synth_lesion", "synth_lesion_half", "synth_streak", "synth_streak_half")
 OFFSET = 104729  # generator seeds apart from the sets' own (seed, 0/1) and the dissolver's quality pairs
 
@@ -62,10 +64,14 @@ def load(path):
     ckpt = read_model_checkpoint(path)
     meta = ckpt.get("meta") or {}
     state = ckpt["model"]
-    model = build_model(meta.get("arch", "resnet18"), n_classes=state["linear.weight"].shape[0],
-                        simclr_dim=state["simclr_layer.2.weight"].shape[0],
-                        n_shifts=state["shift_cls_layer.weight"].shape[0], width=meta.get("resnet_width", 64))
-    model.load_state_dict(state)
+    try:
+        model = build_model(meta.get("arch", "resnet18"), n_classes=state["linear.weight"].shape[0],
+                            simclr_dim=state["simclr_layer.2.weight"].shape[0],
+                            n_shifts=state["shift_cls_layer.weight"].shape[0], width=meta.get("resnet_width", 64))
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"{path} is not a model this probe can rebuild ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0]}); pass a train.py checkpoint (last.model)") from None
     return model, meta
 
 
@@ -81,15 +87,16 @@ def measure(model, data, seed):
     return row
 
 
+@exit_on_user_error
 def main(argv=None):
     a = build_parser().parse_args(argv)
     if not a.load_path and not a.random_init:
-        sys.exit("feature_probe.py: nothing to measure; pass --load_path MODEL [...] and/or --random_init")
+        raise UserError("feature_probe.py: nothing to measure; pass --load_path MODEL [...] and/or --random_init")
     for path in a.load_path:
         if not os.path.isfile(path):
-            sys.exit(f"feature_probe.py: no checkpoint at {path}; pass a train.py checkpoint (last.model)")
+            raise UserError(f"feature_probe.py: no checkpoint at {path}; pass a train.py checkpoint (last.model)")
     if a.out and os.path.exists(a.out):
-        sys.exit(f"feature_probe.py: {a.out} exists; pass another --out")
+        raise UserError(f"feature_probe.py: {a.out} exists; pass another --out")
     import torch
 
     torch.manual_seed(a.seed)

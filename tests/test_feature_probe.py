@@ -74,9 +74,26 @@ def test_script_end_to_end(tmp_path, capsys):
     # the saved weights are the ones measured: the same figures from the model itself
     data = feature_probe.fresh_images("synth_streak", 24, 0)
     assert feature_probe.measure(model, data, 0) == {k: rows[0][k] for k in ("penultimate", "simclr")}
-    with pytest.raises(SystemExit, match="exists"):
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
         feature_probe.main(["--load_path", str(ckpt), "--out", str(out)])
-    assert "probe AUROC" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "exists" in captured.err and out.read_bytes() == before
+    assert "probe AUROC" in captured.out
+
+
+def test_script_refuses_a_checkpoint_it_cannot_rebuild_in_one_line(tmp_path, capsys):
+    model = build_model("resnet18", n_classes=2, simclr_dim=8, width=4)
+    state = model.state_dict()
+    state["linear.weight"] = state["linear.weight"][:, :3]  # does not fit the network its meta describes
+    ckpt = tmp_path / "last.model"
+    torch.save({"kind": "dia_model", "model": state, "meta": {"arch": "resnet18", "resnet_width": 4}}, ckpt)
+    out = tmp_path / "probe.json"
+    with pytest.raises(SystemExit) as exit_info:
+        feature_probe.main(["--load_path", str(ckpt), "--n", "8", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and str(ckpt) in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_fresh_images_pair_the_same_tissue():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.args import parse_args
+from cli.args import parse_args
 from common.checkpoint_io import read_model_checkpoint
 from common import distributed
 from common.errors import UserError, exit_on_user_error
@@ -142,7 +142,8 @@ def evaluate(P, device, scores_wanted):
     multi = P.one_class_idx is None
     ood_sets = {}
     if multi and not P.score_folder:  # read before the model: missing data is one line, before any work
-        from datasets.ood import load_ood_sets, with_interp
+        from datasets import load_ood_sets
+        from datasets.ood import with_interp
 
         ood_sets = with_interp(load_ood_sets(P.ood_dataset, P.data_root, info), test_set, P.test_batch_size)
     n_shifts = int(meta.get("n_shifts", ckpt["model"]["shift_cls_layer.weight"].shape[0]))

@@ -187,7 +187,7 @@ def build_parser():
 
 def class_index(text):
     """``--one_class_idx``: a class index, or ``None`` (the multi-class setting)."""
-    from common.args import MULTI_CLASS, class_index as parse
+    from cli.args import MULTI_CLASS, class_index as parse
 
     value = parse(text)
     return None if value == MULTI_CLASS else value
@@ -315,7 +315,7 @@ def main(argv=None):
         raise UserError(f"cannot create --out {a.out}: {exc.strerror}") from None
     if not os.access(a.out, os.W_OK):
         raise UserError(f"--out {a.out} is not writable")
-    from utils import ProcessLock, LOCK_NAME
+    from common.run_folder import LOCK_NAME, ProcessLock
 
     # one reproduce.py per --out: the lock dies with the process; the steps die with it too
     lock = ProcessLock(os.path.join(a.out, LOCK_NAME), f"--out {a.out}",

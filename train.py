@@ -11,7 +11,7 @@ evaluates on the test set every ``--save_step`` epochs and keeps the best as ``b
 A run folder holds one run: ``config.json`` (its flags and run id) is written when the run is
 created and never rewritten; the folder is locked while a train.py works in it. ``--resume_path``
 continues a run exactly, in its own folder (or an empty ``--logdir``), with its own settings:
-only ``common.args.RESUME_MAY_CHANGE`` may differ. A checkpoint never holds NaN or infinity.
+only ``cli.args.RESUME_MAY_CHANGE`` may differ. A checkpoint never holds NaN or infinity.
 
 Example (the paper's command):
     python train.py --data_root ../data --dataset kvasir --model resnet18_imagenet --mode simclr_DIA \
@@ -26,10 +26,11 @@ import threading
 import uuid
 
 from common import distributed
-from common.args import RESUME_MAY_CHANGE, parse_args
+from cli.args import RESUME_MAY_CHANGE, parse_args
 from common.errors import UserError, exit_on_user_error
 from common.paths import check_run_folder, same_path
-from utils import Logger, atomic_write_json, lock_folder, remove_stale_temps, set_seed
+from common.run_folder import Rewound, lock_folder, rewind_records
+from utils import Logger, atomic_write_json, remove_stale_temps, set_seed
 
 # flags that are no setting of a run: names of folders and files, eval.py's own flags, derived values
 NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "program", "dissolve_type", "base_shift",
@@ -234,7 +235,7 @@ def build_dissolve(P, device, info):
 def make_evaluate(P, normal_train, test_set, device, ood_sets=None):
     """The evaluation during training that selects ``best_CSI.model`` (``evals.selection``):
     by default the paper's (CSI, 10 samples, crop scale in [0.54, 1], the full sets); in the
-    multi-class setting against ``ood_sets`` (``datasets.ood.load_ood_sets``)."""
+    multi-class setting against ``ood_sets`` (``datasets.load_ood_sets``)."""
     from evals.selection import SelectionEvaluation
 
     return SelectionEvaluation(normal_train, test_set, P.one_class_idx, device, n_shifts=P.K_shift,
@@ -345,7 +346,7 @@ def train_locked(P, device, logdir, inputs, stale=()):
                                              contamination_ratio=P.contamination_ratio, seed=P.seed)
     ood_sets = None
     if P.one_class_idx is None and not P.no_eval:  # read now: missing data stops the run before training
-        from datasets.ood import load_ood_sets
+        from datasets import load_ood_sets
 
         ood_sets = load_ood_sets(P.ood_dataset, P.data_root, info)
     if P.model.endswith("_imagenet") and info.image_size[0] < 64:
@@ -392,11 +393,11 @@ def train_locked(P, device, logdir, inputs, stale=()):
                                       "epoch": trainer.epoch, "step": trainer.step}
         atomic_write_json(record, os.path.join(logdir, "config.json"))
 
-    if placement != "create":  # the interrupted attempt's rows past this point go
-        logger = Logger(logdir, keep_row=trainer.keeps_row,
-                        log_bytes=resume_ckpt.get("log_bytes") if placement == "same" else None)
-    else:
-        logger = Logger(logdir)
+    rewound = None
+    if placement != "create":  # the interrupted attempt's records past this point go
+        rewound = distributed.main_writes(rewind_records, logdir, trainer.keeps_row,
+                                          resume_ckpt.get("log_bytes") if placement == "same" else None)
+    logger = Logger(logdir)
     meta = {
         "args": args, "run_id": run_id,
         "arch": P.model, "n_classes": info.n_classes, "n_shifts": P.K_shift, "simclr_dim": P.simclr_dim,
@@ -419,9 +420,10 @@ def train_locked(P, device, logdir, inputs, stale=()):
              else "")
     logger.log(f"run folder {logdir}; device {device}; {procs}{normal}; {len(test_set)} test images; "
                f"mode {P.mode}, shift {P.shift_trans_type}" + what)
-    if stale or logger.dropped_rows or logger.dropped_log_bytes or logger.dropped_events:
-        logger.log(f"an interrupted attempt left {len(stale)} temporary file(s), {logger.dropped_rows} scalars.csv "
-                   f"row(s), {logger.dropped_events} TensorBoard scalar(s) and {logger.dropped_log_bytes} bytes of "
+    if stale or rewound:
+        rewound = rewound or Rewound()
+        logger.log(f"an interrupted attempt left {len(stale)} temporary file(s), {rewound.rows} scalars.csv "
+                   f"row(s), {rewound.events} TensorBoard scalar(s) and {rewound.log_bytes} bytes of "
                    f"log.txt past this point: removed")
     evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device, ood_sets)
     try:

@@ -1,6 +1,7 @@
 """Small utilities shared by the programs: seeding, batching, atomic files, logging."""
 import contextlib
 import csv
+import io
 import json
 import os
 import random
@@ -14,6 +15,14 @@ import uuid
 
 import numpy as np
 import torch
+from tensorboardX import SummaryWriter
+
+
+def is_main_process():
+    """Whether this process writes files: the only process, or rank 0 of an initialised
+    ``torch.distributed`` process group (torchrun)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def set_seed(seed):
@@ -93,10 +102,8 @@ def atomic_write(path, writer):
     (an exception, or a signal turned into one) the temporary file is removed and ``path`` is
     untouched; what a killed process leaves (``.tmp-<name>.*``) is removed by
     :func:`remove_stale_temps` when the next process takes the folder's lock. Under torchrun
-    only the main process writes (``common.distributed.is_main``); the others do nothing."""
-    from common import distributed
-
-    if not distributed.is_main():
+    only the main process writes (:func:`is_main_process`); the others do nothing."""
+    if not is_main_process():
         return
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -124,7 +131,7 @@ def remove_stale_temps(folder, owned):
     """Remove the temporary files :func:`atomic_write` left in ``folder`` when its process was
     killed mid-write: only ``.tmp-<name>.XXXXXXXX`` files whose target ``<name>`` is ``owned``
     (a file name, or a predicate on it: the files of the program that holds the folder's
-    :class:`ProcessLock`, so another program's write in progress there is left alone).
+    :class:`common.run_folder.ProcessLock`, so another program's write in progress there is left alone).
     Returns their names."""
     is_owned = owned if callable(owned) else (lambda name: name == owned)
     removed = []
@@ -157,8 +164,6 @@ def atomic_write_json(obj, path):
 
 
 def atomic_write_csv(rows, fieldnames, path):
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fieldnames)
     writer.writeheader()
@@ -167,77 +172,31 @@ def atomic_write_csv(rows, fieldnames, path):
 
 
 class Logger:
-    """Text log (``log.txt``), TensorBoard scalars and a CSV of scalars in one run folder.
-
-    A resumed run passes ``keep_row(tag, step) -> bool``: rows of ``scalars.csv`` it rejects
-    (those past the resumed point, written by the interrupted attempt) are dropped before
-    anything is appended, and so are those scalars from the folder's TensorBoard event files
-    (``common.tb_events.prune_events``); and ``log_bytes``: ``log.txt`` is cut back to that
-    length (what it held when the checkpoint was written).
-    Under torchrun only the main process (``common.distributed.is_main``) writes or prints;
-    on the others every call does nothing.
+    """Text log (``log.txt``), TensorBoard scalars and a CSV of scalars (``scalars.csv``) in one
+    run folder, appended to. Under torchrun only the main process (:func:`is_main_process`)
+    writes or prints; on the others every call does nothing. (A resumed run first cuts the
+    interrupted attempt's records back: ``common.run_folder.rewind_records``.)
     """
 
-    def __init__(self, logdir, tensorboard=True, keep_row=None, log_bytes=None):
-        from common import distributed
-
+    def __init__(self, logdir, tensorboard=True):
         self.logdir = logdir
-        self.active = distributed.is_main()
-        self.dropped_log_bytes = self.dropped_rows = self.dropped_events = 0
+        self.active = is_main_process()
         if not self.active:
             return
         os.makedirs(logdir, exist_ok=True)
-        text_path = os.path.join(logdir, "log.txt")
-        self.dropped_log_bytes = 0
-        if log_bytes is not None and os.path.isfile(text_path) and os.path.getsize(text_path) > log_bytes:
-            self.dropped_log_bytes = os.path.getsize(text_path) - log_bytes
-            os.truncate(text_path, log_bytes)
-        self._text = open(text_path, "a")
+        self._text = open(os.path.join(logdir, "log.txt"), "a")
         self._writer = None
-        if keep_row is not None:
-            from common.tb_events import prune_events
-
-            self.dropped_events = prune_events(logdir, keep_row)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             # tensorboardX names its file by the second and opens it "wb": a second writer in the
             # same second (a quick resume) would empty the first one's file without a suffix of its own
             self._writer = SummaryWriter(logdir, filename_suffix="." + uuid.uuid4().hex[:8])
         self._csv_path = os.path.join(logdir, "scalars.csv")
-        self.dropped_rows = 0
-        if keep_row is not None and os.path.exists(self._csv_path):
-            self.dropped_rows = self._drop_rows(keep_row)
         new = not os.path.exists(self._csv_path) or os.path.getsize(self._csv_path) == 0  # (a killed run's: empty)
         self._csv = open(self._csv_path, "a", newline="")
         self._csv_writer = csv.writer(self._csv)
         if new:
             self._csv_writer.writerow(["step", "tag", "value", "time"])
             self._csv.flush()
-
-    def _drop_rows(self, keep_row):
-        with open(self._csv_path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        if not rows:
-            return 0
-        head, body = rows[0], rows[1:]
-        kept = []
-        for row in body:
-            try:
-                keep = keep_row(row[1], int(row[0]))
-            except (IndexError, ValueError):  # a line cut short by a kill: never complete, dropped
-                keep = False
-            if keep:
-                kept.append(row)
-        if len(kept) != len(body):
-            import io
-
-            buf = io.StringIO()
-            writer = csv.writer(buf)
-            writer.writerow(head)
-            writer.writerows(kept)
-            atomic_write_text(buf.getvalue(), self._csv_path)
-        return len(body) - len(kept)
 
     def log_size(self):
         """Bytes of ``log.txt`` written so far (every line is flushed as written)."""
@@ -286,103 +245,6 @@ def warn(msg):
     if os.environ.get("RANK", "0") != "0":
         return
     print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- locks
-
-
-LOCK_NAME = ".lock"
-
-
-class ProcessLock:
-    """An advisory lock (``fcntl.flock``) on ``path``, held while this process runs: the
-    kernel releases it when the process ends, however it ends, so a killed process never
-    leaves a folder locked. The file holds the holder's PID, for the message another process
-    gets; it is removed on :meth:`release`.
-
-    ``what`` names the locked thing in that message ("run folder logs/x"), ``advice`` says what
-    to do instead. ``remove_folder``: a folder this process created for the lock, removed on
-    release when nothing else was written into it (a refused command leaves nothing behind).
-    """
-
-    def __init__(self, path, what, advice="", remove_folder=None):
-        self.path, self.what, self.advice, self.remove_folder = os.fspath(path), what, advice, remove_folder
-        self.fd = None
-
-    def acquire(self):
-        from common.errors import UserError
-
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: no lock (Linux and macOS have it)
-            return self
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                self._cleanup_folder()
-                raise UserError(f"cannot lock {self.what}: cannot create {self.path} ({exc.strerror or exc})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                tail = f"; {self.advice}" if self.advice else ""
-                raise UserError(f"{self.what} is in use by another process (PID {holder or 'unknown'}, lock file "
-                                f"{self.path}){tail}") from None
-            # the holder before us may have removed the file between our open and our lock
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return self
-
-    def release(self):
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)  # while still holding it: see acquire's inode check
-            os.close(self.fd)
-            self.fd = None
-        self._cleanup_folder()
-
-    def _cleanup_folder(self):
-        if self.remove_folder:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.remove_folder)  # only when empty
-            self.remove_folder = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def _read_pid(fd):
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 32).decode(errors="replace").strip()
-    except OSError:
-        return None
-    return text if text.isdigit() else None
-
-
-def lock_folder(folder, what, advice=""):
-    """Create ``folder`` if needed and lock it (``<folder>/.lock``); returns the held
-    :class:`ProcessLock`. A folder created here is removed again on release when empty."""
-    folder = os.fspath(folder)
-    created = None
-    if not os.path.isdir(folder):
-        missing = os.path.abspath(folder)
-        os.makedirs(folder, exist_ok=True)
-        created = missing
-    return ProcessLock(os.path.join(folder, LOCK_NAME), what, advice, remove_folder=created).acquire()
 
 
 # --------------------------------------------------------------------------- fault injection (tests)

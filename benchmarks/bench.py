@@ -29,12 +29,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from common.args import parse_args  # noqa: E402
+from cli.args import parse_args  # noqa: E402
 from common.device import decide_amp, pick_device  # noqa: E402
 from datasets.base import ArrayStore, ImageDataset  # noqa: E402
 from diffusion_models.ddpm import build_diffusion, ddpm_config, load_dissolver, save_dissolver  # noqa: E402
 from evals.ood_pre import extract_features  # noqa: E402
-from models.dissolve import to_dissolve_resolution  # noqa: E402
+from datasets.resolution import to_dissolve_resolution  # noqa: E402
 from models.resnet import build_model  # noqa: E402
 from models.transform_layers import simclr_augmentation  # noqa: E402
 from train import build_dissolve  # noqa: E402

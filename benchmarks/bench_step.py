@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from common.args import parse_args  # noqa: E402
+from cli.args import parse_args  # noqa: E402
 from common.device import pick_device  # noqa: E402
 from datasets import get_dataset, one_class_split  # noqa: E402
 from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver  # noqa: E402

@@ -13,6 +13,9 @@ import zipfile
 
 from common.errors import UserError
 
+# the "kind" entry of a checkpoint written by train.py (training.trainer.Trainer.state)
+MODEL_CHECKPOINT_KIND = "dia_model"
+
 MODEL_HINT = "give a model checkpoint written by train.py (<logdir>/last.model)"
 
 
@@ -75,15 +78,13 @@ def read_checkpoint(path, what="checkpoint", hint="", map_location="cpu"):
 
 def read_model_checkpoint(path, map_location="cpu", flag="--load_path"):
     """A checkpoint written by train.py (kind ``dia_model``), or one line saying what it is instead."""
-    from training.trainer import CHECKPOINT_KIND
-
     path = os.fspath(path)
     hint = MODEL_HINT
     if os.path.isdir(path):
         inner = os.path.join(path, "last.model")
         hint = (f"pass {flag} {inner}" if os.path.isfile(inner) else MODEL_HINT)
     ckpt = read_checkpoint(path, "model checkpoint", hint, map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != MODEL_CHECKPOINT_KIND:
         found = (repr(ckpt["kind"]) if isinstance(ckpt, dict) and "kind" in ckpt
                  else "a dict without 'kind'" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}")
         dissolver = isinstance(ckpt, dict) and (ckpt.get("kind") == "dia_dissolver" or ("ema" in ckpt and "step" in ckpt))

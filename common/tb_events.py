@@ -14,10 +14,13 @@ import glob
 import os
 import struct
 
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.record_writer import masked_crc32c
+
+from utils import atomic_write
+
 
 def _masked_crc(data):
-    from tensorboardX.record_writer import masked_crc32c
-
     return masked_crc32c(data)
 
 
@@ -52,8 +55,6 @@ def encode_record(payload):
 
 def scalars(path):
     """``[(tag, step, value), ...]`` of the scalar summaries in an event file, in file order."""
-    from tensorboardX.proto.event_pb2 import Event
-
     out = []
     for payload in read_records(path)[0]:
         event = Event.FromString(payload)
@@ -68,10 +69,6 @@ def prune_events(logdir, keep):
     ``keep`` rejects, and without a partial last record. Returns the number of scalar values
     dropped. A file with nothing to drop is left as it is; a rewritten one is replaced
     atomically (written beside it, then renamed over it)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    from utils import atomic_write
-
     dropped = 0
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
         if not os.path.isfile(path):

@@ -11,10 +11,11 @@ datasets: every file is checked when loaded, all bad files named in one error). 
 paper's grade 0 against grade 1 unless ``aptos_all_grades``.
 
 ``one_class_idx=None`` is CSI's unlabeled multi-class setting (the whole training set is
-normal); its out-of-distribution sets come from ``datasets.ood.load_ood_sets``.
+normal); its out-of-distribution sets come from ``datasets.load_ood_sets``.
 """
 from .base import DatasetInfo, ImageDataset
-from .registry import ALL_DATASET_NAMES, DATASET_NAMES, get_dataset
+from .registry import ALL_DATASET_NAMES, DATASET_NAMES, get_dataset, load_ood_set, load_ood_sets
 from .split import one_class_split
 
-__all__ = ["ALL_DATASET_NAMES", "DATASET_NAMES", "DatasetInfo", "ImageDataset", "get_dataset", "one_class_split"]
+__all__ = ["ALL_DATASET_NAMES", "DATASET_NAMES", "DatasetInfo", "ImageDataset", "get_dataset", "load_ood_set", "load_ood_sets",
+           "one_class_split"]

@@ -54,6 +54,7 @@ import torch
 
 from common.errors import UserError
 
+from .names import ALL_DATASET_NAMES
 from .base import ArrayStore, DatasetInfo, FolderStore, ImageDataset, _reason, check_image_files
 
 INTERP = "interp"
@@ -108,8 +109,6 @@ def default_ood_names(dataset: str, program: str = "eval") -> Tuple[str, ...]:
 
 
 def valid_ood_names() -> Tuple[str, ...]:
-    from .registry import ALL_DATASET_NAMES
-
     return CSI_OOD_NAMES + tuple(n for n in ALL_DATASET_NAMES if n not in CSI_OOD_NAMES)
 
 
@@ -252,7 +251,7 @@ def load_folder_set(name: str, data_root: str, hw: Tuple[int, int]) -> ImageData
     return ImageDataset(store, torch.zeros(len(paths), dtype=torch.long), _names(paths, data_root))
 
 
-def _resize_uint8(images: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+def resize_uint8(images: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """``uint8 N x 3 x h x w`` -> ``N x 3 x H x W`` by PIL's bilinear resize (``transforms.Resize``)."""
     if tuple(images.shape[-2:]) == tuple(hw):
         return images
@@ -284,7 +283,7 @@ def load_svhn(data_root: str, hw: Tuple[int, int]) -> ImageDataset:
         raise UserError(f"out-of-distribution set 'svhn': {path} holds X of shape {x.shape} and {y.shape[0]} labels; "
                         f"SVHN's test_32x32.mat holds X 32 x 32 x 3 x N and N labels")
     images = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)).astype(np.uint8)))
-    images = _resize_uint8(images, hw)
+    images = resize_uint8(images, hw)
     labels = torch.from_numpy((y.astype(np.int64) % 10))  # torchvision: label 10 is the digit 0
     return ImageDataset(ArrayStore(images), labels, [f"svhn/test/{i}" for i in range(images.shape[0])])
 
@@ -306,42 +305,9 @@ def load_cifar100_test(data_root: str, hw: Tuple[int, int]) -> ImageDataset:
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape[0] != data.shape[0]:
         raise UserError(f"out-of-distribution set 'cifar100': {path} holds data of shape {data.shape}; CIFAR-100's "
                         f"test file holds N x 3072 bytes and N labels")
-    images = _resize_uint8(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), hw)
+    images = resize_uint8(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), hw)
     return ImageDataset(ArrayStore(images), torch.from_numpy(labels),
                         [f"cifar100/test/{i}" for i in range(images.shape[0])])
-
-
-def load_dataset_test_split(name: str, data_root: str, hw: Tuple[int, int]) -> ImageDataset:
-    """The test split of one of this project's datasets, resized to ``hw`` when its size differs."""
-    from .registry import get_dataset
-
-    if name == "imagefolder":
-        return get_dataset(name, data_root, image_size=tuple(hw))[1]
-    if name == "imagenet":
-        return load_imagenet30(data_root, hw=hw)[1]
-    test = get_dataset(name, data_root)[1]
-    if tuple(test.image_size[:2]) == tuple(hw):
-        return test
-    images = _resize_uint8(test.get_uint8(torch.arange(len(test))), hw)
-    return ImageDataset(ArrayStore(images), test.labels, list(test.names))
-
-
-def load_ood_set(name: str, data_root: str, hw: Tuple[int, int]) -> ImageDataset:
-    """One out-of-distribution set (not ``interp``) with images of ``hw``."""
-    if name == "svhn":
-        return load_svhn(data_root, hw)
-    if name == "cifar100":
-        return load_cifar100_test(data_root, hw)
-    if name in FOLDER_SETS:
-        return load_folder_set(name, data_root, hw)
-    return load_dataset_test_split(name, data_root, hw)
-
-
-def load_ood_sets(names: Sequence[str], data_root: str, info: DatasetInfo) -> Dict[str, object]:
-    """``{name: ImageDataset}`` for ``names`` in order, ``interp`` as the marker :data:`INTERP`
-    (it is made from whichever in-distribution test set is scored: :func:`with_interp`)."""
-    hw = tuple(info.image_size[:2])
-    return {name: (INTERP if name == INTERP else load_ood_set(name, data_root, hw)) for name in names}
 
 
 def with_interp(ood_sets: Dict[str, object], test_set, batch_size: int) -> Dict[str, object]:

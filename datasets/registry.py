@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Tuple
+from typing import Dict, Sequence, Tuple
 
 from common.errors import UserError
 
-from .base import DatasetInfo, ImageDataset
+from .base import ArrayStore, DatasetInfo, ImageDataset
 from .folders import FOLDER_SPECS, folder_spec, load_folder_dataset
-from .medmnist_sets import MEDMNIST_NAMES
-
-DATASET_NAMES = ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray",
-                 "pneumoniamnist", "breastmnist", "chestmnist",
-                 "cifar10", "cifar100", "imagefolder", "digits", "synth_lesion",
-                 "synth_lesion_half", "synth_streak", "synth_streak_half")
-# CSI's ImageNet-30 (its unlabeled multi-class benchmark; datasets/ood.py reads it)
-EXTRA_DATASET_NAMES = ("imagenet",)
-ALL_DATASET_NAMES = DATASET_NAMES + EXTRA_DATASET_NAMES
+from .cifar import load_cifar
+from .digits import load_digits_dataset
+from .medmnist_sets import MEDMNIST_NAMES, load_medmnist
+from .names import ALL_DATASET_NAMES, DATASET_NAMES, EXTRA_DATASET_NAMES  # noqa: F401 (re-exported)
+from .ood import FOLDER_SETS, INTERP, resize_uint8, load_cifar100_test, load_folder_set, load_imagenet30, load_svhn
+from .synth_lesion import load_synth_lesion
 
 FOLDER_SIZE = 224                      # the paper's 224-px datasets
 _NATIVE_SIZE = {**{n: FOLDER_SIZE for n in ("covid", "kvasir", "retina", "aptos", "breakhis", "chestxray")},
@@ -80,7 +77,6 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
                         f"applies only to 'imagefolder' (leave it unset for '{name}')")
 
     if name == "imagenet":
-        from .ood import load_imagenet30
         return load_imagenet30(data_root)
     if name in FOLDER_SPECS:
         loaded = load_folder_dataset(folder_spec(name, aptos_all_grades), data_root, (native, native))
@@ -88,13 +84,40 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
             print(APTOS_ALL_NOTE if aptos_all_grades else APTOS_PAPER_NOTE, flush=True)
         return loaded
     if name in MEDMNIST_NAMES:
-        from .medmnist_sets import load_medmnist
         return load_medmnist(name, data_root)
     if name in ("cifar10", "cifar100"):
-        from .cifar import load_cifar
         return load_cifar(name, data_root)
     if name == "digits":
-        from .digits import load_digits_dataset
         return load_digits_dataset()
-    from .synth_lesion import load_synth_lesion
     return load_synth_lesion(seed=seed, variant=name)
+
+
+def load_dataset_test_split(name: str, data_root: str, hw: Tuple[int, int]) -> ImageDataset:
+    """The test split of one of this project's datasets, resized to ``hw`` when its size differs."""
+    if name == "imagefolder":
+        return get_dataset(name, data_root, image_size=tuple(hw))[1]
+    if name == "imagenet":
+        return load_imagenet30(data_root, hw=hw)[1]
+    test = get_dataset(name, data_root)[1]
+    if tuple(test.image_size[:2]) == tuple(hw):
+        return test
+    images = resize_uint8(test.get_uint8(torch.arange(len(test))), hw)
+    return ImageDataset(ArrayStore(images), test.labels, list(test.names))
+
+
+def load_ood_set(name: str, data_root: str, hw: Tuple[int, int]) -> ImageDataset:
+    """One out-of-distribution set (not ``interp``) with images of ``hw``."""
+    if name == "svhn":
+        return load_svhn(data_root, hw)
+    if name == "cifar100":
+        return load_cifar100_test(data_root, hw)
+    if name in FOLDER_SETS:
+        return load_folder_set(name, data_root, hw)
+    return load_dataset_test_split(name, data_root, hw)
+
+
+def load_ood_sets(names: Sequence[str], data_root: str, info: DatasetInfo) -> Dict[str, object]:
+    """``{name: ImageDataset}`` for ``names`` in order, ``interp`` as the marker :data:`INTERP`
+    (it is made from whichever in-distribution test set is scored: :func:`with_interp`)."""
+    hw = tuple(info.image_size[:2])
+    return {name: (INTERP if name == INTERP else load_ood_set(name, data_root, hw)) for name in names}

@@ -7,11 +7,38 @@ that resize starts from the *original* file, not from the 224-px copy the ResNet
 
 Flipping and a bilinear resize with ``align_corners=False`` commute, so the images are
 resized once here and flipped per batch by the training loop.
+
+The paper's DDPM script also has its own names for some datasets and its own default normal
+class; both are here, for the dissolver's training and its dissolving grid.
 """
 import torch
 import torch.nn.functional as F
 
-from models.dissolve import to_dissolve_resolution
+from common.errors import UserError
+from datasets.base import decode_image
+from datasets.resolution import to_dissolve_resolution
+
+# The paper's DDPM script names some datasets differently.
+PAPER_DATASET_NAMES = {"sars-covid": "covid", "pneumonia": "pneumoniamnist", "breast": "breastmnist",
+                       "chest": "chestmnist"}
+
+
+def paper_dataset_name(name):
+    """Our name of a dataset that the paper's DDPM script names differently, else ``name``."""
+    return PAPER_DATASET_NAMES.get(name, name)
+
+
+def default_one_class_idx(dataset):
+    """The DDPM script's normal class: folder class 1 ('non-COVID') for covid, else 0."""
+    return 1 if dataset == "covid" else 0
+
+
+def check_normal_class(idx, info):
+    """Refuse a normal class ``idx`` that ``info`` (a ``datasets.DatasetInfo``) does not have."""
+    n = len(info.class_names)
+    if not 0 <= idx < n:
+        raise UserError(f"--one_class_idx {idx} is out of range: this dataset has {n} classes "
+                        f"({', '.join(map(str, info.class_names))}); use 0..{n - 1}")
 
 
 def _folder_paths(dataset):
@@ -28,7 +55,7 @@ def ddpm_training_images(dataset, native_kind, resolution, progress=None):
 
     Folder datasets: each original file decoded (``datasets.base.decode_image`` at its own
     size) and resized bilinearly without antialiasing. In-memory datasets: the stored images
-    through :func:`models.dissolve.to_dissolve_resolution` (MedMNIST pad 2, 32 px as is).
+    through :func:`datasets.resolution.to_dissolve_resolution` (MedMNIST pad 2, 32 px as is).
     ``progress`` wraps the per-file iterable (e.g. ``tqdm``).
     """
     size = (int(resolution), int(resolution))
@@ -41,8 +68,6 @@ def ddpm_training_images(dataset, native_kind, resolution, progress=None):
         if not out:
             return torch.zeros(0, 3, *size)
         return torch.cat(out)
-    from datasets.base import decode_image
-
     out = torch.empty(len(paths), 3, *size)
     it = paths if progress is None else progress(paths)
     for i, path in enumerate(it):

@@ -224,7 +224,8 @@ def train(args):
 def _lock_save_path(save_path, held):
     """Lock ``save_path`` (``.<name>.lock`` beside it) and remove the temporary files a killed
     write of it left."""
-    from utils import ProcessLock, remove_stale_temps
+    from common.run_folder import ProcessLock
+    from utils import remove_stale_temps
 
     folder, name = os.path.split(os.path.abspath(save_path))
     created = None if os.path.isdir(folder) else folder

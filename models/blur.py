@@ -12,7 +12,7 @@ Two behaviours, chosen by ``third_chunk_only``:
   zeros too (kornia 0.6.8, the paper's pin, had no other border).
 * ours before the paper's was matched (``--blur_third_chunk_only``): only ``x3`` is blurred,
   with OpenCV-like borders (reflect-101 for the Gaussian, replicate for the median), the
-  dissolver's resolution change (:func:`models.dissolve.to_dissolve_resolution`), and the
+  dissolver's resolution change (:func:`datasets.resolution.to_dissolve_resolution`), and the
   shift applied after the resolution is restored.
 
 ``applies_to`` names the chunks (0 = x1, 1 = x2, 2 = x3) the strategy changes; the trainer
@@ -24,15 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from models.dissolve import NATIVE_KINDS, to_dissolve_resolution
+from datasets.resolution import check_kind, to_dissolve_resolution
 
 ALL_CHUNKS = (0, 1, 2)
 THIRD_CHUNK = (2,)
-
-
-def _check_kind(native_kind):
-    if native_kind not in NATIVE_KINDS:
-        raise UserError(f"unknown dataset kind {native_kind!r}; expected one of {', '.join(NATIVE_KINDS)}")
 
 
 def opencv_gaussian_kernel(kernel_size):
@@ -74,7 +69,7 @@ class BlurShift(torch.nn.Module):
         super().__init__()
         if blur not in self.BLURS:
             raise UserError(f"unknown blur {blur!r}; use one of {', '.join(self.BLURS)}")
-        _check_kind(native_kind)
+        check_kind(native_kind)
         kernel_size = int(kernel_size)
         if blur != "none" and (kernel_size < 1 or kernel_size % 2 == 0):
             raise UserError(f"--kernel_size {kernel_size} must be a positive odd integer, e.g. 3 or 5")

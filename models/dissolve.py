@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
+from datasets.resolution import check_kind, to_dissolve_resolution
+from models.blur import BlurShift
 from diffusion_models.inference_form import AutocastWeights, inference_form
 
-NATIVE_KINDS = ("medmnist28", "small32", "large224")
 SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
 STEP_SCALE = 100
 # On CPU the frozen UNet dissolves this many pixels per call (32 images at 32 px): measured on the
@@ -95,48 +96,6 @@ class StepSampler:
         return float(self.rng.beta(*ab))
 
 
-# --------------------------------------------------------------------------- resolution
-
-
-def _check_kind(native_kind):
-    if native_kind not in NATIVE_KINDS:
-        raise UserError(f"unknown dataset kind {native_kind!r}; expected one of {', '.join(NATIVE_KINDS)}")
-
-
-def _resize(x, size):
-    """Bilinear resize without antialiasing, as the paper's torchvision ``Resize`` on tensors
-    (``antialias=None``, i.e. off) and its DDPM training data."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
-
-
-def to_dissolve_resolution(x, native_kind, resolution):
-    """Bring ``x`` (N x C x H x W) to ``resolution`` x ``resolution``.
-
-    ``medmnist28``: zero-pad 2 px on each side (28 -> 32), then resize if ``resolution`` is not
-    32. Otherwise: identity when the size already matches, else bilinear resize without
-    antialiasing (the paper's path: 224 -> 32 -> 224). Returns ``(y, undo)`` where ``undo(y')``
-    maps a result back to ``x``'s size.
-    """
-    _check_kind(native_kind)
-    size = tuple(x.shape[-2:])
-    target = (int(resolution), int(resolution))
-    if native_kind == "medmnist28":
-        if size != (28, 28):
-            raise ValueError(f"medmnist28 images must be 28 x 28, got {size}")
-        padded = F.pad(x, (2, 2, 2, 2))
-        y = _resize(padded, target)
-
-        def undo(z):
-            return _resize(z, (32, 32))[..., 2:30, 2:30]
-
-        return y, undo
-
-    def undo(z):
-        return _resize(z, size)
-
-    return _resize(x, target), undo
 
 
 # --------------------------------------------------------------------------- dissolvers
@@ -169,7 +128,7 @@ class Dissolver(torch.nn.Module):
                  chunk_pixels=CHUNK_PIXELS):
         super().__init__()
         self.chunk_pixels = int(chunk_pixels)  # images per UNet call on CPU: this many pixels; 0: all at once
-        _check_kind(native_kind)
+        check_kind(native_kind)
         res = diffusion.image_size
         res = int(res[0]) if isinstance(res, (tuple, list)) else int(res)
         if res != int(diff_resolution):
@@ -334,8 +293,6 @@ def make_dissolve_fn(shift_trans_type, P, device, native_kind):
         )
         warn_if_other_data(dissolver.info, getattr(P, "dataset", None), getattr(P, "one_class_idx", None))
         return dissolver
-    from models.blur import BlurShift
-
     blurs = {"blurgaussian": "gaussian", "blurmedian": "median", "blurnone": "none"}
     if prefix in blurs:
         return BlurShift.from_args(blurs[prefix], P, native_kind).to(device)

@@ -112,7 +112,8 @@ def make_plan(a):
                                  aptos_all_grades=a.aptos_all_grades)
         classes = classes_of(a, dataset)
         if None in classes:  # multi-class: the out-of-distribution sets are read now, as the dataset is
-            from datasets.ood import check_ood_names, load_ood_sets
+            from datasets import load_ood_sets
+            from datasets.ood import check_ood_names
 
             names = check_ood_names(ood_names_of(a, dataset), dataset)
             if not names:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.args import parse_args
+from cli.args import parse_args
 from models.dissolve import StepSampler
 from models.resnet import build_model
 from models.transform_layers import ColorJitterLayer, RandomResizedCropLayer

@@ -8,7 +8,7 @@ import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from common.args import parse_args
+from cli.args import parse_args
 from common.errors import UserError
 from models.blur import BlurShift
 from models.resnet import build_model

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import datasets.base as dbase
-from common.args import build_parser
+from cli.args import build_parser
 from common.errors import UserError
 from datasets import DATASET_NAMES, get_dataset, one_class_split
 from datasets.base import FolderStore, high_bit_to_unit

@@ -42,7 +42,7 @@ def test_diffusion_rotation_end_to_end(dissolver, tmp_path):
 
 def test_dissolved_views_are_the_third_chunk(dissolver):
     """make_views puts K dissolved, shifted views after the 2K ordinary ones."""
-    from common.args import parse_args
+    from cli.args import parse_args
     from models.resnet import build_model
     from training.trainer import Trainer
     from train import build_dissolve

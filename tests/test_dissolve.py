@@ -8,8 +8,8 @@ import torch
 from common.errors import UserError
 from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver
 from models.blur import BlurShift
-from models.dissolve import (Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn,
-                             timestep, to_dissolve_resolution)
+from datasets.resolution import to_dissolve_resolution
+from models.dissolve import Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn, timestep
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

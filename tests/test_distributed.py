@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import train as train_program
-from common.args import parse_args
+from cli.args import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "4", "--epochs", "1", "--max_steps", "2",

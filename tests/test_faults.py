@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import train as train_program
-from common.args import RESUME_MAY_CHANGE, parse_args
+from cli.args import RESUME_MAY_CHANGE, parse_args
 from test_train_eval import TINY
-from utils import LOCK_NAME, ProcessLock
+from common.run_folder import LOCK_NAME, ProcessLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSI = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation"]

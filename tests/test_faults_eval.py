@@ -11,7 +11,7 @@ import torch
 
 import eval as eval_program
 import train as train_program
-from common.args import parse_args
+from cli.args import parse_args
 from common.checkpoint_io import read_checkpoint
 from common.device import pick_device
 from common.errors import UserError

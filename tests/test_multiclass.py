@@ -14,11 +14,12 @@ from PIL import Image, ImageDraw
 
 import eval as eval_program
 import train as train_program
-from common.args import parse_args
+from cli.args import parse_args
 from common.errors import UserError
 from datasets import get_dataset
 from datasets import ood as ood_module
-from datasets.ood import InterpDataset, load_ood_set, with_interp
+from datasets import load_ood_set
+from datasets.ood import InterpDataset, with_interp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from common.errors import UserError
 from diffusion_models.ddpm import load_dissolver
-from models.dissolve import Dissolver, to_dissolve_resolution
+from datasets.resolution import to_dissolve_resolution
+from models.dissolve import Dissolver
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,7 +9,7 @@ import torch
 
 import eval as eval_program
 import train as train_program
-from common.args import parse_args
+from cli.args import parse_args
 from common.errors import UserError
 from test_train_eval import TINY
 from utils import set_seed

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed
+from common.checkpoint_io import MODEL_CHECKPOINT_KIND
 from common.errors import UserError
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
 from training.contrastive_loss import NT_xent, NT_xent_neg
@@ -16,7 +17,7 @@ from training.optim import lr_at, make_optimizer, set_lr
 from utils import (atomic_torch_save, atomic_write_json, autocast_for, batch_indices, fault_point, rng_state,
                    set_rng_state, set_seed)
 
-CHECKPOINT_KIND = "dia_model"
+CHECKPOINT_KIND = MODEL_CHECKPOINT_KIND
 LAST_RULE = "the model at the end of training (saved every --save_step epochs and at the last epoch)"
 
 

@@ -1,13 +1,28 @@
+"""Fixtures shared by the test modules, and the ``slow`` marker.
+
+tests/ and the repository root go on ``sys.path`` first: the modules import ``helpers`` (constants
+and functions they share) and the project's packages by name.
+"""
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for _path in (ROOT, TESTS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from helpers import TINY_DDPM  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: trains end to end or starts subprocesses (seconds to minutes); "
+                   "-m 'not slow' leaves these out")
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +42,7 @@ def tiny_dissolver(tmp_path_factory):
     from diffusion_models import train_eval_ddpm
 
     path = tmp_path_factory.mktemp("ddpm") / "synth_0_32px.pt"
-    train_eval_ddpm.main(["--mode", "train", "--dataset", "synth_lesion", "--unet_dim", "8", "--dim_mults", "1", "2",
-                          "--batch_size", "8", "--grad_accum", "1", "--train_steps", "2", "--no_progress",
+    train_eval_ddpm.main(["--mode", "train", "--dataset", "synth_lesion", *TINY_DDPM, "--train_steps", "2",
                           "--save_path", str(path)])
     assert path.exists()
     return path

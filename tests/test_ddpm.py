@@ -15,10 +15,9 @@ from common.errors import UserError
 from diffusion_models import ddpm
 from diffusion_models.ddpm import (build_diffusion, ddpm_config, load_dissolver, read_dissolver_checkpoint,
                                    save_dissolver)
+from helpers import ROOT, TINY_DDPM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "diffusion_models", "train_eval_ddpm.py")
-TINY = ["--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size", "8", "--grad_accum", "1", "--no_progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -288,7 +287,8 @@ def test_script_train_resume_eval(tmp_path):
     # train, run from inside diffusion_models/ as the paper's README does
     ckpt = tmp_path / "ck" / "synth.pt"
     r = _run(["train_eval_ddpm.py", "--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3",
-              "--save_every", "2", "--save_path", str(ckpt), *TINY], cwd=os.path.join(ROOT, "diffusion_models"))
+              "--save_every", "2", "--save_path", str(ckpt), *TINY_DDPM],
+             cwd=os.path.join(ROOT, "diffusion_models"))
     assert r.returncode == 0, r.stderr
     assert "milestone: step 2" in r.stdout and "final: step 3" in r.stdout, r.stdout
     d, info = load_dissolver(ckpt, "cpu", expect_resolution=32)
@@ -299,14 +299,14 @@ def test_script_train_resume_eval(tmp_path):
 
     # --resume continues by steps (in-process: same code path, no interpreter start-up)
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "5", "--save_every", "2",
-                 "--save_path", str(ckpt), "--resume", *TINY])
+                 "--save_path", str(ckpt), "--resume", *TINY_DDPM])
     resumed = read_dissolver_checkpoint(ckpt)
     assert resumed["train_state"]["step"] == 5 and resumed["meta"]["steps"] == 5
 
     # ... and exactly: 3 + 2 steps equal 5 uninterrupted steps
     straight = tmp_path / "straight.pt"
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "5", "--save_path",
-                 str(straight), *TINY])
+                 str(straight), *TINY_DDPM])
     ref = read_dissolver_checkpoint(straight)
     for key in ("model_state", "ema_state"):
         for name, tensor in ref[key].items():
@@ -316,12 +316,12 @@ def test_script_train_resume_eval(tmp_path):
     before = ckpt.read_bytes()
     with pytest.raises(SystemExit) as e:
         script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "6", "--save_path", str(ckpt),
-                     "--resume", *TINY, "--lr", "1e-3"])
+                     "--resume", *TINY_DDPM, "--lr", "1e-3"])
     assert e.value.code == 2 and ckpt.read_bytes() == before
 
     # an existing checkpoint is not overwritten by accident
     with pytest.raises(SystemExit) as e:
-        script.main(["--mode", "train", "--dataset", "synth_lesion", "--save_path", str(ckpt), *TINY])
+        script.main(["--mode", "train", "--dataset", "synth_lesion", "--save_path", str(ckpt), *TINY_DDPM])
     assert e.value.code == 2
 
     # eval writes a readable PNG grid: input row + one row per timestep
@@ -419,7 +419,7 @@ def test_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch, mode)
     calls = []
     monkeypatch.setattr(script, "_load_data", lambda args: calls.append(1) or (_ for _ in ()).throw(AssertionError))
     out = "/proc/dia-such.pt" if mode == "train" else "/proc/dia-grid.png"  # as root, os.access(/proc) says yes
-    argv = (["--mode", "train", "--dataset", "synth_lesion", "--save_path", out, *TINY] if mode == "train" else
+    argv = (["--mode", "train", "--dataset", "synth_lesion", "--save_path", out, *TINY_DDPM] if mode == "train" else
             ["--mode", "eval", "--dataset", "synth_lesion", "--diffusion_model_path", str(ckpt), "--out", out])
     with pytest.raises(SystemExit) as e:
         script.main(argv)
@@ -433,7 +433,7 @@ def test_papers_dataset_names_are_understood(tmp_path, capsys):
     for paper, ours in (("sars-covid", "covid"), ("pneumonia", "pneumoniamnist")):
         with pytest.raises(SystemExit) as e:  # no data here: the error names our dataset's files
             script.main(["--mode", "train", "--dataset", paper, "--data_root", str(tmp_path),
-                         "--save_path", str(tmp_path / "d.pt"), *TINY])
+                         "--save_path", str(tmp_path / "d.pt"), *TINY_DDPM])
         captured = capsys.readouterr()
         assert e.value.code == 2
         assert f"--dataset {paper} is the paper's name for {ours}" in captured.out

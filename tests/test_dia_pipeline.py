@@ -6,14 +6,7 @@ import torch
 
 import eval as eval_program
 import train as train_program
-
-TINY = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8", "--max_batches_per_epoch", "2",
-        "--simclr_dim", "16", "--warmup", "1", "--epochs", "1", "--no_eval"]
-
-
-@pytest.fixture(scope="module")
-def dissolver(tiny_dissolver):
-    return tiny_dissolver
+from helpers import TINY_TRAIN_NO_EVAL
 
 
 def evaluate(load_path, out):
@@ -25,11 +18,12 @@ def evaluate(load_path, out):
     return json.loads(out.read_text())
 
 
-def test_diffusion_rotation_end_to_end(dissolver, tmp_path):
+def test_diffusion_rotation_end_to_end(tiny_dissolver, tmp_path):
     logdir = tmp_path / "dia"
-    summary = train_program.main(TINY + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
-                                         "--diff_resolution", "32", "--diffusion_model_path", str(dissolver),
-                                         "--logdir", str(logdir)])
+    summary = train_program.main(TINY_TRAIN_NO_EVAL + ["--mode", "simclr_DIA", "--shift_trans_type",
+                                                       "diffusion_rotation", "--diff_resolution", "32",
+                                                       "--diffusion_model_path", str(tiny_dissolver),
+                                                       "--logdir", str(logdir)])
     assert summary["step"] == 2
     ckpt = torch.load(logdir / "last.model", weights_only=False)
     assert ckpt["meta"]["args"]["shift_trans_type"] == "diffusion_rotation"
@@ -40,7 +34,7 @@ def test_diffusion_rotation_end_to_end(dissolver, tmp_path):
         assert 0.0 <= v <= 1.0
 
 
-def test_dissolved_views_are_the_third_chunk(dissolver):
+def test_dissolved_views_are_the_third_chunk(tiny_dissolver):
     """make_views puts K dissolved, shifted views after the 2K ordinary ones."""
     from cli.args import parse_args
     from models.resnet import build_model
@@ -48,8 +42,8 @@ def test_dissolved_views_are_the_third_chunk(dissolver):
     from train import build_dissolve
     from datasets import get_dataset
 
-    P = parse_args("train", TINY + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
-                                    "--diffusion_model_path", str(dissolver)])
+    P = parse_args("train", TINY_TRAIN_NO_EVAL + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
+                                                  "--diffusion_model_path", str(tiny_dissolver)])
     _, _, info = get_dataset("synth_lesion", "../data")
     dev = torch.device("cpu")
     trainer = Trainer(P, build_model("resnet18", 2, simclr_dim=16, n_shifts=4, width=8), dev,
@@ -76,21 +70,22 @@ def test_dissolved_views_are_the_third_chunk(dissolver):
     ("diffusion_cutperm", ["--diffusion_range_correct", "--loss_mode", "naive", "--diffusion_scheduler",
                            "beta_by_epoch"]),
 ])
-def test_other_shift_types_train(dissolver, tmp_path, shift, extra):
-    args = TINY + ["--mode", "simclr_DIA", "--shift_trans_type", shift, "--logdir", str(tmp_path / shift), *extra]
+def test_other_shift_types_train(tiny_dissolver, tmp_path, shift, extra):
+    args = TINY_TRAIN_NO_EVAL + ["--mode", "simclr_DIA", "--shift_trans_type", shift, "--logdir", str(tmp_path / shift),
+                                 *extra]
     if shift.startswith("diffusion"):
-        args += ["--diffusion_model_path", str(dissolver)]
+        args += ["--diffusion_model_path", str(tiny_dissolver)]
     summary = train_program.main(args)
     assert summary["step"] == 2
     ckpt = torch.load(tmp_path / shift / "last.model", weights_only=False)
     assert torch.isfinite(torch.cat([v.float().flatten() for v in ckpt["model"].values()])).all()
 
 
-def test_wrong_resolution_dissolver_is_one_line(dissolver, tmp_path, capsys):
+def test_wrong_resolution_dissolver_is_one_line(tiny_dissolver, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        train_program.main(TINY + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
-                                   "--diffusion_model_path", str(dissolver), "--diff_resolution", "64",
-                                   "--logdir", str(tmp_path / "x")])
+        train_program.main(TINY_TRAIN_NO_EVAL + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
+                                                 "--diffusion_model_path", str(tiny_dissolver), "--diff_resolution",
+                                                 "64", "--logdir", str(tmp_path / "x")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "32" in err and "64" in err

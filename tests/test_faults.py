@@ -8,9 +8,7 @@ in a subprocess's environment). Then: one process per run folder (locks), resume
 would change or overwrite a run, no checkpoint holding NaN or infinity, data-shaping flags
 reaching eval.py, and no leftovers.
 """
-import contextlib
 import csv
-import io
 import json
 import os
 import shutil
@@ -24,15 +22,13 @@ import torch
 
 import train as train_program
 from cli.args import RESUME_MAY_CHANGE, parse_args
-from test_train_eval import TINY
+from helpers import (CSI, ROOT, TINY_DDPM, TINY_TRAIN, expect_error, load, make_folder_dataset, run_dir,
+                     run_reproduce)
 from common.run_folder import LOCK_NAME, ProcessLock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSI = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation"]
 SELECT = ["--ood_samples", "1", "--eval_max_train", "16", "--eval_max_test", "32"]
-RUN = TINY + CSI + SELECT + ["--epochs", "2"]  # 2 epochs of 2 steps, evaluated and saved after each
-DDPM = ["--mode", "train", "--dataset", "synth_lesion", "--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size",
-        "8", "--grad_accum", "1", "--train_steps", "4", "--save_every", "1", "--no_progress"]
+RUN = TINY_TRAIN + CSI + SELECT + ["--epochs", "2"]  # 2 epochs of 2 steps, evaluated and saved after each
+DDPM = ["--mode", "train", "--dataset", "synth_lesion", *TINY_DDPM, "--train_steps", "4", "--save_every", "1"]
 PIPE = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0", "--shift_trans_type", "rotation",
         "--resnet_width", "8", "--batch_size", "8", "--epochs", "2", "--max_batches_per_epoch", "2", "--warmup", "1",
         "--log_every", "1", "--ood_samples", "1", "--no_selection", "--device", "cpu"]
@@ -119,10 +115,6 @@ def gone(pid):
     return proc_state(pid) in (None, "Z", "X")
 
 
-def load(path):
-    return torch.load(path, weights_only=False)
-
-
 def assert_equal_tensors(a, b, where=""):
     """Every tensor equal (torch.equal), every other leaf equal, in two nested states."""
     if isinstance(a, torch.Tensor):
@@ -180,17 +172,6 @@ def assert_same_run(reference, logdir):
     assert leftovers(logdir) == []
     config = json.loads(open(os.path.join(logdir, "config.json")).read())
     assert config["run_id"] == load(os.path.join(logdir, "last.model"))["meta"]["run_id"]
-
-
-def expect_error(main, argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("warning: ")]
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for frag in fragments:
-        assert frag in err[0], err[0]
-    return err[0]
 
 
 def snapshot(folder):
@@ -289,27 +270,11 @@ def test_ddpm_save_path_is_locked(tmp_path, capsys):
     path = tmp_path / "d.pt"
     with ProcessLock(tmp_path / ".d.pt.lock", "held by the test"):
         expect_error(train_eval_ddpm.main, DDPM + ["--save_path", str(path)], capsys,
-                     f"--save_path {path} is in use by another process (PID {os.getpid()}")
+                     f"--save_path {path} is in use by another process (PID {os.getpid()}", alone=True)
     assert not path.exists()
 
 
 # --------------------------------------------------------------------------- reproduce.py killed
-
-
-def run_main(argv):
-    """reproduce.main in this process, its steps with one torch thread: (status, stdout, stderr)."""
-    import reproduce
-
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.setenv("MKL_NUM_THREADS", "1")
-        mp.delenv("DIA_FAULT", raising=False)
-        try:
-            rc = reproduce.main(argv)
-        except SystemExit as exc:
-            rc = exc.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 def results_rows(out):
@@ -317,14 +282,10 @@ def results_rows(out):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
 
 
-def run_folder(out, name="rotation_32px"):
-    return os.path.join(out, "synth_lesion", "class_0", name, "seed_0")
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipeline") / "out")
-    rc, stdout, stderr = run_main(PIPE + ["--out", out])
+    rc, stdout, stderr, _ = run_reproduce(PIPE + ["--out", out], one_thread=True)
     assert rc == 0, stdout + stderr
     return out
 
@@ -332,7 +293,7 @@ def pipeline(tmp_path_factory):
 def test_interrupted_pipeline_resumes_to_the_same_results(pipeline, tmp_path):
     out = str(tmp_path / "out")
     argv = ["reproduce.py", *PIPE, "--out", out]
-    run = run_folder(out)
+    run = run_dir(out, "rotation")
     # 1. SIGTERM while train.py is in epoch 2: the step is stopped, one line says how to resume
     proc = start_py(argv, fault="step#3=stop")
     child = wait_stopped_child(proc)
@@ -356,14 +317,14 @@ def test_interrupted_pipeline_resumes_to_the_same_results(pipeline, tmp_path):
     for leftover in (os.path.join(out, ".tmp-results.csv.abcd1234"), os.path.join(run, ".tmp-scores.csv.x1y2z3w4")):
         with open(leftover, "wb") as fh:
             fh.write(b"half")
-    rc, stdout, stderr = run_main(PIPE + ["--out", out])
+    rc, stdout, stderr, _ = run_reproduce(PIPE + ["--out", out], one_thread=True)
     assert rc == 0, stdout + stderr
     assert results_rows(out) == results_rows(pipeline)
     for name in ("last.model",):
-        a, b = load(os.path.join(run_folder(pipeline), name)), load(os.path.join(run, name))
+        a, b = load(os.path.join(run_dir(pipeline, "rotation"), name)), load(os.path.join(run, name))
         for key in ("model", "optim", "linear_optim", "epoch", "step"):
             assert_equal_tensors(a[key], b[key], f"{name}:{key}")
-    assert scalars(run_folder(pipeline)) == scalars(run)
+    assert scalars(run_dir(pipeline, "rotation")) == scalars(run)
     with open(os.path.join(run, "train.log")) as fh:
         log = fh.read()
     attempts = [ln for ln in log.splitlines() if ln.startswith("$ ")]
@@ -378,7 +339,7 @@ def test_pipeline_out_is_locked(tmp_path, capsys):
     out.mkdir()
     with ProcessLock(out / LOCK_NAME, "held by the test"):
         expect_error(reproduce.main, PIPE + ["--out", str(out)], capsys,
-                     f"--out {out} is in use by another process (PID {os.getpid()}")
+                     f"--out {out} is in use by another process (PID {os.getpid()}", alone=True)
     assert os.listdir(out) == []
 
 
@@ -391,8 +352,8 @@ def test_second_training_on_a_busy_folder_is_refused(tmp_path, capsys):
     wait_stopped(first.pid, first)
     config = open(os.path.join(logdir, "config.json")).read()
     expect_error(train_program.main, RUN + ["--logdir", logdir, "--seed", "1"], capsys,
-                 f"run folder {logdir} is in use by another process (PID {first.pid}")
-    expect_error(train_program.main, RUN + ["--logdir", logdir], capsys, f"(PID {first.pid}")
+                 f"run folder {logdir} is in use by another process (PID {first.pid}", alone=True)
+    expect_error(train_program.main, RUN + ["--logdir", logdir], capsys, f"(PID {first.pid}", alone=True)
     first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
@@ -408,7 +369,7 @@ def test_default_run_folder_names_the_seed(tmp_path, monkeypatch):
                                                                     "one_class_0_seed0")
     assert train_program.default_logdir(P1).endswith("_one_class_0_seed1")
     monkeypatch.chdir(tmp_path)
-    runs = [train_program.main(TINY + CSI + ["--epochs", "1", "--no_eval", "--seed", s]) for s in ("0", "1")]
+    runs = [train_program.main(TINY_TRAIN + CSI + ["--epochs", "1", "--no_eval", "--seed", s]) for s in ("0", "1")]
     assert runs[0]["logdir"] != runs[1]["logdir"]
     for summary, seed in zip(runs, (0, 1)):  # two seeds, two models kept
         assert load(tmp_path / summary["logdir"] / "last.model")["meta"]["args"]["seed"] == seed
@@ -423,9 +384,9 @@ def test_resume_into_another_runs_folder_is_refused(reference, halted, tmp_path,
     shutil.copytree(reference, b)
     before_a, before_b = snapshot(a), snapshot(b)
     expect_error(train_program.main, RUN + ["--resume_path", a, "--logdir", b], capsys,
-                 f"--logdir {b} holds another training run", "leave out --logdir")
+                 f"--logdir {b} holds another training run", "leave out --logdir", alone=True)
     expect_error(train_program.main, RUN + ["--resume_path", os.path.join(a, "best_CSI.model"), "--logdir", b],
-                 capsys, "holds another training run")
+                 capsys, "holds another training run", alone=True)
     assert snapshot(b) == before_b and snapshot(a) == before_a
     # an empty folder: the run continues there as a new run, exactly, and its source stays as it was
     c = str(tmp_path / "c")
@@ -451,7 +412,7 @@ def test_resume_refuses_changed_settings_and_keeps_config(halted, tmp_path, caps
     other_amp = "off" if saved_amp == "on" else "on"
     line = expect_error(train_program.main, RUN + ["--resume_path", run, "--seed", "1", "--batch_size", "16",
                                                    "--lr_init", "0.2", "--optimizer", "sgd", "--amp", other_amp],
-                        capsys)
+                        capsys, alone=True)
     for saved in ("--seed 0", "--batch_size 8", "--lr_init 0.1", "--optimizer lars", f"--amp {saved_amp}"):
         assert saved in line, line
     now = line[line.index("(now "):line.index(")", line.index("(now "))]
@@ -459,9 +420,9 @@ def test_resume_refuses_changed_settings_and_keeps_config(halted, tmp_path, caps
         assert given in now, line
     assert "only " + ", ".join("--" + f for f in RESUME_MAY_CHANGE) + " may change" in line
     expect_error(train_program.main, [a if a != "rotation" else "cutperm" for a in RUN] + ["--resume_path", run],
-                 capsys, "--shift_trans_type rotation (now --shift_trans_type cutperm)")
+                 capsys, "--shift_trans_type rotation (now --shift_trans_type cutperm)", alone=True)
     expect_error(train_program.main, RUN + ["--resume_path", run, "--load_path", os.path.join(run, "last.model")],
-                 capsys, "drop --load_path")
+                 capsys, "drop --load_path", alone=True)
     assert snapshot(run) == before
     # what may change does; config.json, the run's record, is never rewritten
     train_program.main(RUN + ["--resume_path", run, "--epochs", "3", "--log_every", "2", "--device", "cpu",
@@ -471,7 +432,7 @@ def test_resume_refuses_changed_settings_and_keeps_config(halted, tmp_path, caps
     # a run interrupted before its first checkpoint: restarted only with its own settings
     os.remove(os.path.join(run, "last.model"))
     expect_error(train_program.main, RUN + ["--logdir", run, "--seed", "1"], capsys,
-                 "holds another run that saved no checkpoint", "--seed 0 (now --seed 1)")
+                 "holds another run that saved no checkpoint", "--seed 0 (now --seed 1)", alone=True)
 
 
 # --------------------------------------------------------------------------- 5. no checkpoint holds NaN or infinity
@@ -480,10 +441,11 @@ def test_resume_refuses_changed_settings_and_keeps_config(halted, tmp_path, caps
 def test_diverged_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     from training.trainer import Trainer
 
-    diverge = TINY + CSI + ["--epochs", "2", "--no_eval", "--lr_init", "1e6", "--amp", "off"]  # in fp32 a running variance overflows first
+    # in fp32 a running variance overflows first
+    diverge = TINY_TRAIN + CSI + ["--epochs", "2", "--no_eval", "--lr_init", "1e6", "--amp", "off"]
     logdir = tmp_path / "run"
     line = expect_error(train_program.main, diverge + ["--logdir", str(logdir)], capsys,
-                        "running_var holds infinity after epoch 2", "--lr_init 1e+06 is very high")
+                        "running_var holds infinity after epoch 2", "--lr_init 1e+06 is very high", alone=True)
     assert "temperature" not in line
     ckpt = load(logdir / "last.model")  # epoch 1's stays, finite
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
@@ -492,17 +454,17 @@ def test_diverged_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Trainer, "check_finite", lambda self, before: None)
     other = tmp_path / "other"
     expect_error(train_program.main, diverge + ["--logdir", str(other)], capsys,
-                 "not writing last.model: model.backbone.", "running_var holds infinity", "--lr_init")
+                 "not writing last.model: model.backbone.", "running_var holds infinity", "--lr_init", alone=True)
     assert load(other / "last.model")["epoch"] == 1 and leftovers(other) == []
 
 
 def test_loss_guard_names_the_likely_cause(tmp_path, capsys):
-    line = expect_error(train_program.main, TINY + CSI + ["--epochs", "1", "--no_eval", "--temperature", "1e-39",
-                                                          "--logdir", str(tmp_path / "run")], capsys,
-                        "the loss became nan at step 1", "--temperature 1e-39 is very low")
+    line = expect_error(train_program.main, TINY_TRAIN + CSI + ["--epochs", "1", "--no_eval", "--temperature",
+                                                                "1e-39", "--logdir", str(tmp_path / "run")], capsys,
+                        "the loss became nan at step 1", "--temperature 1e-39 is very low", alone=True)
     assert "--lr_init" not in line
-    expect_error(train_program.main, TINY + CSI + ["--temperature", "0", "--logdir", str(tmp_path / "zero")],
-                 capsys, "--temperature must be above 0")
+    expect_error(train_program.main, TINY_TRAIN + CSI + ["--temperature", "0", "--logdir", str(tmp_path / "zero")],
+                 capsys, "--temperature must be above 0", alone=True)
     assert not (tmp_path / "zero").exists()
 
 
@@ -510,15 +472,13 @@ def test_loss_guard_names_the_likely_cause(tmp_path, capsys):
 
 
 def test_pipeline_image_size_reaches_eval_and_folder_name(tmp_path):
-    from test_datasets import make_folder_dataset
-
     make_folder_dataset(tmp_path / "data", ["a", "b"], per_class=8)
     out = str(tmp_path / "out")
     argv = ["--dataset", "imagefolder", "--data_root", str(tmp_path / "data"), "--train_args=--img_size 32",
             "--out", out] + PIPE[PIPE.index("--shift_trans_type"):]
     i = argv.index("--epochs")
     argv[i + 1] = "1"
-    rc, stdout, stderr = run_main(argv)
+    rc, stdout, stderr, _ = run_reproduce(argv, one_thread=True)
     assert rc == 0, stdout + stderr
     run = os.path.join(out, "imagefolder", "class_0", "rotation_32px", "seed_0")  # the size trained at
     with open(os.path.join(run, "run.json")) as fh:
@@ -540,7 +500,7 @@ def test_unreadable_resume_checkpoint_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.model"
     bad.write_bytes(os.urandom(3000))
     line = expect_error(train_program.main, RUN + ["--resume_path", str(bad), "--logdir", str(tmp_path / "run")],
-                        capsys, "cannot read model checkpoint", str(bad))
+                        capsys, "cannot read model checkpoint", str(bad), alone=True)
     assert "weights_only" not in line and not (tmp_path / "run").exists()
 
 

@@ -16,11 +16,7 @@ from common.checkpoint_io import read_checkpoint
 from common.device import pick_device
 from common.errors import UserError
 from common.paths import check_distinct, check_output_file, check_run_folder, same_path
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8", "--max_batches_per_epoch", "2",
-        "--simclr_dim", "16", "--warmup", "1", "--save_step", "1", "--log_every", "1"]
-CSI = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation"]
+from helpers import CSI, ROOT, TINY_TRAIN, expect_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def model1(tmp_path_factory):
     """A tiny model trained on class 1 (lesion) of synth_lesion: its checkpoint records that."""
     logdir = tmp_path_factory.mktemp("run") / "class1"
-    train_program.main(TINY + CSI + ["--logdir", str(logdir), "--epochs", "1", "--no_eval", "--one_class_idx", "1"])
+    train_program.main(TINY_TRAIN + CSI + ["--logdir", str(logdir), "--epochs", "1", "--no_eval",
+                                           "--one_class_idx", "1"])
     return logdir / "last.model"
 
 
@@ -73,19 +70,6 @@ def unwritable(tmp_path):
     if cand is None:
         pytest.skip("no unwritable folder on this machine")
     yield cand
-
-
-def expect_error(main, argv, capsys, *fragments):
-    """``main(argv)`` ends with exit status 2 and one line "error: ..." holding ``fragments``."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert [ln for ln in err if ln.startswith("error: ")] == [err[-1]], err
-    assert "Traceback" not in "\n".join(err)
-    for frag in fragments:
-        assert frag in err[-1], err[-1]
-    return err[-1]
 
 
 def listing(folder):
@@ -260,7 +244,7 @@ def test_cutperm_flag_parses(capsys):
 def test_bad_numbers_and_devices_are_one_line(model1, tmp_path, capsys, no_work, program, argv, fragment):
     if program == "train":
         logdir = tmp_path / "run"
-        expect_error(train_program.main, TINY + CSI + ["--logdir", str(logdir), *argv], capsys, fragment)
+        expect_error(train_program.main, TINY_TRAIN + CSI + ["--logdir", str(logdir), *argv], capsys, fragment)
         assert not logdir.exists()
     else:
         expect_error(eval_program.main, eval_args(model1, *argv), capsys, fragment)
@@ -282,10 +266,11 @@ def test_device_names():
 def test_logdir_that_is_a_file_or_unwritable(tmp_path, unwritable, capsys, no_work):
     f = tmp_path / "taken"
     f.write_text("somebody's file")
-    expect_error(train_program.main, TINY + CSI + ["--logdir", str(f)], capsys, "--logdir", "is a file")
-    expect_error(train_program.main, TINY + CSI + ["--logdir", str(f / "run")], capsys, "--logdir", "not a folder")
+    expect_error(train_program.main, TINY_TRAIN + CSI + ["--logdir", str(f)], capsys, "--logdir", "is a file")
+    expect_error(train_program.main, TINY_TRAIN + CSI + ["--logdir", str(f / "run")], capsys, "--logdir",
+                 "not a folder")
     run = os.path.join(unwritable, "dia-run")
-    expect_error(train_program.main, TINY + CSI + ["--logdir", run], capsys, "--logdir", "cannot")
+    expect_error(train_program.main, TINY_TRAIN + CSI + ["--logdir", run], capsys, "--logdir", "cannot")
     assert f.read_text() == "somebody's file" and not os.path.exists(run)
 
 
@@ -357,6 +342,6 @@ def test_foreign_checkpoint_says_what_it_is(tmp_path, capsys, no_work, obj, frag
 def test_train_unreadable_checkpoint_is_one_plain_line(tmp_path, capsys, flag):
     bad = tmp_path / "random.model"
     write_unreadable("random", bad)
-    line = expect_error(train_program.main, TINY + CSI + ["--logdir", str(tmp_path / "run"), flag, str(bad)],
+    line = expect_error(train_program.main, TINY_TRAIN + CSI + ["--logdir", str(tmp_path / "run"), flag, str(bad)],
                         capsys, "cannot read")
     assert "weights_only" not in line

@@ -20,20 +20,12 @@ from datasets import get_dataset
 from datasets import ood as ood_module
 from datasets import load_ood_set
 from datasets.ood import InterpDataset, with_interp
+from helpers import CSI, TINY_MULTICLASS, write_png
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = ["--dataset", "digits", "--resnet_width", "8", "--batch_size", "8", "--max_batches_per_epoch", "2",
-        "--simclr_dim", "16", "--warmup", "1", "--save_step", "1", "--log_every", "1", "--amp"]
-CSI = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation"]
-
 
 # ----------------------------------------------------------------------------- files in the distributed layouts
-
-
-def write_png(path, arr):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(path)
 
 
 def noise_image(rng, h, w):
@@ -284,7 +276,7 @@ def ood_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def multi_run(ood_root, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("run") / "multi"
-    summary = train_program.main(TINY + CSI + [
+    summary = train_program.main(TINY_MULTICLASS + CSI + [
         "--data_root", str(ood_root), "--logdir", str(logdir), "--epochs", "2", "--ood_dataset", "lsun_fix", "svhn",
         "interp", "--ood_samples", "1", "--eval_max_train", "200", "--eval_max_test", "60", "--error_step", "2"])
     return logdir, summary
@@ -384,9 +376,9 @@ def test_dissolver_on_all_classes_and_dia_multiclass(ood_root, tmp_path):
     assert meta["one_class_idx"] is None and meta["normal_train_images"] == 1257
     assert train_eval_ddpm.default_save_path("digits", None, 32).endswith("digits_all_32px.pt")
     logdir = tmp_path / "dia"
-    train_program.main(TINY + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
-                               "--diffusion_model_path", str(ckpt), "--one_class_idx", "None", "--no_eval",
-                               "--max_steps", "1", "--epochs", "1", "--logdir", str(logdir)])
+    train_program.main(TINY_MULTICLASS + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
+                                          "--diffusion_model_path", str(ckpt), "--one_class_idx", "None", "--no_eval",
+                                          "--max_steps", "1", "--epochs", "1", "--logdir", str(logdir)])
     assert torch.load(logdir / "last.model", weights_only=False)["meta"]["one_class_idx"] is None
     with pytest.raises(SystemExit):
         train_eval_ddpm.main(["--mode", "train", "--dataset", "digits", "--all_classes", "--one_class_idx", "0",

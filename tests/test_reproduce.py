@@ -1,75 +1,27 @@
 """The reproduction pipeline (reproduce.py) and its figures (evals/plots.py), end to end on
 synth_lesion with the tiniest budget: one pipeline run (rotation + diffusion_rotation) is
 shared by the tests; the failure test works on a copy of it."""
-import contextlib
 import csv
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, TINY_STUDY, md_tables, read_csv, run_dir, run_reproduce
 
-TINY = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0",
-        "--resnet_width", "8", "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--log_every", "1",
-        "--ood_samples", "1", "--selection_samples", "1", "--amp", "--device", "cpu",
-        "--ddpm_unet_dim", "8", "--ddpm_train_steps", "2", "--ddpm_batch_size", "8", "--ddpm_grad_accum", "1"]
 TRANSFORMATIONS = ["rotation", "diffusion_rotation"]
-
-
-def run_main(argv):
-    """reproduce.main in this process: (exit status, stdout, stderr, seconds)."""
-    import reproduce
-
-    out, err = io.StringIO(), io.StringIO()
-    t0 = time.time()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = reproduce.main(argv)
-        except SystemExit as exc:
-            rc = exc.code
-    return rc, out.getvalue(), err.getvalue(), time.time() - t0
-
-
-def run_dir(out, transformation, seed=0):
-    return os.path.join(out, "synth_lesion", "class_0", f"{transformation}_32px", f"seed_{seed}")
-
-
-def read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def md_tables(path):
-    """The markdown tables of results.md as lists of rows (lists of cells), header first."""
-    tables, current = [], []
-    with open(path) as fh:
-        for line in fh:
-            line = line.rstrip("\n")
-            if line.startswith("|"):
-                if not re.fullmatch(r"\|(-+\|)+", line):
-                    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-                    current.append(cells)
-            elif current:
-                tables.append(current)
-                current = []
-    if current:
-        tables.append(current)
-    return tables
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reproduce") / "out")
-    argv = TINY + ["--shift_trans_type", *TRANSFORMATIONS, "--out", out]
-    rc, stdout, stderr, seconds = run_main(argv)
+    argv = TINY_STUDY + ["--shift_trans_type", *TRANSFORMATIONS, "--out", out]
+    rc, stdout, stderr, seconds = run_reproduce(argv)
     return {"out": out, "argv": argv, "rc": rc, "stdout": stdout, "stderr": stderr, "seconds": seconds}
 
 
@@ -202,7 +154,7 @@ def test_rerun_skips_finished_runs(pipeline):
         watched += [os.path.join(run_dir(out, t), n) for n in
                     ("last.model", "results.json", "scores.csv", "scalars.csv", "roc.png", "train.log")]
     before = {p: os.stat(p).st_mtime_ns for p in watched}
-    rc, stdout, stderr, seconds = run_main(pipeline["argv"])
+    rc, stdout, stderr, seconds = run_reproduce(pipeline["argv"])
     assert rc == 0, stdout + stderr
     assert {p: os.stat(p).st_mtime_ns for p in watched} == before
     assert stdout.count("finished before, skipped") == 2
@@ -243,7 +195,7 @@ def test_folder_recording_amp_as_a_boolean_is_read_as_on_or_off(pipeline, tmp_pa
         with open(path, "w") as fh:
             json.dump(doc, fh)
         if accepted:
-            rc, stdout, stderr, _ = run_main(argv)
+            rc, stdout, stderr, _ = run_reproduce(argv)
             assert rc == 0, stdout + stderr
             assert stdout.count("finished before, skipped") == 2
             continue
@@ -269,7 +221,7 @@ def test_failing_run_is_reported_and_others_finish(pipeline, tmp_path):
     argv[argv.index("--out") + 1] = out
     i = argv.index("--shift_trans_type")
     argv[i + 1:i + 3] = ["diffusion_rotation", "rotation"]  # the failing run comes first
-    rc, stdout, stderr, _ = run_main(argv)
+    rc, stdout, stderr, _ = run_reproduce(argv)
     assert rc == 1, stdout + stderr
     assert re.search(r"diffusion_rotation 32px seed 0: FAILED \(train: .*not a torch checkpoint", stdout)
     rows = {r["transformation"]: r for r in read_csv(os.path.join(out, "results.csv"))}
@@ -320,7 +272,7 @@ def test_best_checkpoint_other_than_last_is_evaluated_and_reported(pipeline, tmp
     argv[argv.index("--out") + 1] = out
     i = argv.index("--shift_trans_type")
     argv[i + 1:i + 3] = ["rotation"]
-    rc, stdout, stderr, _ = run_main(argv)
+    rc, stdout, stderr, _ = run_reproduce(argv)
     assert rc == 0, stdout + stderr
     with open(os.path.join(d, "results.json")) as fh:
         res = json.load(fh)

@@ -1,6 +1,6 @@
 """reproduce.py --devices (the runs of a study concurrently, one at a time per listed device) and
---nproc_per_run (each run's training under torchrun), on synth_lesion with test_reproduce's
-tiniest budget; the steps run with one torch thread each."""
+--nproc_per_run (each run's training under torchrun), on synth_lesion with the study's
+tiniest budget (helpers.TINY_STUDY); the steps run with one torch thread each."""
 import json
 import os
 import signal
@@ -11,10 +11,10 @@ import time
 import psutil
 import pytest
 
-from test_reproduce import ROOT, TINY, md_tables, read_csv, run_dir, run_main
+from helpers import ROOT, TINY_STUDY, md_tables, read_csv, run_dir, run_reproduce
 
-BASE = [a for a in TINY if a not in ("--device", "cpu")] + ["--shift_trans_type", "rotation", "--seeds", "0", "1",
-                                                            "--no_selection"]
+BASE = [a for a in TINY_STUDY if a not in ("--device", "cpu")] + ["--shift_trans_type", "rotation",
+                                                                  "--seeds", "0", "1", "--no_selection"]
 TIMING_FIELDS = ("train_seconds", "eval_seconds")
 
 
@@ -30,8 +30,8 @@ def sequential_and_concurrent(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         results = {
-            "sequential": run_main(BASE + ["--device", "cpu", "--out", outs["sequential"]]),
-            "concurrent": run_main(BASE + ["--devices", "cpu", "cpu", "--out", outs["concurrent"]]),
+            "sequential": run_reproduce(BASE + ["--device", "cpu", "--out", outs["sequential"]]),
+            "concurrent": run_reproduce(BASE + ["--devices", "cpu", "cpu", "--out", outs["concurrent"]]),
         }
     return outs, results
 
@@ -82,8 +82,8 @@ def test_devices_write_what_a_sequential_run_writes(sequential_and_concurrent):
 
 def test_nproc_per_run_trains_under_torchrun(tmp_path):
     out = str(tmp_path / "out")
-    rc, stdout, stderr, _ = run_main(TINY + ["--shift_trans_type", "rotation", "--no_selection", "--nproc_per_run", "2",
-                                                 "--out", out])
+    rc, stdout, stderr, _ = run_reproduce(TINY_STUDY + ["--shift_trans_type", "rotation", "--no_selection",
+                                                       "--nproc_per_run", "2", "--out", out])
     assert rc == 0, stdout + stderr
     d = run_dir(out, "rotation")
     with open(os.path.join(d, "config.json")) as fh:

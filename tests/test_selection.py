@@ -11,11 +11,8 @@ import eval as eval_program
 import train as train_program
 from cli.args import parse_args
 from common.errors import UserError
-from test_train_eval import TINY
+from helpers import CSI, TINY_TRAIN, TINY_TRAIN_DIGITS, load
 from utils import set_seed
-
-DIGITS = [a if a != "synth_lesion" else "digits" for a in TINY]  # 10 classes: one_class_mean != pooled
-CSI = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation"]
 
 
 def torch_state_after_seed(seed):
@@ -32,10 +29,6 @@ def python_state_after_seed(seed):
     r = random.Random()
     r.seed(seed)
     return r.getstate()
-
-
-def load(path):
-    return torch.load(path, weights_only=False)
 
 
 def test_paper_command_gets_the_paper_selection_by_default():
@@ -101,7 +94,8 @@ def test_evaluation_leaves_the_generators_as_the_paper_does(one_torch_thread):
 @pytest.fixture(scope="module")
 def selected_run(tmp_path_factory, one_torch_thread):
     logdir = tmp_path_factory.mktemp("select") / "run"
-    summary = train_program.main(DIGITS + CSI + ["--logdir", str(logdir), "--epochs", "3", "--ood_samples", "2"])
+    summary = train_program.main(TINY_TRAIN_DIGITS + CSI + ["--logdir", str(logdir), "--epochs", "3",
+                                                            "--ood_samples", "2"])
     return logdir, summary
 
 
@@ -140,7 +134,7 @@ def test_saved_checkpoints_hold_the_models_that_earned_the_values(selected_run):
 
     logdir, _ = selected_run
     sel = json.loads((logdir / "selection.json").read_text())
-    P = parse_args("train", DIGITS + CSI + ["--ood_samples", "2"])
+    P = parse_args("train", TINY_TRAIN_DIGITS + CSI + ["--ood_samples", "2"])
     train_set, test_set, info = get_dataset("digits", "../data")
     normal, test = one_class_split(train_set, test_set, info, 0)
     ev = train_program.make_evaluate(P, normal, test, torch.device("cpu"))
@@ -188,7 +182,7 @@ def test_best_checkpoint_holds_the_weights_of_the_first_highest(values, best_epo
     scripted = ScriptedEvaluation(values)
     monkeypatch.setattr(train_program, "make_evaluate", lambda *args: scripted)
     logdir = tmp_path / "run"
-    train_program.main(TINY + CSI + ["--logdir", str(logdir), "--epochs", "4"])
+    train_program.main(TINY_TRAIN + CSI + ["--logdir", str(logdir), "--epochs", "4"])
     assert len(scripted.seen) == 4
     best = load(logdir / "best_CSI.model")
     assert best["epoch"] == best_epoch and best["selection"]["value"] == values[best_epoch - 1]
@@ -198,11 +192,6 @@ def test_best_checkpoint_holds_the_weights_of_the_first_highest(values, best_epo
     assert last["epoch"] == 4 and all(torch.equal(v, scripted.seen[3][k]) for k, v in last["model"].items())
     sel = json.loads((logdir / "selection.json").read_text())
     assert sel["best_CSI.model"]["epoch"] == best_epoch and sel["last.model"]["epoch"] == 4
-
-
-@pytest.fixture(scope="module")
-def dissolver(tiny_dissolver):
-    return tiny_dissolver
 
 
 def record_draws(monkeypatch):
@@ -235,12 +224,13 @@ def same_draws(a, b):
 
 
 @pytest.mark.parametrize("replay", [True, False])
-def test_replay_repeats_the_draws_after_each_evaluation(replay, dissolver, tmp_path, monkeypatch, one_torch_thread):
+def test_replay_repeats_the_draws_after_each_evaluation(replay, tiny_dissolver, tmp_path, monkeypatch,
+                                                        one_torch_thread):
     steps = record_draws(monkeypatch)
-    train_program.main(TINY + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
-                               "--diffusion_model_path", str(dissolver), "--logdir", str(tmp_path / "run"),
-                               "--epochs", "4", "--ood_samples", "2", "--eval_max_train", "16", "--eval_max_test",
-                               "32"] + (["--paper_rng_replay"] if replay else []))
+    train_program.main(TINY_TRAIN + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
+                                     "--diffusion_model_path", str(tiny_dissolver), "--logdir", str(tmp_path / "run"),
+                                     "--epochs", "4", "--ood_samples", "2", "--eval_max_train", "16",
+                                     "--eval_max_test", "32"] + (["--paper_rng_replay"] if replay else []))
     by_epoch = {e: [s for s in steps if s["epoch"] == e] for e in (1, 2, 3, 4)}
     assert [len(v) for v in by_epoch.values()] == [2, 2, 2, 2]
     assert all(len(s["t"]) == 1 and len(s["t"][0]) == 4 for s in steps)  # K timesteps per step
@@ -266,10 +256,10 @@ def test_resume_is_exact_with_and_without_replay(tmp_path, one_torch_thread):
     final = {}
     for replay in ([], ["--paper_rng_replay"]):
         straight, halves = tmp_path / f"straight{len(replay)}", tmp_path / f"halves{len(replay)}"
-        train_program.main(TINY + common + replay + ["--logdir", str(straight)])
-        train_program.main(TINY + common + replay + ["--logdir", str(halves), "--max_steps", "4"])
+        train_program.main(TINY_TRAIN + common + replay + ["--logdir", str(straight)])
+        train_program.main(TINY_TRAIN + common + replay + ["--logdir", str(halves), "--max_steps", "4"])
         assert load(halves / "last.model")["epoch"] == 2  # interrupted after epoch 2's evaluation
-        train_program.main(TINY + common + replay + ["--resume_path", str(halves)])
+        train_program.main(TINY_TRAIN + common + replay + ["--resume_path", str(halves)])
         for name in ("last.model", "best_CSI.model"):
             a, b = load(straight / name), load(halves / name)
             assert a["epoch"] == b["epoch"]

@@ -10,24 +10,11 @@ import torch
 import eval as eval_program
 import train as train_program
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8", "--max_batches_per_epoch", "2",
-        "--simclr_dim", "16", "--warmup", "1", "--save_step", "1", "--log_every", "1"]
+from helpers import ROOT, TINY_TRAIN, expect_error
 
 
 def run_train(logdir, *extra):
-    return train_program.main(TINY + ["--logdir", str(logdir), *extra])
-
-
-def expect_error(main, argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) >= 1 and err[-1].startswith("error: ")
-    for frag in fragments:
-        assert frag in err[-1], err[-1]
-    return err[-1]
+    return train_program.main(TINY_TRAIN + ["--logdir", str(logdir), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +90,7 @@ def test_resume_continues_exactly(tmp_path):
     run_train(halves, *common, "--max_steps", "2")  # stops after epoch 1
     first = torch.load(halves / "last.model", weights_only=False)
     assert first["epoch"] == 1 and first["step"] == 2
-    summary = train_program.main(TINY + ["--resume_path", str(halves), *common])
+    summary = train_program.main(TINY_TRAIN + ["--resume_path", str(halves), *common])
     assert summary["epoch"] == 2 and summary["step"] == 4
     assert not list(straight.glob("best_*.model"))  # --no_eval: no evaluation, no selection
     assert json.loads((straight / "selection.json").read_text())["evaluations"] == []
@@ -116,8 +103,8 @@ def test_resume_continues_exactly(tmp_path):
 def test_existing_run_is_not_overwritten(trained, capsys):
     logdir, _ = trained
     before = (logdir / "last.model").stat().st_mtime_ns
-    expect_error(train_program.main, TINY + ["--logdir", str(logdir), "--mode", "simclr_CSI",
-                                             "--shift_trans_type", "rotation"], capsys, "--resume_path")
+    expect_error(train_program.main, TINY_TRAIN + ["--logdir", str(logdir), "--mode", "simclr_CSI",
+                                                   "--shift_trans_type", "rotation"], capsys, "--resume_path")
     assert (logdir / "last.model").stat().st_mtime_ns == before
 
 
@@ -136,7 +123,7 @@ def test_existing_run_is_not_overwritten(trained, capsys):
 ])
 def test_train_bad_input(tmp_path, capsys, argv, fragment):
     logdir = tmp_path / "run"
-    expect_error(train_program.main, TINY + ["--logdir", str(logdir)] + argv, capsys, fragment)
+    expect_error(train_program.main, TINY_TRAIN + ["--logdir", str(logdir)] + argv, capsys, fragment)
     assert not logdir.exists()  # nothing half-written
 
 

@@ -7,10 +7,9 @@ from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, W
 from diffusion_models.ddpm import build_diffusion, ddpm_config, read_dissolver_checkpoint
 from diffusion_models.inference_form import ChannelLayerNorm
 from diffusion_models.training_form import StandardisedConv2d, training_form
+from helpers import TINY_DDPM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-TINY = ["--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size", "8", "--grad_accum", "1", "--no_progress"]
 
 
 def diffusion(seed=0):
@@ -90,25 +89,25 @@ def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path, capsys):
 
     ckpt = tmp_path / "d.pt"
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "2", "--save_path", str(ckpt),
-                 "--amp", "on", *TINY])
+                 "--amp", "on", *TINY_DDPM])
     stored = read_dissolver_checkpoint(ckpt)
     assert stored["train_state"]["recipe"]["amp"] is True
     assert stored["meta"]["precision"].startswith("bf16")
     before = ckpt.read_bytes()
     with pytest.raises(SystemExit) as e:
         script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
-                     "--resume", "--amp", "off", *TINY])
+                     "--resume", "--amp", "off", *TINY_DDPM])
     assert e.value.code == 2 and ckpt.read_bytes() == before
     err = capsys.readouterr().err
     assert err.count("--amp") == 1 and "--amp on (now off)" in err, err
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
-                 "--resume", "--amp", "on", *TINY])
+                 "--resume", "--amp", "on", *TINY_DDPM])
     assert read_dissolver_checkpoint(ckpt)["train_state"]["step"] == 3
 
     # bf16 training is not fp32 training: the same recipe in fp32 gives other weights
     fp32 = tmp_path / "f.pt"
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(fp32),
-                 "--amp", "off", *TINY])
+                 "--amp", "off", *TINY_DDPM])
     a, b = read_dissolver_checkpoint(ckpt)["model_state"], read_dissolver_checkpoint(fp32)["model_state"]
     assert read_dissolver_checkpoint(fp32)["meta"]["precision"] == "fp32"
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -121,15 +120,15 @@ def test_checkpoint_from_before_amp_resumes_in_fp32_only(tmp_path):
 
     ckpt = tmp_path / "old.pt"
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "2", "--save_path", str(ckpt),
-                 "--amp", "off", *TINY])
+                 "--amp", "off", *TINY_DDPM])
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     recipe = raw["train_state"]["recipe"]
     del recipe["amp"]  # as written before --amp existed
     atomic_torch_save(raw, ckpt)
     with pytest.raises(SystemExit) as e:
         script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
-                     "--resume", "--amp", "on", *TINY])
+                     "--resume", "--amp", "on", *TINY_DDPM])
     assert e.value.code == 2
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
-                 "--resume", "--amp", "off", *TINY])
+                 "--resume", "--amp", "off", *TINY_DDPM])
     assert read_dissolver_checkpoint(ckpt)["train_state"]["step"] == 3

@@ -28,6 +28,8 @@ from datasets.resolution import check_kind, to_dissolve_resolution
 
 ALL_CHUNKS = (0, 1, 2)
 THIRD_CHUNK = (2,)
+# the blur kernel's side: the paper's --kernel_size default, which its blur shifts are built with
+KERNEL_SIZE = 7
 
 
 def opencv_gaussian_kernel(kernel_size):
@@ -64,8 +66,8 @@ class BlurShift(torch.nn.Module):
     BLURS = ("gaussian", "median", "none")
     shift_inside = True  # dissolve_chunks applies the shift (between blur and resize-back)
 
-    def __init__(self, blur, kernel_size=3, native_kind="small32", diff_resolution=32, resize_to_constant=False,
-                 third_chunk_only=False):
+    def __init__(self, blur, kernel_size=KERNEL_SIZE, native_kind="small32", diff_resolution=32,
+                 resize_to_constant=False, third_chunk_only=False):
         super().__init__()
         if blur not in self.BLURS:
             raise UserError(f"unknown blur {blur!r}; use one of {', '.join(self.BLURS)}")
@@ -93,7 +95,7 @@ class BlurShift(torch.nn.Module):
             value = getattr(P, name, default)
             return default if value is None else value
 
-        return cls(blur, kernel_size=int(arg("kernel_size", 3)), native_kind=native_kind,
+        return cls(blur, kernel_size=int(arg("kernel_size", KERNEL_SIZE)), native_kind=native_kind,
                    diff_resolution=int(arg("diff_resolution", 32)),
                    resize_to_constant=bool(arg("resize_to_constant", False)),
                    third_chunk_only=bool(arg("blur_third_chunk_only", False)))

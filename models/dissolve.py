@@ -271,8 +271,8 @@ def make_dissolve_fn(shift_trans_type, P, device, native_kind):
     ``P.diff_resolution`` with ``P.diffusion_weights``, default ``'online'``), ``blurgaussian_*``, ``blurmedian_*``, ``blurnone_*``.
     Options read from ``P`` (missing ones take the paper's defaults): ``diff_resolution`` (32),
     ``diffusion_offset`` (0.3), ``diffusion_upper_offset`` (1.0), ``diffusion_scheduler``
-    ('uniform'), ``range_correct`` or ``diffusion_range_correct`` (False), ``kernel_size`` (3),
-    ``resize_to_constant`` (False), ``diffusion_model_path``.
+    ('uniform'), ``diffusion_range_correct`` (False), ``kernel_size``
+    (``models.blur.KERNEL_SIZE``, 7), ``resize_to_constant`` (False), ``diffusion_model_path``.
     """
     prefix = str(shift_trans_type).split("_", 1)[0]
     resolution = int(_arg(P, "diff_resolution", 32))
@@ -288,7 +288,7 @@ def make_dissolve_fn(shift_trans_type, P, device, native_kind):
             offset=float(_arg(P, "diffusion_offset", 0.3)),
             upper=float(_arg(P, "diffusion_upper_offset", 1.0)),
             scheduler=_arg(P, "diffusion_scheduler", "uniform"),
-            range_correct=bool(_arg(P, "range_correct", False) or _arg(P, "diffusion_range_correct", False)),
+            range_correct=bool(_arg(P, "diffusion_range_correct", False)),
             compile=bool(_arg(P, "compile_dissolver", False)),
         )
         warn_if_other_data(dissolver.info, getattr(P, "dataset", None), getattr(P, "one_class_idx", None))

@@ -13,13 +13,10 @@ from common.errors import UserError
 from models.blur import BlurShift
 from models.resnet import build_model
 from models.transform_layers import CutPerm, Rotation
+from helpers import random_images
 from training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def images(n, size=16, seed=0, channels=3):
-    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- numpy references
@@ -73,7 +70,7 @@ def np_cutperm(img, k):
 
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_gaussian_is_zero_padded_2d_opencv_kernel(k):
-    x = images(2, 12, seed=k)
+    x = random_images(2, 12, seed=k)
     out = BlurShift("gaussian", k)(x).numpy()
     for i in range(2):
         np.testing.assert_allclose(out[i], np_gauss_zero(x[i].numpy(), k), atol=1e-5, rtol=0)
@@ -86,7 +83,7 @@ def test_gaussian_is_zero_padded_2d_opencv_kernel(k):
 
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_median_is_zero_padded(k):
-    x = images(2, 11, seed=10 + k)
+    x = random_images(2, 11, seed=10 + k)
     out = BlurShift("median", k)(x).numpy()
     for i in range(2):
         np.testing.assert_array_equal(out[i], np_median_zero(x[i].numpy(), k))
@@ -101,7 +98,7 @@ def test_median_is_zero_padded(k):
 def test_resize_to_constant_is_nearest_around_blur_then_shift(size, kind):
     """The paper's order, every dataset kind alike (no MedMNIST padding): nearest resize to
     --diff_resolution, blur, shift k, nearest resize back."""
-    x = images(2, size, seed=size)
+    x = random_images(2, size, seed=size)
     for blur, shift, np_shift in (("gaussian", Rotation(), np_rot), ("none", CutPerm(), np_cutperm)):
         b = BlurShift(blur, 3, native_kind=kind, diff_resolution=16, resize_to_constant=True)
         out = b.dissolve_chunks([x] * 4, epoch=1, shift=shift)
@@ -148,7 +145,7 @@ def test_third_chunk_only_median_matches_opencv(k):
 
 
 def test_third_chunk_only_resizes_like_the_dissolver():
-    x = images(4, 224)
+    x = random_images(4, 224)
     assert torch.equal(BlurShift("none", third_chunk_only=True)(x), x)
     chunks = [x[:2], x[2:]]
     for blur in ("gaussian", "median", "none"):
@@ -185,7 +182,7 @@ def test_blur_step_blurs_all_three_chunks(shift_type):
     trainer, dissolve = _trainer(["--shift_trans_type", shift_type])
     assert dissolve.applies_to == (0, 1, 2)
     b, K = 3, 4
-    x = images(b, 12, seed=3)
+    x = random_images(b, 12, seed=3)
     torch.manual_seed(0)
     views, chunks = trainer.make_views(x)
     assert chunks == 3 and views.shape == (3 * K * b, 3, 12, 12)
@@ -211,7 +208,7 @@ def test_flag_restores_third_chunk_only():
     trainer, dissolve = _trainer(["--shift_trans_type", "blurgaussian_rotation", "--blur_third_chunk_only"])
     assert dissolve.applies_to == (2,)
     b, K = 3, 4
-    x = images(b, 12, seed=4)
+    x = random_images(b, 12, seed=4)
     torch.manual_seed(0)
     views = trainer.make_views(x)[0].numpy()
 

@@ -11,28 +11,10 @@ import datasets.base as dbase
 from common.errors import UserError
 from datasets import DATASET_NAMES, ImageDataset, get_dataset, one_class_split
 from datasets.synth_lesion import generate_synth_lesion
+from helpers import make_folder_dataset, write_image
 
 
 # ----------------------------------------------------------------------------- helpers
-def write_image(path, rgb, size=(12, 10), mode="RGB", fmt=None):
-    """A solid-colour image file (``size`` is (width, height))."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if mode == "L":
-        img = Image.new("L", size, int(rgb))
-    else:
-        img = Image.new("RGB", size, tuple(int(v) for v in rgb))
-    img.save(path, format=fmt)
-
-
-def make_folder_dataset(root, classes, per_class=2, colours=None, splits=("train", "test")):
-    """``root/{split}/<class>/img_<i>.png``; class ``c`` gets a solid colour (its index * 40)."""
-    for split in splits:
-        for ci, c in enumerate(classes):
-            colour = colours[c] if colours else (ci * 40, 100, 200 - ci * 40)
-            for i in range(per_class):
-                write_image(os.path.join(root, split, c, f"img_{i}.png"), colour)
-
-
 def colour_of(x):
     """The solid colour (0..255 ints) of a float image 3 x H x W."""
     return tuple(int(round(v)) for v in (x.mean(dim=(1, 2)) * 255).tolist())

@@ -13,12 +13,12 @@ from common.errors import UserError
 from datasets import DATASET_NAMES, get_dataset, one_class_split
 from datasets.base import FolderStore, high_bit_to_unit
 from datasets.registry import APTOS_ALL_NOTE, APTOS_PAPER_NOTE
+from helpers import write_image
 
 
 def solid(path, value, size=(6, 5)):
     """A solid RGB PNG (``size`` = (width, height)) whose red channel is ``value``."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, (int(value), 50, 60)).save(path)
+    write_image(path, (value, 50, 60), size)
 
 
 def red_of(x):

@@ -7,6 +7,7 @@ import torch
 
 from common.errors import UserError
 from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver
+from helpers import random_images
 from models.blur import BlurShift
 from datasets.resolution import to_dissolve_resolution
 from models.dissolve import Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn, timestep
@@ -27,10 +28,6 @@ def ckpt(tmp_path_factory, diffusion):
     cfg = ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)
     save_dissolver(path, diffusion, diffusion, cfg, {"dataset": "synth_lesion", "one_class_idx": 0})
     return str(path)
-
-
-def images(n, size=32, seed=0):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- timesteps and samplers
@@ -90,7 +87,7 @@ def test_sampler_is_deterministic():
 
 def test_dissolving_is_deterministic_and_changes_the_image(diffusion):
     d = Dissolver(diffusion, "small32")
-    x = images(4)
+    x = random_images(4)
     a, b = d(x, [50]), d(x, [50])
     assert torch.equal(a, b)
     assert (a - x).abs().mean() > 1e-3 and (a - x).abs().max() > 0.02
@@ -100,7 +97,7 @@ def test_dissolving_is_deterministic_and_changes_the_image(diffusion):
 
 def test_batched_chunks_equal_separate_p_sample_calls(diffusion):
     d = Dissolver(diffusion, "small32")
-    chunks = [images(3, seed=s) for s in range(4)]
+    chunks = [random_images(3, seed=s) for s in range(4)]
     ts = [30, 47, 81, 99]
     batched = d(torch.cat(chunks), ts)
     separate = torch.cat([diffusion.p_sample(c, t)[1] for c, t in zip(chunks, ts)])
@@ -111,7 +108,7 @@ def test_dissolving_a_few_images_at_a_time_gives_the_one_call_images(diffusion):
     """On CPU the UNet takes chunk_pixels pixels per call. Calls of 5 images straddle the chunks'
     timesteps and the last is short: the one-call images to float rounding. Calls of 32 images
     (the default at 32 px) under bf16: the same bits."""
-    x = images(12, seed=3)
+    x = random_images(12, seed=3)
     ts = [30, 47, 81, 99]
     whole, parts = Dissolver(diffusion, "small32", chunk_pixels=0), Dissolver(diffusion, "small32",
                                                                              chunk_pixels=5 * 32 * 32)
@@ -123,7 +120,7 @@ def test_dissolving_a_few_images_at_a_time_gives_the_one_call_images(diffusion):
     assert torch.allclose(a, b, atol=1e-5)
     assert (a[:3] - a[3:6]).abs().max() > 1e-2  # the chunks' timesteps differ, so a misplaced one would show
 
-    x = images(128, seed=4)
+    x = random_images(128, seed=4)
     default = Dissolver(diffusion, "small32")
     calls = []
     hook = default.diffusion.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
@@ -142,7 +139,7 @@ def test_compiled_dissolver_dissolves_as_the_eager_one():
     compiled.load_state_dict(eager.state_dict())
     a, b = Dissolver(eager, "small32"), Dissolver(compiled, "small32", compile=True)
     assert type(b.diffusion.model).__name__ == "OptimizedModule" and type(a.diffusion.model).__name__ == "Unet"
-    x = images(8)
+    x = random_images(8)
     ts = [30, 47, 81, 99]
     assert torch.allclose(a(x, ts), b(x, ts), atol=1e-4)
 
@@ -150,7 +147,7 @@ def test_compiled_dissolver_dissolves_as_the_eager_one():
 def test_output_usable_in_autograd(diffusion):
     d = Dissolver(diffusion, "small32")
     w = torch.ones(1, requires_grad=True)
-    (d(images(2), [40]) * w).sum().backward()  # not an inference-mode tensor
+    (d(random_images(2), [40]) * w).sum().backward()  # not an inference-mode tensor
     assert w.grad is not None
     d.train()
     assert not d.diffusion.training  # the network stays frozen in eval mode
@@ -158,7 +155,7 @@ def test_output_usable_in_autograd(diffusion):
 
 def test_dissolve_chunks_draws_one_timestep_per_chunk(diffusion):
     d = Dissolver(diffusion, "small32", scheduler=StepSampler("uniform", 5))
-    chunks = [images(2, seed=s) for s in range(4)]
+    chunks = [random_images(2, seed=s) for s in range(4)]
     out = d.dissolve_chunks(chunks, epoch=3)
     ref_sampler = StepSampler("uniform", 5)
     ts = [timestep(ref_sampler.sample(3), 0.3, 1.0) for _ in range(4)]
@@ -168,7 +165,7 @@ def test_dissolve_chunks_draws_one_timestep_per_chunk(diffusion):
 
 @pytest.mark.parametrize("kind, size", [("medmnist28", 28), ("small32", 32), ("large224", 224)])
 def test_pre_and_post_processing_shapes(diffusion, kind, size):
-    x = images(2, size)
+    x = random_images(2, size)
     y, undo = to_dissolve_resolution(x, kind, 32)
     assert y.shape == (2, 3, 32, 32)
     out = Dissolver(diffusion, kind)(x, [40])
@@ -181,7 +178,7 @@ def test_pre_and_post_processing_shapes(diffusion, kind, size):
 
 @pytest.mark.parametrize("kind, size", [("small32", 32), ("large224", 224)])
 def test_range_correct_relation(diffusion, kind, size):
-    x = images(3, size)
+    x = random_images(3, size)
     default = Dissolver(diffusion, kind)
     correct = Dissolver(diffusion, kind, range_correct=True)
     assert torch.allclose(correct(x, [60]), (default(x * 2 - 1, [60]) + 1) / 2, atol=1e-5)

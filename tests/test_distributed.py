@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 import train as train_program
 from cli.args import parse_args
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 RUN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "4", "--epochs", "1", "--max_steps", "2",
        "--no_eval", "--mode", "simclr_CSI", "--shift_trans_type", "rotation", "--device", "cpu", "--simclr_dim", "16",
        "--log_every", "1"]
@@ -115,7 +114,8 @@ def torchrun(script_and_args, tmp_path, nproc=2, timeout=240):
 def test_resumed_distributed_run_repeats_an_uninterrupted_one(tmp_path):
     """Two processes for 2 epochs straight, and the same run stopped after epoch 1 and resumed
     by two processes: the same weights, bit for bit."""
-    two_epochs = [a for a in RUN if a not in ("--max_steps", "2")] + ["--max_batches_per_epoch", "2"]
+    # 2 steps an epoch: the epoch stops after batch 1 (the paper's rule)
+    two_epochs = [a for a in RUN if a not in ("--max_steps", "2")] + ["--max_batches_per_epoch", "1"]
     one_epoch = [*two_epochs, "--epochs", "1"]
     two_epochs = [*two_epochs, "--epochs", "2"]
     torchrun(["train.py", *two_epochs, "--logdir", tmp_path / "straight"], tmp_path)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from evals.feature_probe import features, lesion_sensitivity, probe_auroc
+from helpers import ROOT
 from models.resnet import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import feature_probe  # noqa: E402
 
 

@@ -1,32 +1,60 @@
-"""Command-line flags shared by ``train.py`` and ``eval.py``.
+"""The command lines of ``train.py`` and ``eval.py``: one parser per program, built from groups.
 
-Flag names and defaults follow CSI and the DIA paper's code, so the paper's commands run
-as written. What CSI enforced silently (e.g. the batch size rule) is a warning here, and
-flag combinations that cannot work are rejected with one clear line.
+==========================  ==================  =================================================
+group                       programs            flags
+==========================  ==================  =================================================
+data                        train, eval         --dataset --data_root --one_class_idx ...
+model                       train, eval         --model --mode --simclr_dim ...
+dissolving                  train               --diffusion_model_path --diff_resolution ...
+training                    train               --epochs --optimizer --lr_init ...
+checkpoints and logs        train               --logdir --resume_path --save_step ...
+evaluation during training  train               --error_step --no_eval --ood_samples ...
+evaluation                  eval                --load_path --ood_score --score_folder ...
+the paper's eval command    eval                --diffusion_offset --diffusion_upper_offset
+runtime                     train, eval         --seed --device --amp --multi_gpu
+==========================  ==================  =================================================
+
+``--data_root``, ``--diff_resolution``, ``--seed``, ``--device`` and ``--amp`` come from
+``common/flags.py``, which reproduce.py and the dissolver's script use too; ``add_model_choice``
+gives reproduce.py the ``--model`` flag. The names a flag chooses from come from the library
+that owns them: the networks from ``models/resnet.py``, the dissolving schedulers from
+``models/dissolve.py``, the blur kernel's default from ``models/blur.py``, the datasets from
+``datasets/names.py`` and ``datasets/ood.py``.
+
+Flag names and defaults follow CSI and the DIA paper's code, so the paper's commands run as
+written. What CSI enforced silently (e.g. the batch size rule) is a warning here, and flag
+combinations that cannot work are rejected with one clear line.
 """
 import argparse
 import math
 
 from common.errors import UserError
+from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed
 
-MODES = ("simclr", "simclr_CSI", "simclr_DIA", "ood_pre", "ood")
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet18_imagenet", "resnet50_imagenet")
-SHIFT_TYPES = (
-    "none", "rotation", "cutperm",
-    "diffusion_rotation", "diffusion_cutperm",
-    "blurgaussian_rotation", "blurgaussian_cutperm",
-    "blurmedian_rotation", "blurmedian_cutperm",
-    "blurnone_rotation", "blurnone_cutperm",
-    # the paper's short names: rotation is the shift that goes with them
-    "diffusion", "blurgaussian", "blurmedian", "blurnone",
-)
-SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
+PROGRAMS = ("train", "eval")
+TRAIN_MODES = ("simclr", "simclr_CSI", "simclr_DIA")
+EVAL_MODES = ("ood_pre", "ood")
+MODES = TRAIN_MODES + EVAL_MODES
+# the shifts of CSI, and the dissolving kinds put before one of them (e.g. diffusion_rotation)
+CSI_SHIFTS = ("rotation", "cutperm")
+DISSOLVE_TYPES = ("diffusion", "blurgaussian", "blurmedian", "blurnone")
+# the paper's short names: a dissolving kind alone goes with rotation
+SHORT_NAMES = {d: f"{d}_rotation" for d in DISSOLVE_TYPES}
+SHIFT_TYPES = ("none",) + CSI_SHIFTS + tuple(f"{d}_{s}" for d in DISSOLVE_TYPES for s in CSI_SHIFTS) \
+    + tuple(SHORT_NAMES)
 OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar")
 # train.py --resume_path: the flags a resumed run may change (its budget, logging, where it runs and
 # where the data lie); any other difference from the saved flags is refused (train.py)
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "num_workers", "data_root", "compile_dissolver")
 # --one_class_idx None: the unlabeled multi-class setting, asked for by name (as CSI's README says it)
 MULTI_CLASS = "None"
+
+
+def model_names():
+    """The networks ``--model`` chooses from: those ``models/resnet.py`` builds."""
+    from models.resnet import _ARCHS
+
+    return tuple(_ARCHS)
 
 
 def class_index(text):
@@ -39,156 +67,283 @@ def class_index(text):
         raise argparse.ArgumentTypeError(f"expected a class index or None, got {text!r}") from None
 
 
-def build_parser(program="train"):
-    from datasets.ood import CIFAR10_OOD, IMAGENET30_OOD
+# --------------------------------------------------------------------------- the groups
 
-    p = argparse.ArgumentParser(
-        prog=f"{program}.py",
-        description=("DIA (Dissolving Is Amplifying) on top of CSI: "
-                     + ("train a contrastive one-class model" if program == "train"
-                        else "score a test set with a trained model and report AUROC")),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+
+def add_model_choice(group, default="resnet18", help=None):
+    group.add_argument("--model", default=default, choices=model_names(),
+                       help=help or "the network: resnet18 (CIFAR-style) for images of <= 32 px, resnet18_imagenet "
+                                    "for 224 px")
+
+
+def add_data_group(p, program):
+    from datasets.names import ALL_DATASET_NAMES
+    from datasets.ood import DEFAULT_OOD, TRAIN_DEFAULT_OOD
+
+    defaults = TRAIN_DEFAULT_OOD if program == "train" else DEFAULT_OOD
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synth_lesion",
-                   help="dataset name (see README: covid, kvasir, retina, aptos, breakhis, chestxray, pneumoniamnist, "
-                        "breastmnist, chestmnist, cifar10, cifar100, imagefolder, digits, synth_lesion, "
-                        "synth_lesion_half, synth_streak, synth_streak_half; imagenet: "
-                        "CSI's ImageNet-30)")
-    g.add_argument("--data_root", default="../data", help="folder that holds the datasets in their distributed layout")
-    g.add_argument("--one_class_idx", type=class_index, default=None,
-                   help="index of the normal class (one-class setting). Left out: CSI's unlabeled multi-class "
-                        "setting (every training image normal, each --ood_dataset the anomalies) where there are "
-                        "out-of-distribution sets (cifar10, imagenet, or --ood_dataset given), else class 0; "
-                        "None: the multi-class setting always")
+                   help="dataset: " + ", ".join(ALL_DATASET_NAMES) + " (imagenet: CSI's ImageNet-30)")
+    add_data_root(g)
+    g.add_argument("--one_class_idx", type=class_index, default=None, metavar="IDX",
+                   help="index of the normal class (one-class setting); None: CSI's unlabeled multi-class setting "
+                        "(every training image normal, each --ood_dataset the anomalies); left out: the "
+                        "multi-class setting where there are out-of-distribution sets (" + ", ".join(defaults)
+                        + ", or --ood_dataset given), else class 0")
     g.add_argument("--ood_dataset", nargs="+", default=None, metavar="NAME",
                    help="multi-class setting: the out-of-distribution sets, each scored against the in-distribution "
-                        "test set (default CSI's: cifar10 " + " ".join(CIFAR10_OOD) + "; imagenet "
-                        + " ".join(IMAGENET30_OOD) + " (train.py: the first three, as CSI's train.py))")
-    g.add_argument("--img_size", type=int, default=None, help="imagefolder only: side the images are resized to (default 224)")
-    g.add_argument("--contamination_ratio", type=float, default=0.0,
-                   help="fraction r of the training set drawn from other classes (adds r/(1-r) times as many)")
-    g.add_argument("--num_workers", type=int, default=0, help="data loading worker processes (folder datasets)")
+                        "test set; left out: CSI's "
+                        + "; ".join(f"{name}: {' '.join(sets)}" for name, sets in defaults.items()))
+    g.add_argument("--img_size", type=int, default=None, metavar="PX",
+                   help="imagefolder only: side the images are resized to; left out: 224")
     g.add_argument("--aptos_all_grades", action="store_true",
                    help="aptos: every grade 1-4 is an anomaly (the paper's code tests grade 0 against grade 1 only)")
+    if program == "train":
+        g.add_argument("--contamination_ratio", type=float, default=0.0,
+                       help="fraction r of the training set drawn from other classes (adds r/(1-r) times as many)")
+        g.add_argument("--num_workers", type=int, default=0,
+                       help="accepted for CSI's commands and not used: the datasets are batched in the main process")
+    return g
 
+
+def add_model_group(p, program):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet18", choices=MODELS,
-                   help="resnet18 (CIFAR-style) for <= 32 px, resnet18_imagenet for 224 px")
-    g.add_argument("--mode", default="simclr_DIA" if program == "train" else "ood_pre", choices=MODES)
+    add_model_choice(g)
+    modes = TRAIN_MODES if program == "train" else EVAL_MODES
+    g.add_argument("--mode", default="simclr_DIA" if program == "train" else "ood_pre",
+                   metavar="{" + ",".join(modes) + "}",
+                   help="training objective: simclr, CSI's shifted contrast, or DIA (CSI's with dissolved views)"
+                   if program == "train" else "ood_pre: CSI's scores of --ood_score; ood: the simple scores "
+                                              "(baseline, clean_norm, similar)")
     g.add_argument("--simclr_dim", type=int, default=128, help="output size of the simclr head")
     g.add_argument("--resnet_width", type=int, default=64,
                    help="CIFAR-style models: channels of the first stage (64 = the paper's network; "
                         "16 or 32 for quick CPU runs)")
-    g.add_argument("--shift_trans_type", default="diffusion_rotation" if program == "train" else "rotation",
-                   choices=SHIFT_TYPES, help="shift transformation (diffusion_*/blur*_* add dissolved views)")
+    if program == "train":
+        g.add_argument("--shift_trans_type", default="diffusion_rotation", choices=SHIFT_TYPES,
+                       help="shift transformation (diffusion_* and blur*_* add dissolved views; a dissolving kind "
+                            "alone, e.g. diffusion, goes with rotation)")
+    else:
+        g.add_argument("--shift_trans_type", default="rotation", choices=SHIFT_TYPES,
+                       help="the shift the model was trained with; --mode ood_pre scores with rotation whatever "
+                            "is given (a warning names any other), and none cannot give --ood_score CSI")
+    return g
 
-    g = p.add_argument_group("dissolving")
-    g.add_argument("--diffusion_model_path", default=None, help="dissolver checkpoint from diffusion_models/train_eval_ddpm.py")
-    g.add_argument("--diff_resolution", type=int, default=32, help="dissolving resolution")
-    g.add_argument("--diffusion_offset", type=float, default=0.3, help="lower end of the timestep range (x100)")
-    g.add_argument("--diffusion_upper_offset", type=float, default=1.0, help="upper end of the timestep range (x100)")
-    g.add_argument("--diffusion_scheduler", default="uniform", choices=SCHEDULERS, help="how the timestep is drawn")
+
+def add_dissolving_group(p):
+    from models.blur import KERNEL_SIZE
+    from models.dissolve import SCHEDULERS
+
+    g = p.add_argument_group("dissolving (--mode simclr_DIA)")
+    g.add_argument("--diffusion_model_path", default=None, metavar="CKPT",
+                   help="dissolver checkpoint written by diffusion_models/train_eval_ddpm.py (needed by diffusion_*)")
+    add_diff_resolution(g)
+    g.add_argument("--diffusion_offset", type=float, default=0.3,
+                   help="lower end of the dissolving timestep range, in hundreds of steps")
+    g.add_argument("--diffusion_upper_offset", type=float, default=1.0,
+                   help="upper end of the dissolving timestep range, in hundreds of steps")
+    g.add_argument("--diffusion_scheduler", default="uniform", choices=SCHEDULERS,
+                   help="how each chunk's timestep is drawn from that range")
     g.add_argument("--diffusion_weights", default="online", choices=("online", "ema"),
                    help="which weights of the dissolver checkpoint dissolve: online (the paper's: the Trainer "
                         "file's 'model') or ema")
-    g.add_argument("--compile_dissolver", action="store_true",
-                   help="torch.compile the dissolver's UNet (inference only; compiled at the first step: seconds "
-                        "with a warm cache, minutes the first time). On a 2-core CPU in bf16 it no longer pays: a "
-                        "DIA step's dissolving took 0.85 s eager, 0.84 s compiled (benchmarks/bench.py)")
     g.add_argument("--diffusion_range_correct", action="store_true",
                    help="feed the dissolver [-1,1] images and map its output back to [0,1] "
                         "(the paper feeds [0,1] and keeps the [-1,1] output)")
-    g.add_argument("--kernel_size", type=int, default=7, help="blur kernel size for blur* shift types")
+    g.add_argument("--compile_dissolver", action="store_true",
+                   help="torch.compile the dissolver's UNet (inference only), compiled at the first step")
+    g.add_argument("--kernel_size", type=int, default=KERNEL_SIZE, help="blur* types: side of the blur kernel (odd)")
     g.add_argument("--resize_to_constant", action="store_true",
                    help="blur* types: blur at --diff_resolution and resize back")
     g.add_argument("--blur_third_chunk_only", action="store_true",
                    help="blur* types: blur only the dissolved chunk, OpenCV-like borders, smooth resizing "
                         "(the paper blurs all three chunks with zero padding and nearest resizing)")
     g.add_argument("--loss_mode", default="shifted_removed", choices=("shifted_removed", "naive"),
-                   help="NT_xent_neg masking of a view and its own dissolved counterpart")
+                   help="the dissolved views are negatives of the contrastive loss: shifted_removed leaves out "
+                        "each view's own dissolved counterpart, naive keeps it")
+    return g
 
+
+def add_training_group(p):
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=1000)
-    g.add_argument("--optimizer", default="lars", choices=("sgd", "lars"))
-    g.add_argument("--lr_scheduler", default="cosine", choices=("cosine", "step_decay"))
-    g.add_argument("--warmup", type=int, default=10, help="warm-up epochs")
-    g.add_argument("--lr_init", type=float, default=0.1)
-    g.add_argument("--weight_decay", type=float, default=1e-6)
-    g.add_argument("--batch_size", type=int, default=128)
-    g.add_argument("--test_batch_size", type=int, default=100)
+    g.add_argument("--epochs", type=int, default=1000, help="epochs of the learning-rate schedule and of the run")
+    g.add_argument("--optimizer", default="lars", choices=("sgd", "lars"),
+                   help="SGD with momentum 0.9, or LARS wrapped around it")
+    g.add_argument("--lr_scheduler", default="cosine", choices=("cosine", "step_decay"),
+                   help="after the warm-up: cosine annealing, or x0.1 at 50%% and 75%% of --epochs")
+    g.add_argument("--warmup", type=int, default=10,
+                   help="warm-up epochs: the rate rises linearly from --lr_init to 10 x --lr_init")
+    g.add_argument("--lr_init", type=float, default=0.1, help="learning rate at the start of the warm-up")
+    g.add_argument("--weight_decay", type=float, default=1e-6, help="the optimiser's weight decay")
+    g.add_argument("--batch_size", type=int, default=128,
+                   help="images per step and process (CSI: 128 views per chunk, i.e. 32 images with 4 shifts)")
     g.add_argument("--sim_lambda", type=float, default=1.0, help="weight of the contrastive loss")
-    g.add_argument("--temperature", type=float, default=0.5)
+    g.add_argument("--temperature", type=float, default=0.5, help="temperature of the contrastive loss")
+    g.add_argument("--resize_factor", type=float, default=0.08,
+                   help="SimCLR augmentation: crop scale drawn from [resize_factor, 1]")
+    g.add_argument("--resize_fix", action="store_true", help="SimCLR augmentation: crop scale fixed at --resize_factor")
     g.add_argument("--max_batches_per_epoch", type=int, default=200,
-                   help="an epoch is capped at this many batches (the paper's code uses 200)")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many steps in total (quick runs)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-    g.add_argument("--amp", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
-                   help="mixed precision (bf16 autocast; fp16 on a GPU without bf16): auto = where the device "
-                        "computes bf16 in hardware (CUDA with bf16, a CPU with AVX512-BF16 or AMX); --amp alone = "
-                        "on; --amp off = fp32 throughout, as the paper's code")
-    g.add_argument("--multi_gpu", action="store_true",
-                   help="gone (it was DataParallel): train.py and eval.py run on several GPUs under torchrun "
-                        "--nproc_per_node=N; passing it is an error that says so")
+                   help="the paper's num_batches_per_epoch: an epoch stops after the batch numbered N, counted "
+                        "from 0, so it trains at most N + 1 steps (the paper's train.py passes 200); with "
+                        "--epoch_steps capped, at most N steps")
+    g.add_argument("--epoch_steps", default="paper", choices=("paper", "capped"),
+                   help="paper: an epoch trains up to --max_batches_per_epoch + 1 batches and a batch's fractional "
+                        "epoch divides its index by the batches of a full pass; capped: at most "
+                        "--max_batches_per_epoch batches, the index divided by the batches the epoch trains")
+    g.add_argument("--drop_last", action="store_true",
+                   help="drop each pass's last batch when it is smaller than the others (the paper's loader keeps "
+                        "it: ceil(N / batch) batches a pass, the last on the N mod batch remaining images)")
+    g.add_argument("--lr_step_timing", default="paper", choices=("paper", "before"),
+                   help="paper: the schedule is stepped after each batch's optimiser step with that batch's "
+                        "fractional epoch, so a batch trains with the rate of the batch before it (the first two "
+                        "steps with --lr_init, the first step past the warm-up at the warm-up's peak); before: each "
+                        "batch trains with the rate of its own fractional epoch")
+    g.add_argument("--linear_main_optim", default="paper", choices=("paper", "off"),
+                   help="paper: the linear head is also in the main optimiser, where it arrives with a zero "
+                        "gradient from the second step on (the paper's torch 1.11 zero_grad), so it takes that "
+                        "optimiser's weight decay and momentum before its own Adam step; off: only its Adam "
+                        "trains it")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many steps in total (quick runs); left out: train all --epochs")
+    return g
 
+
+def add_checkpoint_group(p):
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--logdir", default=None,
-                   help="run folder (default logs/<dataset>_<model>_<mode>_<shift>_one_class_<idx>_seed<seed>); "
-                        "one run per folder, locked while it trains")
-    g.add_argument("--suffix", default=None, help="suffix for the default run folder name")
-    g.add_argument("--resume_path", default=None,
+    g.add_argument("--logdir", default=None, metavar="DIR",
+                   help="run folder, one run per folder, locked while it trains; left out: "
+                        "logs/<dataset>_<model>_<mode>_<shift>_one_class_<idx>_seed<seed>")
+    g.add_argument("--suffix", default=None, help="appended to the default run folder's name")
+    g.add_argument("--resume_path", default=None, metavar="PATH",
                    help="run folder or checkpoint to continue from exactly, with the run's flags: only "
                         + ", ".join("--" + f for f in RESUME_MAY_CHANGE)
-                        + " (and eval.py's own flags) may differ from the saved ones; --logdir: the run's folder, "
+                        + " may differ from the saved ones; --logdir: the run's folder, "
                           "or an empty one to continue it there as a new run")
-    g.add_argument("--load_path", default=None, help="model checkpoint to load (eval, or warm start)")
-    g.add_argument("--no_strict", action="store_true", help="load state dicts non-strictly")
+    g.add_argument("--load_path", default=None, metavar="MODEL",
+                   help="warm start: a new run begins from this model checkpoint's weights")
+    g.add_argument("--no_strict", action="store_true", help="--load_path: load the weights non-strictly")
     g.add_argument("--save_step", type=int, default=10, help="save a checkpoint every N epochs")
+    g.add_argument("--log_every", type=int, default=10, help="log the losses every N steps")
+    return g
+
+
+def add_selection_group(p):
+    """train.py's evaluation during training, which keeps the best model as best_CSI.model."""
+    g = p.add_argument_group("evaluation during training (best_CSI.model)")
     g.add_argument("--error_step", type=int, default=None,
-                   help="train.py: evaluate on the test set every N epochs and keep the best as best_CSI.model "
-                        "(default: every --save_step epochs, as the paper's train.py)")
-    g.add_argument("--no_eval", action="store_true", help="train.py: no evaluation during training (no best_CSI.model)")
+                   help="evaluate on the test set every N epochs and keep the best as best_CSI.model; left out: "
+                        "every --save_step epochs, as the paper's train.py")
+    g.add_argument("--no_eval", action="store_true", help="no evaluation during training (no best_CSI.model)")
+    g.add_argument("--ood_samples", type=int, default=10, help="augmented samples per image and shift")
+    g.add_argument("--test_batch_size", type=int, default=100, help="images per batch of the evaluation")
     g.add_argument("--eval_max_train", type=int, default=None,
-                   help="train.py's evaluation: at most this many normal training images as CSI axes "
-                        "(default: all, as the paper)")
+                   help="at most this many normal training images as CSI axes; left out: all, as the paper")
     g.add_argument("--eval_max_test", type=int, default=None,
-                   help="train.py's evaluation: at most this many test images, a fixed random subset (default: all)")
+                   help="at most this many test images, a fixed random subset; left out: all")
     g.add_argument("--eval_resize_factor", type=float, default=0.54,
-                   help="train.py's evaluation: crop scale drawn from [factor, 1] (the paper's 0.54)")
+                   help="test-time augmentation: crop scale drawn from [factor, 1]; the default is the "
+                        "paper's")
     g.add_argument("--eval_resize_fix", action="store_true",
-                   help="train.py's evaluation: crop scale fixed at --eval_resize_factor (the paper's train.py "
+                   help="test-time augmentation: crop scale fixed at --eval_resize_factor (the paper's train.py "
                         "does not fix it; its eval.py command does)")
     g.add_argument("--paper_rng_replay", action="store_true",
-                   help="train.py: no per-epoch reseeding; each evaluation leaves the random generators seeded "
-                        "as the paper's does, so every later epoch replays the same shuffle, flips, crops and "
+                   help="no per-epoch reseeding; each evaluation leaves the random generators seeded as the "
+                        "paper's does, so every later epoch replays the same shuffle, flips, crops and "
                         "dissolving timesteps")
-    g.add_argument("--log_every", type=int, default=10, help="log the losses every N steps")
-    # torch.distributed.launch passes --local-rank (older: --local_rank); torchrun sets LOCAL_RANK instead
-    g.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return g
 
+
+def add_evaluation_group(p):
     g = p.add_argument_group("evaluation")
+    g.add_argument("--load_path", default=None, metavar="MODEL",
+                   help="the model to evaluate: a checkpoint written by train.py (required)")
+    g.add_argument("--no_strict", action="store_true", help="load the model's weights non-strictly")
     g.add_argument("--ood_score", nargs="+", default=None, choices=OOD_SCORES,
-                   help="scores to compute (default: CSI for --mode ood_pre, baseline for --mode ood)")
-    g.add_argument("--ood_layer", nargs="+", default=["simclr", "shift"], choices=("penultimate", "simclr", "shift"))
-    g.add_argument("--ood_samples", type=int, default=10 if program == "train" else 1,
-                   help="augmented samples per image and shift (train.py: of its evaluation, the paper's 10)")
-    g.add_argument("--ood_batch_size", type=int, default=100)
-    g.add_argument("--resize_factor", type=float, default=0.08, help="crop scale drawn from [resize_factor, 1]")
-    g.add_argument("--resize_fix", action="store_true", help="crop scale fixed at resize_factor")
+                   help="scores to compute; left out: CSI for --mode ood_pre, baseline for --mode ood")
+    g.add_argument("--ood_layer", nargs="+", default=["simclr", "shift"], choices=("penultimate", "simclr", "shift"),
+                   help="--mode ood: the layer the simple scores read (the first one given)")
+    g.add_argument("--ood_samples", type=int, default=1, help="augmented samples per image and shift")
+    g.add_argument("--ood_batch_size", type=int, default=100, help="images per batch while scoring")
+    g.add_argument("--test_batch_size", type=int, default=100,
+                   help="images per batch of CSI's interp set (out-of-distribution images made from the test set)")
+    g.add_argument("--resize_factor", type=float, default=0.08,
+                   help="test-time augmentation: crop scale drawn from [resize_factor, 1]")
+    g.add_argument("--resize_fix", action="store_true",
+                   help="test-time augmentation: crop scale fixed at --resize_factor")
     g.add_argument("--print_score", action="store_true", help="print quantiles of the scores")
-    g.add_argument("--save_score", action="store_true", help="save raw scores next to the model")
-    g.add_argument("--save_results", default=None, help="write the AUROCs as JSON to this path")
-    g.add_argument("--save_scores_csv", default=None, help="write every test image's score to this CSV")
-    g.add_argument("--score_folder", default=None,
+    g.add_argument("--save_score", action="store_true", help="save the raw scores next to the model")
+    g.add_argument("--save_results", default=None, metavar="JSON", help="write the AUROCs as JSON to this path")
+    g.add_argument("--save_scores_csv", default=None, metavar="CSV", help="write every test image's score to this CSV")
+    g.add_argument("--score_folder", default=None, metavar="DIR",
                    help="score the images of this folder instead of the test set (writes --save_scores_csv)")
     g.add_argument("--threshold_quantile", type=float, default=0.05,
                    help="--score_folder: images scoring below this quantile of the normal training scores are flagged")
+    return g
+
+
+def add_paper_eval_group(p):
+    """Flags of the paper's eval.py command that evaluation has no use for: accepted, so that the
+    command runs as written."""
+    g = p.add_argument_group("the paper's eval.py command")
+    for flag in ("--diffusion_offset", "--diffusion_upper_offset"):
+        g.add_argument(flag, type=float, default=None,
+                       help="accepted so that the paper's command runs as written; evaluation does not dissolve")
+    return g
+
+
+def add_runtime_group(p, program):
+    g = p.add_argument_group("runtime")
+    add_seed(g, "seed of the data split and of every random draw" + (" (initial weights, data order, "
+                "augmentations, dissolving timesteps)" if program == "train" else " (the augmented samples)"))
+    add_device(g)
+    add_amp(g, what="the forward passes (fp16 on a GPU without bf16)")
+    g.add_argument("--multi_gpu", action="store_true",
+                   help="refused with the command to run instead: several GPUs take torchrun --nproc_per_node=N")
+    # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK instead
+    g.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                   help="set by torch.distributed.launch; the process's rank on its machine")
+    return g
+
+
+# --------------------------------------------------------------------------- the parsers
+
+
+def build_train_parser():
+    p = argparse.ArgumentParser(prog="train.py", formatter_class=HelpFormatter,
+                                description="DIA (Dissolving Is Amplifying) on top of CSI: train a contrastive "
+                                            "one-class model.")
+    add_data_group(p, "train")
+    add_model_group(p, "train")
+    add_dissolving_group(p)
+    add_training_group(p)
+    add_checkpoint_group(p)
+    add_selection_group(p)
+    add_runtime_group(p, "train")
     return p
 
 
+def build_eval_parser():
+    p = argparse.ArgumentParser(prog="eval.py", formatter_class=HelpFormatter,
+                                description="DIA (Dissolving Is Amplifying) on top of CSI: score a test set with a "
+                                            "model trained by train.py and report AUROC.")
+    add_data_group(p, "eval")
+    add_model_group(p, "eval")
+    add_evaluation_group(p)
+    add_paper_eval_group(p)
+    add_runtime_group(p, "eval")
+    return p
+
+
+def build_parser(program="train"):
+    """The parser of ``train.py`` or ``eval.py``."""
+    if program not in PROGRAMS:
+        raise ValueError(f"program must be one of {', '.join(PROGRAMS)}, got {program!r}")
+    return build_train_parser() if program == "train" else build_eval_parser()
+
+
 def parse_args(program="train", argv=None):
-    """Parse and check the flags; raise UserError for combinations that make no sense."""
+    """Parse ``program``'s flags (``"train"`` or ``"eval"``) and check them; raise UserError for
+    combinations that make no sense."""
     P = build_parser(program).parse_args(argv)
     P.program = program
     normalise_args(P)
@@ -227,18 +382,20 @@ def check_numbers(P):
 
 def normalise_args(P):
     """Derive the shift bookkeeping and reject contradictions."""
-    short = {"diffusion": "diffusion_rotation", "blurgaussian": "blurgaussian_rotation",
-             "blurmedian": "blurmedian_rotation", "blurnone": "blurnone_rotation"}
-    P.shift_trans_type = short.get(P.shift_trans_type, P.shift_trans_type)
+    P.shift_trans_type = SHORT_NAMES.get(P.shift_trans_type, P.shift_trans_type)
     P.dissolve_type = P.shift_trans_type.split("_")[0] if "_" in P.shift_trans_type else None
     P.base_shift = P.shift_trans_type.split("_")[-1]  # rotation | cutperm | none
-    if P.ood_score is None:  # before any check reads it
+    if P.program == "eval" and P.ood_score is None:  # before any check reads it
         P.ood_score = ["baseline"] if P.mode == "ood" else ["CSI"]
     check_numbers(P)
+    own, other = (TRAIN_MODES, "eval.py") if P.program == "train" else (EVAL_MODES, "train.py")
+    if P.mode not in own:
+        if P.mode in MODES:
+            what = "an evaluation mode" if P.program == "train" else "a training mode"
+            raise UserError(f"--mode {P.mode} is {what}: run {other}")
+        raise UserError(f"unknown --mode {P.mode}; use one of {', '.join(own)}")
 
     if P.program == "train":
-        if P.mode in ("ood_pre", "ood"):
-            raise UserError(f"--mode {P.mode} is an evaluation mode: run eval.py")
         if P.mode == "simclr_DIA" and P.dissolve_type is None:
             raise UserError(f"--mode simclr_DIA needs a dissolving shift type (e.g. diffusion_rotation, "
                             f"blurgaussian_rotation), got --shift_trans_type {P.shift_trans_type}")
@@ -269,8 +426,6 @@ def normalise_args(P):
 
             check_run_folder(P.logdir, "--logdir")
     else:
-        if P.mode not in ("ood_pre", "ood"):
-            raise UserError(f"eval.py runs --mode ood_pre or ood, got --mode {P.mode} (training modes belong to train.py)")
         if not P.load_path:
             raise UserError("eval.py needs --load_path MODEL (a checkpoint written by train.py, e.g. logs/<run>/last.model)")
         if P.base_shift != "rotation" and P.mode == "ood_pre" and "CSI" in P.ood_score and P.base_shift == "none":
@@ -283,13 +438,14 @@ def normalise_args(P):
             raise UserError(f"--ood_samples must be at least 1, got {P.ood_samples}")
     if not 0.0 < P.resize_factor <= 1.0:
         raise UserError(f"--resize_factor must lie in (0, 1], got {P.resize_factor}")
-    if not 0.0 <= P.contamination_ratio < 1.0:
-        raise UserError(f"--contamination_ratio must lie in [0, 1), got {P.contamination_ratio}")
-    if P.diffusion_offset > P.diffusion_upper_offset:
-        raise UserError(f"--diffusion_offset ({P.diffusion_offset}) is above --diffusion_upper_offset "
-                        f"({P.diffusion_upper_offset})")
-    if P.kernel_size < 1 or P.kernel_size % 2 == 0:
-        raise UserError(f"--kernel_size must be a positive odd number, got {P.kernel_size}")
+    if P.program == "train":
+        if not 0.0 <= P.contamination_ratio < 1.0:
+            raise UserError(f"--contamination_ratio must lie in [0, 1), got {P.contamination_ratio}")
+        if P.diffusion_offset > P.diffusion_upper_offset:
+            raise UserError(f"--diffusion_offset ({P.diffusion_offset}) is above --diffusion_upper_offset "
+                            f"({P.diffusion_upper_offset})")
+        if P.kernel_size < 1 or P.kernel_size % 2 == 0:
+            raise UserError(f"--kernel_size must be a positive odd number, got {P.kernel_size}")
 
     resolve_setting(P)
 
@@ -325,7 +481,7 @@ def resolve_setting(P):
         return P
     from datasets.ood import check_ood_names, default_ood_names
 
-    if P.contamination_ratio:
+    if getattr(P, "contamination_ratio", 0.0):  # a train.py flag
         raise UserError(f"--contamination_ratio {P.contamination_ratio} needs a normal class: in the multi-class "
                         f"setting every training image is normal (give --one_class_idx)")
     names = P.ood_dataset if P.ood_dataset is not None else list(default_ood_names(P.dataset, P.program))

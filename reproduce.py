@@ -53,7 +53,11 @@ import shlex
 import signal
 import sys
 
+from cli.args import CSI_SHIFTS, DISSOLVE_TYPES, MULTI_CLASS, SHORT_NAMES, add_model_choice
+from cli.args import class_index as parse_class_index
 from common.errors import UserError, exit_on_user_error
+from common.flags import DATA_ROOT, DIFF_RESOLUTION, HelpFormatter, add_amp, add_data_root, add_device, \
+    add_diff_resolution
 from study import steps
 from study.plan import make_plan, uses_resolution
 from study.schedule import device_slots, run_all
@@ -63,23 +67,20 @@ from study.steps import Interrupted, _on_signal
 from study.runs import eval_command  # noqa: F401
 from study.steps import run_step, step_env  # noqa: F401
 
-CSI_SHIFTS = ("rotation", "cutperm")
-DISSOLVE_TYPES = ("diffusion", "blurgaussian", "blurmedian", "blurnone")
 TRANSFORMATIONS = CSI_SHIFTS + tuple(f"{d}_{s}" for d in DISSOLVE_TYPES for s in CSI_SHIFTS)
-SHORT_NAMES = {d: f"{d}_rotation" for d in DISSOLVE_TYPES}
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet18_imagenet", "resnet50_imagenet")
 
-# Values a flag takes when neither the command line nor a preset sets it.
+# Values a flag takes when neither the command line nor a preset sets it (None: the step's own
+# default, or the words of the flag's help).
 DEFAULTS = {
-    "dataset": None, "data_root": "../data", "one_class_idx": None, "ood_dataset": None,
+    "dataset": None, "data_root": DATA_ROOT, "one_class_idx": None, "ood_dataset": None,
     "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"], "seeds": [0],
-    "diff_resolution": [32], "resize_to_constant": False, "model": None,
+    "diff_resolution": [DIFF_RESOLUTION], "resize_to_constant": False, "model": None,
     "epochs": None, "batch_size": 32, "max_batches_per_epoch": None, "max_steps": None, "warmup": None,
     "resnet_width": None, "log_every": None, "ood_samples": 10, "amp": "auto", "device": None,
     "devices": None, "nproc_per_run": 1,
     "ddpm_train_steps": 156_250, "ddpm_unet_dim": 64, "ddpm_batch_size": 256, "ddpm_grad_accum": 2,
     "save_step": 1, "selection": True, "selection_samples": 10, "selection_max_images": None,
-    "train_args": "", "out": None,
+    "train_args": None, "out": None,
 }
 
 # --preset quick: the README's main job, sized (by measurement) to finish in about ten
@@ -103,104 +104,102 @@ PRESETS = {
 # --------------------------------------------------------------------------- flags
 
 
-def build_parser():
+def build_parser(preset=None):
+    """reproduce.py's flags; a flag left out takes ``preset``'s value, else ``DEFAULTS``'s (both
+    shown by --help)."""
     p = argparse.ArgumentParser(
         prog="reproduce.py",
         description="DIA reproduction pipeline: dissolver, training, evaluation, figures and the paper's "
                     "table for every dataset x class x transformation x resolution x seed.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Flags left out take the preset's value (--preset), else the default shown. Runs already "
                "finished in --out are skipped.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="quick: synth_streak, rotation vs blurgaussian_rotation vs diffusion_rotation, a "
-                        "CPU-sized budget (about 10 minutes on 2 cores)")
+                   help="quick: synth_streak, rotation vs blurgaussian_rotation vs diffusion_rotation, on a budget "
+                        "sized for a CPU")
     g = p.add_argument_group("what to run")
-    g.add_argument("--dataset", nargs="+", default=None, help="one or more dataset names (required without --preset)")
-    g.add_argument("--data_root", default=None, help="folder holding the datasets (default ../data)")
-    g.add_argument("--one_class_idx", type=class_index, nargs="+", default=None,
+    g.add_argument("--dataset", nargs="+", help="one or more dataset names (required without --preset)")
+    add_data_root(g)
+    g.add_argument("--one_class_idx", type=class_index, nargs="+", metavar="IDX",
                    help="normal class(es), or None for CSI's unlabeled multi-class setting; left out: multi-class "
                         "for datasets with out-of-distribution sets (cifar10, imagenet, or --ood_dataset given), "
                         "class 0 for the others")
-    g.add_argument("--ood_dataset", nargs="+", default=None, metavar="NAME",
-                   help="multi-class setting: the out-of-distribution sets (default CSI's for cifar10 and imagenet)")
-    g.add_argument("--shift_trans_type", nargs="+", default=None, metavar="TRANSFORMATION",
-                   help=f"transformations to compare (default rotation blurgaussian_rotation diffusion_rotation; "
-                        f"any of {', '.join(TRANSFORMATIONS)})")
-    g.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0)")
-    g.add_argument("--diff_resolution", type=int, nargs="+", default=None,
-                   help="dissolving resolution(s) (default 32); one dissolver is trained per resolution")
-    g.add_argument("--resize_to_constant", action="store_true", default=None,
+    g.add_argument("--ood_dataset", nargs="+", metavar="NAME",
+                   help="multi-class setting: the out-of-distribution sets; left out: CSI's for cifar10 and "
+                        "imagenet")
+    g.add_argument("--shift_trans_type", nargs="+", metavar="TRANSFORMATION",
+                   help=f"transformations to compare, any of {', '.join(TRANSFORMATIONS)}")
+    g.add_argument("--seeds", type=int, nargs="+", help="seeds, one run each")
+    add_diff_resolution(g, nargs="+", help="dissolving resolution(s) in pixels; one dissolver is trained per "
+                                           "resolution")
+    g.add_argument("--resize_to_constant", action="store_true",
                    help="blur* transformations blur at --diff_resolution (otherwise at the image size)")
-    g.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
+    g.add_argument("--out", help="run folder; left out: runs/<dataset>")
     g = p.add_argument_group("training and evaluation budget (passed to train.py / eval.py)")
-    g.add_argument("--model", choices=MODELS, default=None,
-                   help="default: resnet18 for datasets of <= 64 px, resnet18_imagenet for larger ones")
-    g.add_argument("--epochs", type=int, default=None, help="train.py --epochs (default: train.py's)")
-    g.add_argument("--batch_size", type=int, default=None, help="train.py --batch_size (default 32, the paper's)")
-    g.add_argument("--max_batches_per_epoch", type=int, default=None, help="train.py --max_batches_per_epoch")
-    g.add_argument("--max_steps", type=int, default=None, help="train.py --max_steps")
-    g.add_argument("--warmup", type=int, default=None, help="train.py --warmup (epochs)")
-    g.add_argument("--resnet_width", type=int, default=None, help="train.py --resnet_width (default 64)")
-    g.add_argument("--log_every", type=int, default=None, help="train.py --log_every (steps between loss records)")
-    g.add_argument("--ood_samples", type=int, default=None, help="eval.py --ood_samples (default 10, the paper's)")
-    g.add_argument("--amp", nargs="?", const="on", default=None, choices=("auto", "on", "off"),
-                   help="train.py / eval.py / the dissolver's training --amp: bf16 autocast; auto (default) = where the device computes bf16 "
-                        "in hardware; --amp alone = on; off = fp32, as the paper's code")
-    g.add_argument("--no_amp", action="store_const", const="off", dest="amp", default=None, help="--amp off")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N for every step (default: CUDA when present)")
-    g.add_argument("--devices", nargs="+", default=None, metavar="DEV",
+    add_model_choice(g, default=None,
+                     help="left out: resnet18 for datasets of <= 64 px, resnet18_imagenet for larger ones")
+    g.add_argument("--epochs", type=int, help="train.py --epochs; left out: train.py's")
+    g.add_argument("--batch_size", type=int, help="train.py --batch_size, by default the paper's")
+    g.add_argument("--max_batches_per_epoch", type=int, help="train.py --max_batches_per_epoch; left out: train.py's")
+    g.add_argument("--max_steps", type=int, help="train.py --max_steps; left out: no cap")
+    g.add_argument("--warmup", type=int, help="train.py --warmup (epochs); left out: train.py's")
+    g.add_argument("--resnet_width", type=int, help="train.py --resnet_width; left out: train.py's")
+    g.add_argument("--log_every", type=int, help="train.py --log_every (steps between loss records); left out: "
+                                                 "train.py's")
+    g.add_argument("--ood_samples", type=int, help="eval.py --ood_samples, by default the paper's")
+    add_amp(g, what="the forward passes of train.py, eval.py and the dissolver's training")
+    g.add_argument("--no_amp", action="store_const", const="off", dest="amp", help="--amp off")
+    add_device(g, help="cpu, cuda or cuda:N for every step; left out: CUDA when present, else the CPU")
+    g.add_argument("--devices", nargs="+", metavar="DEV",
                    help="run the study's runs concurrently, one run at a time per listed device (cpu, cuda or "
                         "cuda:N; a device listed twice takes two runs at once), each run's train.py and eval.py "
                         "getting --device DEV; every dissolver the runs need is trained first, one after another, "
                         "on the first listed device. Results, tables and figures are those of a sequential run "
                         "(rows in plan order), the tables rewritten as runs finish. Not with --device")
-    g.add_argument("--nproc_per_run", type=int, default=None, metavar="N",
+    g.add_argument("--nproc_per_run", type=int, metavar="N",
                    help="N > 1 trains each run under torchrun (python -m torch.distributed.run --standalone "
                         "--nproc_per_node N train.py ...): DDP, --batch_size per process, so a global batch of N x "
-                        "--batch_size; evaluation stays one process (default 1). On CPU (gloo) the N processes share "
+                        "--batch_size; evaluation stays one process. On CPU (gloo) the N processes share "
                         "the run's CPU (with --devices: each cpu entry runs one run of N processes). On CUDA rank r "
                         "uses GPU r of those visible, so with --device cuda a run takes GPUs 0..N-1; with --devices "
                         "the cuda:K entries are taken N at a time, each group running one run that sees only its "
                         "GPUs (CUDA_VISIBLE_DEVICES), e.g. --devices cuda:0 cuda:1 cuda:2 cuda:3 --nproc_per_run 2 "
                         "runs two runs at once on GPUs 0,1 and 2,3")
-    g.add_argument("--train_args", default=None,
+    g.add_argument("--train_args",
                    help="more train.py flags as one string, written with '=' "
                         "(e.g. --train_args='--diffusion_scheduler beta_skewed')")
     g = p.add_argument_group("checkpoint selection (train.py's evaluation during training, as the paper's)")
-    g.add_argument("--save_step", type=int, default=None,
-                   help="train.py --save_step: save and evaluate every N epochs (default 1, the paper's command)")
-    g.add_argument("--selection_samples", type=int, default=None,
-                   help="samples per image of that evaluation (train.py --ood_samples; default 10, the paper's)")
-    g.add_argument("--selection_max_images", type=int, default=None,
-                   help="evaluate on at most N normal training and N test images (default: all, as the paper)")
-    g.add_argument("--no_selection", action="store_false", dest="selection", default=None,
+    g.add_argument("--save_step", type=int,
+                   help="train.py --save_step: save and evaluate every N epochs, by default the paper's command's")
+    g.add_argument("--selection_samples", type=int,
+                   help="samples per image of that evaluation (train.py --ood_samples), by default the paper's")
+    g.add_argument("--selection_max_images", type=int,
+                   help="evaluate on at most N normal training and N test images; left out: all, as the paper")
+    g.add_argument("--no_selection", action="store_false", dest="selection",
                    help="no evaluation during training (train.py --no_eval): no best_CSI.model column")
     g = p.add_argument_group("dissolver budget (passed to diffusion_models/train_eval_ddpm.py)")
-    g.add_argument("--ddpm_train_steps", type=int, default=None,
-                   help="optimiser steps (default 156,250: the paper's model-5.pt)")
-    g.add_argument("--ddpm_unet_dim", type=int, default=None, help="UNet width (default 64, the paper's)")
-    g.add_argument("--ddpm_batch_size", type=int, default=None, help="images per micro-batch (default 256, the paper's)")
-    g.add_argument("--ddpm_grad_accum", type=int, default=None,
-                   help="micro-batches per optimiser step (default 2, the paper's)")
+    g.add_argument("--ddpm_train_steps", type=int,
+                   help="optimiser steps, by default the paper's model-5.pt")
+    g.add_argument("--ddpm_unet_dim", type=int, help="UNet width, by default the paper's")
+    g.add_argument("--ddpm_batch_size", type=int, help="images per micro-batch, by default the paper's")
+    g.add_argument("--ddpm_grad_accum", type=int, help="micro-batches per optimiser step, by default the paper's")
+    p.set_defaults(**DEFAULTS)
+    p.set_defaults(**PRESETS.get(preset, {}))
     return p
 
 
 def class_index(text):
     """``--one_class_idx``: a class index, or ``None`` (the multi-class setting)."""
-    from cli.args import MULTI_CLASS, class_index as parse
-
-    value = parse(text)
+    value = parse_class_index(text)
     return None if value == MULTI_CLASS else value
 
 
 def resolve_args(argv=None):
-    """Parse ``argv`` and fill unset flags from the preset, then from ``DEFAULTS``."""
-    ns = build_parser().parse_args(argv)
-    preset = PRESETS.get(ns.preset, {})
-    for key, default in DEFAULTS.items():
-        if getattr(ns, key) is None:
-            setattr(ns, key, preset.get(key, default))
-    return ns
+    """Parse ``argv``; a flag left out takes the preset's value (``--preset``), else ``DEFAULTS``'s."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    known, _ = first.parse_known_args(argv)
+    return build_parser(known.preset).parse_args(argv)
 
 
 def normalise_transformations(names):

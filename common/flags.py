@@ -18,10 +18,11 @@ DIFF_RESOLUTION = 32
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions as written, and each flag's default after its help. Not shown: a default of
-    None (the help says in words what leaving the flag out does) and a switch's (off)."""
+    None (the help says in words what leaving the flag out does) and a switch's (a flag without a
+    value: its help says what giving it does)."""
 
     def _get_help_string(self, action):
-        if action.default is None or (action.nargs == 0 and isinstance(action.default, bool)):
+        if action.default is None or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 

@@ -20,22 +20,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --------------------------------------------------------------------------- the tiniest flags of each program
 
-# train.py on synth_lesion: ResNet width 8, batches of 8, 2 steps an epoch, saved and logged every epoch/step
-TINY_TRAIN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8", "--max_batches_per_epoch", "2",
+# train.py on synth_lesion: ResNet width 8, batches of 8, 2 steps an epoch (the paper's rule: an epoch stops
+# after the batch numbered --max_batches_per_epoch, counted from 0: batches 0 and 1), saved and logged every
+# epoch/step
+TINY_TRAIN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8", "--max_batches_per_epoch", "1",
               "--simclr_dim", "16", "--warmup", "1", "--save_step", "1", "--log_every", "1"]
 # the same on digits (10 classes: one_class_mean differs from pooled)
 TINY_TRAIN_DIGITS = [a if a != "synth_lesion" else "digits" for a in TINY_TRAIN]
 # the same on digits with mixed precision: the multi-class and OOD-set runs
 TINY_MULTICLASS = TINY_TRAIN_DIGITS + ["--amp"]
-# train.py on synth_lesion for one epoch of 2 steps without evaluation: the dissolving-shift pipeline
+# train.py on synth_lesion for one epoch of 2 steps (batches 0 and 1) without evaluation: the dissolving-shift
+# pipeline
 TINY_TRAIN_NO_EVAL = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8",
-                      "--max_batches_per_epoch", "2", "--simclr_dim", "16", "--warmup", "1", "--epochs", "1",
+                      "--max_batches_per_epoch", "1", "--simclr_dim", "16", "--warmup", "1", "--epochs", "1",
                       "--no_eval"]
 # CSI's shift: train.py's simclr_CSI with rotation
 CSI = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation"]
 
 # the dissolver's trainer (diffusion_models/train_eval_ddpm.py): UNet dim 8, batches of 8, no progress bar
 TINY_DDPM = ["--unet_dim", "8", "--dim_mults", "1", "2", "--batch_size", "8", "--grad_accum", "1", "--no_progress"]
+
+
+def tiny_ddpm_config(**kw):
+    """The dissolver's configuration at its tiniest (UNet dim 8, two levels, 10 sampling steps), with ``kw`` over it."""
+    from diffusion_models.ddpm import ddpm_config
+
+    return ddpm_config(**dict(dict(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10), **kw))
+
+
+def tiny_diffusion(seed=0, **kw):
+    """A freshly initialised diffusion model of ``tiny_ddpm_config(**kw)``, its weights drawn after ``seed``."""
+    from diffusion_models.ddpm import build_diffusion
+
+    torch.manual_seed(seed)
+    return build_diffusion(tiny_ddpm_config(**kw))
 
 # reproduce.py: synth_lesion class 0, seed 0, 2 training steps, a dissolver of 2 steps, on the CPU
 TINY_STUDY = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0",

@@ -30,7 +30,7 @@ SELECT = ["--ood_samples", "1", "--eval_max_train", "16", "--eval_max_test", "32
 RUN = TINY_TRAIN + CSI + SELECT + ["--epochs", "2"]  # 2 epochs of 2 steps, evaluated and saved after each
 DDPM = ["--mode", "train", "--dataset", "synth_lesion", *TINY_DDPM, "--train_steps", "4", "--save_every", "1"]
 PIPE = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0", "--shift_trans_type", "rotation",
-        "--resnet_width", "8", "--batch_size", "8", "--epochs", "2", "--max_batches_per_epoch", "2", "--warmup", "1",
+        "--resnet_width", "8", "--batch_size", "8", "--epochs", "2", "--max_batches_per_epoch", "1", "--warmup", "1",
         "--log_every", "1", "--ood_samples", "1", "--no_selection", "--device", "cpu"]
 TIMING = ("train_seconds", "eval_seconds", "reused")  # results.csv columns that differ between any two runs
 

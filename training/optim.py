@@ -1,12 +1,11 @@
-"""LARS over SGD and the learning-rate schedule of CSI.
+"""LARS over SGD, and the learning rate at a fractional epoch (CSI's schedule).
 
 LARS is a few lines (docs/method.md §3, step 8); a package exists (torchlars) but it compiles a CUDA
 extension at install time, so it is written here.
 """
-import bisect
-import math
-
 import torch
+
+from training.schedule import lr_at_fraction
 
 
 class LARS(torch.optim.Optimizer):
@@ -73,16 +72,10 @@ def make_optimizer(params, P):
 
 def lr_at(epoch, P, multiplier=10.0):
     """Learning rate at a fractional epoch: linear warm-up from lr_init to lr_init*multiplier
-    over --warmup epochs, then cosine annealing over --epochs (or x0.1 at 50% and 75%)."""
-    base = P.lr_init
-    if P.warmup > 0 and epoch <= P.warmup:
-        return base * ((multiplier - 1.0) * epoch / P.warmup + 1.0)
-    peak = base * multiplier
-    e = epoch - P.warmup
-    if P.lr_scheduler == "cosine":
-        return peak * (1 + math.cos(math.pi * e / P.epochs)) / 2
-    milestones = [int(0.5 * P.epochs), int(0.75 * P.epochs)]
-    return peak * 0.1 ** bisect.bisect_right(milestones, e)
+    over --warmup epochs, then cosine annealing over --epochs (or x0.1 at 50% and 75%)
+    (``training.schedule.lr_at_fraction`` with the flags' numbers; which fraction a step trains
+    with is ``training.schedule.step_lr``'s)."""
+    return lr_at_fraction(epoch, P.lr_init, P.warmup, P.epochs, P.lr_scheduler, multiplier)
 
 
 def set_lr(optimizer, lr):

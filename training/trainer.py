@@ -13,9 +13,10 @@ from common.checkpoint_io import MODEL_CHECKPOINT_KIND
 from common.errors import UserError
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
 from training.contrastive_loss import NT_xent, NT_xent_neg
-from training.optim import lr_at, make_optimizer, set_lr
-from utils import (atomic_torch_save, atomic_write_json, autocast_for, batch_indices, fault_point, rng_state,
-                   set_rng_state, set_seed)
+from training import schedule
+from training.optim import make_optimizer, set_lr
+from utils import (atomic_torch_save, atomic_write_json, autocast_for, fault_point, rng_state, set_rng_state,
+                   set_seed)
 
 CHECKPOINT_KIND = MODEL_CHECKPOINT_KIND
 LAST_RULE = "the model at the end of training (saved every --save_step epochs and at the last epoch)"
@@ -100,6 +101,14 @@ class Trainer:
         self.optimizer = make_optimizer(body, P)
         self.linear_optim = torch.optim.Adam(model.linear.parameters(), lr=1e-3, betas=(0.9, 0.999),
                                              weight_decay=P.weight_decay)
+        # The paper's main optimiser holds every parameter, the linear head's too, and under its
+        # torch 1.11 zero_grad() zeroes gradients instead of dropping them: from the second step on
+        # the head reaches that optimiser with a zero gradient, so it takes its weight decay and
+        # momentum (LARS: factor 1 on a zero gradient) before its own Adam step. A second optimiser
+        # of the same kind and rates does that here (every update is per parameter), so the body's
+        # optimiser state keeps its layout.
+        self.linear_decay = (make_optimizer(list(model.linear.parameters()), P) if P.linear_main_optim == "paper"
+                             else None)
         self.epoch = 0  # last completed epoch
         self.step = 0
         self.best = {}  # best_<score>.model -> what selected it (epoch, step, rule, metric, value, ...)
@@ -175,7 +184,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.linear_decay is not None and self.step > 0:  # the head has had a gradient since step 1
+            self.linear_decay_step()
         return loss, loss_sim, loss_shift, aux
+
+    @torch.no_grad()
+    def linear_decay_step(self):
+        """The main optimiser's step on the linear head with the zero gradient the paper's code
+        leaves it (``--linear_main_optim paper``)."""
+        for p in self.model.linear.parameters():
+            p.grad = torch.zeros_like(p)
+        self.linear_decay.step()
 
     def linear_step(self, aux, y, b):
         """The linear head learns the classes from the detached features of the unshifted views."""
@@ -196,6 +215,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optim": self.optimizer.state_dict(),
             "linear_optim": self.linear_optim.state_dict(),
+            **({"linear_decay_optim": self.linear_decay.state_dict()} if self.linear_decay is not None else {}),
             "epoch": self.epoch, "step": self.step, "best": dict(self.best),
             "evaluations": list(self.evaluations),
             "selection": selection,  # which file this is and which rule chose it
@@ -238,6 +258,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optim"])
         self.linear_optim.load_state_dict(ckpt["linear_optim"])
+        if self.linear_decay is not None and "linear_decay_optim" in ckpt:
+            self.linear_decay.load_state_dict(ckpt["linear_decay_optim"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best = {k: v for k, v in ckpt.get("best", {}).items() if isinstance(v, dict)}  # older: bare numbers
         self.evaluations = list(ckpt.get("evaluations", []))
@@ -250,14 +272,31 @@ class Trainer:
         """Images per step: ``--batch_size`` per process times the number of processes."""
         return self.P.batch_size * distributed.world_size()
 
-    def batches_per_epoch(self, n):
-        g = self.global_batch()
-        full = n // g if n >= g else 1
-        return max(1, min(full, self.P.max_batches_per_epoch))
+    def epoch_plan(self, n):
+        """How an epoch over ``n`` images runs (``training.schedule.epoch_plan``): the batches of a
+        pass, the steps trained and the fraction's denominator."""
+        P = self.P
+        return schedule.epoch_plan(n, self.global_batch(), P.max_batches_per_epoch, P.epoch_steps, P.drop_last)
+
+    def lr_of(self, plan, epoch, i):
+        """The learning rate batch ``i`` of ``epoch`` trains with (``training.schedule.step_lr``)."""
+        P = self.P
+        return schedule.step_lr(plan, epoch, i, P.lr_init, P.warmup, P.epochs, P.lr_scheduler, P.lr_step_timing)
+
+    def set_lr(self, lr):
+        set_lr(self.optimizer, lr)
+        if self.linear_decay is not None:
+            set_lr(self.linear_decay, lr)
 
     def fit(self, train_set, logger, meta, evaluate=None):
         """Train from ``self.epoch + 1`` to ``--epochs``; save ``last.model`` every ``--save_step``
         epochs and at the end.
+
+        Steps: ``training.schedule`` (docs/method.md §3, "The sequence of steps"): each epoch takes
+        ``plan.steps`` batches of its order of the images, and batch ``i`` of epoch ``e`` trains
+        with the rate ``step_lr`` gives ``(e, i)``, whatever ran before it, so a resumed run gives
+        every batch the images and rate of the uninterrupted run. A ``--max_steps`` stop inside an
+        epoch ends that epoch there (logged, evaluated when due and saved as that epoch).
 
         Randomness: by default each epoch starts from the seed ``(seed, epoch)``, so a resumed
         run repeats an uninterrupted one and an evaluation changes no training draw. With
@@ -275,9 +314,14 @@ class Trainer:
         P, model, device = self.P, self.model, self.device
         replay = bool(getattr(P, "paper_rng_replay", False))
         n = len(train_set)
-        n_batches = self.batches_per_epoch(n)
+        plan = self.epoch_plan(n)
+        global_batch, world, rank = self.global_batch(), distributed.world_size(), distributed.rank()
         last_path = os.path.join(logger.logdir, "last.model")
         self.logger = logger
+        first, end = schedule.batch_bounds(plan.pass_batches - 1, n, global_batch)
+        logger.log(f"an epoch trains {plan.steps} step(s) of a pass of {plan.pass_batches} batch(es) of {global_batch} "
+                   f"images (the last of {end - first}); learning rate {P.lr_step_timing} timing, fraction of batch i: "
+                   f"epoch - 1 + i / {plan.denominator}")
         if evaluate is not None:
             logger.log(f"evaluation every {P.error_step} epoch(s) and at epoch {P.epochs}: {evaluate.describe()}")
         if replay:
@@ -296,14 +340,14 @@ class Trainer:
                 set_seed(P.seed * 100_003 + epoch + 1_000_003 * distributed.rank())
             t0 = time.time()
             sums = {}
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{P.epochs}", leave=False, disable=None)
+            bar = tqdm(total=plan.steps, desc=f"epoch {epoch}/{P.epochs}", leave=False, disable=None)
             done = 0
-            for i, idx in enumerate(batch_indices(n, self.global_batch(), perm, drop_last=True)):
-                if i >= n_batches:
-                    break
-                idx = distributed.shard(idx)  # this rank's contiguous block of the global batch
-                lr = lr_at(epoch - 1 + i / n_batches, P)
-                set_lr(self.optimizer, lr)
+            for i in range(plan.steps):
+                first, end = schedule.batch_bounds(i, n, global_batch)
+                # this rank's contiguous block of the global batch (a smaller last batch padded first)
+                idx = schedule.rank_share(perm[first:end], world, rank, perm)
+                lr = self.lr_of(plan, epoch, i)  # of (epoch, i) alone: a resumed run gives it the same rate
+                self.set_lr(lr)
                 x, y = train_set.get_batch(idx)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 out = self.train_step(x, y)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from common.errors import UserError
-from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver
-from helpers import random_images
+from diffusion_models.ddpm import build_diffusion, save_dissolver
+from helpers import random_images, tiny_ddpm_config, tiny_diffusion
 from models.blur import BlurShift
 from datasets.resolution import to_dissolve_resolution
 from models.dissolve import Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn, timestep
@@ -18,14 +18,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def diffusion():
-    torch.manual_seed(0)
-    return build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)).eval()
+    return tiny_diffusion(0).eval()
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, diffusion):
     path = tmp_path_factory.mktemp("dissolver") / "tiny.pt"
-    cfg = ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)
+    cfg = tiny_ddpm_config()
     save_dissolver(path, diffusion, diffusion, cfg, {"dataset": "synth_lesion", "one_class_idx": 0})
     return str(path)
 
@@ -134,8 +133,8 @@ def test_dissolving_a_few_images_at_a_time_gives_the_one_call_images(diffusion):
 def test_compiled_dissolver_dissolves_as_the_eager_one():
     """--compile_dissolver: torch.compile of the UNet gives the eager network's images."""
     torch.manual_seed(0)
-    eager = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)).eval()
-    compiled = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10)).eval()
+    eager = build_diffusion(tiny_ddpm_config()).eval()
+    compiled = build_diffusion(tiny_ddpm_config()).eval()
     compiled.load_state_dict(eager.state_dict())
     a, b = Dissolver(eager, "small32"), Dissolver(compiled, "small32", compile=True)
     assert type(b.diffusion.model).__name__ == "OptimizedModule" and type(a.diffusion.model).__name__ == "Unet"
@@ -188,7 +187,7 @@ def test_dissolver_settings_checked(diffusion):
     with pytest.raises(UserError):
         Dissolver(diffusion, "small32", diff_resolution=64)
     torch.manual_seed(0)
-    short = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), timesteps=50, sampling_timesteps=10))
+    short = build_diffusion(tiny_ddpm_config(timesteps=50))
     with pytest.raises(UserError) as e:
         Dissolver(short, "small32", offset=0.3, upper=1.0)
     assert "0..49" in str(e.value)

@@ -3,8 +3,9 @@ import pytest
 import torch
 from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
 
-from diffusion_models.ddpm import build_diffusion, ddpm_config
+from diffusion_models.ddpm import build_diffusion
 from diffusion_models.inference_form import AutocastWeights, ChannelLayerNorm, inference_form, standardised_conv
+from helpers import tiny_ddpm_config
 from models.dissolve import Dissolver
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def unet(dim=8, seed=0):
     torch.manual_seed(seed)
-    return build_diffusion(ddpm_config(unet_dim=dim, dim_mults=(1, 2), sampling_timesteps=10)).model.eval()
+    return build_diffusion(tiny_ddpm_config(unet_dim=dim)).model.eval()
 
 
 def test_standardised_weight_by_hand():
@@ -71,7 +72,7 @@ def test_under_bf16_the_inference_form_stays_closer_to_fp32_than_the_library():
 
 
 def test_dissolver_uses_the_inference_form_and_matches_p_sample():
-    diffusion = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10))
+    diffusion = build_diffusion(tiny_ddpm_config())
     d = Dissolver(diffusion, "small32")
     assert not any(isinstance(m, WeightStandardizedConv2d) for m in d.diffusion.modules())
     assert diffusion.training and any(isinstance(m, WeightStandardizedConv2d) for m in diffusion.modules())
@@ -107,7 +108,7 @@ def test_autocast_weights_cast_once_give_autocasts_own_bits_and_come_back_to_fp3
 
 
 def test_dissolver_under_bf16_then_fp32_keeps_both_results():
-    diffusion = build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10))
+    diffusion = build_diffusion(tiny_ddpm_config())
     d = Dissolver(diffusion, "small32")
     x = torch.rand(8, 3, 32, 32)
     ts = [30, 47, 81, 99]

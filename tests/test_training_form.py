@@ -4,21 +4,16 @@ import torch
 import torch.nn.functional as F
 from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
 
-from diffusion_models.ddpm import build_diffusion, ddpm_config, read_dissolver_checkpoint
+from diffusion_models.ddpm import read_dissolver_checkpoint
 from diffusion_models.inference_form import ChannelLayerNorm
 from diffusion_models.training_form import StandardisedConv2d, training_form
-from helpers import TINY_DDPM
+from helpers import TINY_DDPM, tiny_diffusion
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def diffusion(seed=0):
-    torch.manual_seed(seed)
-    return build_diffusion(ddpm_config(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10))
-
-
 def test_same_parameters_same_names_same_loss_and_gradients_in_fp32():
-    package, ours = diffusion(), diffusion()
+    package, ours = tiny_diffusion(), tiny_diffusion()
     names = [n for n, _ in package.named_parameters()]
     before = dict(ours.named_parameters())
     n = training_form(ours.model)

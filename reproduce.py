@@ -139,14 +139,14 @@ def build_parser(preset=None):
     add_model_choice(g, default=None,
                      help="left out: resnet18 for datasets of <= 64 px, resnet18_imagenet for larger ones")
     g.add_argument("--epochs", type=int, help="train.py --epochs; left out: train.py's")
-    g.add_argument("--batch_size", type=int, help="train.py --batch_size, by default the paper's")
+    g.add_argument("--batch_size", type=int, help="train.py --batch_size, as the paper's")
     g.add_argument("--max_batches_per_epoch", type=int, help="train.py --max_batches_per_epoch; left out: train.py's")
     g.add_argument("--max_steps", type=int, help="train.py --max_steps; left out: no cap")
     g.add_argument("--warmup", type=int, help="train.py --warmup (epochs); left out: train.py's")
     g.add_argument("--resnet_width", type=int, help="train.py --resnet_width; left out: train.py's")
     g.add_argument("--log_every", type=int, help="train.py --log_every (steps between loss records); left out: "
                                                  "train.py's")
-    g.add_argument("--ood_samples", type=int, help="eval.py --ood_samples, by default the paper's")
+    g.add_argument("--ood_samples", type=int, help="eval.py --ood_samples, as the paper's")
     add_amp(g, what="the forward passes of train.py, eval.py and the dissolver's training")
     g.add_argument("--no_amp", action="store_const", const="off", dest="amp", help="--amp off")
     add_device(g, help="cpu, cuda or cuda:N for every step; left out: CUDA when present, else the CPU")
@@ -170,19 +170,19 @@ def build_parser(preset=None):
                         "(e.g. --train_args='--diffusion_scheduler beta_skewed')")
     g = p.add_argument_group("checkpoint selection (train.py's evaluation during training, as the paper's)")
     g.add_argument("--save_step", type=int,
-                   help="train.py --save_step: save and evaluate every N epochs, by default the paper's command's")
+                   help="train.py --save_step: save and evaluate every N epochs, as the paper's command")
     g.add_argument("--selection_samples", type=int,
-                   help="samples per image of that evaluation (train.py --ood_samples), by default the paper's")
+                   help="samples per image of that evaluation (train.py --ood_samples), as the paper's")
     g.add_argument("--selection_max_images", type=int,
                    help="evaluate on at most N normal training and N test images; left out: all, as the paper")
     g.add_argument("--no_selection", action="store_false", dest="selection",
                    help="no evaluation during training (train.py --no_eval): no best_CSI.model column")
     g = p.add_argument_group("dissolver budget (passed to diffusion_models/train_eval_ddpm.py)")
     g.add_argument("--ddpm_train_steps", type=int,
-                   help="optimiser steps, by default the paper's model-5.pt")
-    g.add_argument("--ddpm_unet_dim", type=int, help="UNet width, by default the paper's")
-    g.add_argument("--ddpm_batch_size", type=int, help="images per micro-batch, by default the paper's")
-    g.add_argument("--ddpm_grad_accum", type=int, help="micro-batches per optimiser step, by default the paper's")
+                   help="optimiser steps, as the paper's model-5.pt")
+    g.add_argument("--ddpm_unet_dim", type=int, help="UNet width, as the paper's")
+    g.add_argument("--ddpm_batch_size", type=int, help="images per micro-batch, as the paper's")
+    g.add_argument("--ddpm_grad_accum", type=int, help="micro-batches per optimiser step, as the paper's")
     p.set_defaults(**DEFAULTS)
     p.set_defaults(**PRESETS.get(preset, {}))
     return p

@@ -241,8 +241,7 @@ def add_selection_group(p):
     g.add_argument("--eval_max_test", type=int, default=None,
                    help="at most this many test images, a fixed random subset; left out: all")
     g.add_argument("--eval_resize_factor", type=float, default=0.54,
-                   help="test-time augmentation: crop scale drawn from [factor, 1]; the default is the "
-                        "paper's")
+                   help="test-time augmentation: crop scale drawn from [factor, 1], as the paper's train.py")
     g.add_argument("--eval_resize_fix", action="store_true",
                    help="test-time augmentation: crop scale fixed at --eval_resize_factor (the paper's train.py "
                         "does not fix it; its eval.py command does)")

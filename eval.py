@@ -79,7 +79,7 @@ def check_trained_on(P, meta):
 def folder_dataset(folder, image_size):
     """Every image below ``folder`` (recursively, sorted), resized to the model's input size."""
     from datasets.base import FolderStore, ImageDataset
-    from datasets.folders import is_image_file
+    from datasets.base import is_image_file
 
     if not os.path.isdir(folder):
         raise UserError(f"--score_folder {folder} is not a folder")

@@ -28,10 +28,23 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from common.errors import UserError
 
 NATIVE_KINDS = ("medmnist28", "small32", "large224")
+# the files read as images, in every folder this project reads: torchvision ImageFolder's extensions
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS)
+
+
+def is_hidden(name: str) -> bool:
+    """Entries every folder listing skips: hidden files and folders, macOS archive leftovers."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 @dataclass

@@ -112,3 +112,24 @@ def load_cifar(name: str, data_root: str) -> Tuple[ImageDataset, ImageDataset, D
     info = DatasetInfo(name=name, image_size=(32, 32, 3), n_classes=len(class_names),
                        class_names=class_names, native_kind="small32")
     return sets[0], sets[1], info
+
+
+def cifar100_test_split(data_root: str, what: str = "dataset 'cifar100'") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The CIFAR-100 test file alone (``cifar-100-python/test``: ``data`` N x 3072, ``fine_labels``),
+    as the out-of-distribution set of CSI's CIFAR-10 benchmark reads it: uint8 images N x 3 x 32 x 32
+    and the fine labels."""
+    path = os.path.join(os.path.abspath(data_root), LocalCIFAR100.base_folder, "test")
+    where = CIFAR_SOURCE.format(archive=LocalCIFAR100.filename)
+    if not os.path.isfile(path):
+        raise UserError(f"{what}: {path} not found; it comes from {where}")
+    try:
+        entry = _read_pickle(path)
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry.get("fine_labels", np.zeros(len(data))), dtype=np.int64)
+    except Exception as exc:
+        raise UserError(f"{what}: cannot read {path} ({type(exc).__name__}: {exc}); replace it with the original "
+                        f"file ({where})") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape[0] != data.shape[0]:
+        raise UserError(f"{what}: {path} holds data of shape {data.shape}; CIFAR-100's test file holds N x 3072 "
+                        f"bytes and N labels")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)

@@ -2,7 +2,7 @@
 
 Classes are the sub-folders of a split, sorted by name (Python string order, as
 torchvision's ImageFolder). Files are found recursively below each class folder, sorted,
-hidden entries skipped; the extensions accepted are :data:`IMAGE_EXTENSIONS` (any case).
+hidden entries skipped; the extensions accepted are :data:`datasets.base.IMAGE_EXTENSIONS` (any case).
 Every file of both splits is checked once when the dataset is loaded (all bad files are
 named in one UserError); images are then decoded lazily and cached by
 :class:`~datasets.base.FolderStore`.
@@ -20,9 +20,9 @@ import torch
 
 from common.errors import UserError
 
-from .base import DatasetInfo, FolderStore, ImageDataset, check_image_files, native_kind_for
+from .base import (IMAGE_EXTENSIONS, DatasetInfo, FolderStore, ImageDataset, check_image_files, is_hidden,
+                   is_image_file, native_kind_for)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
 
 
@@ -114,21 +114,13 @@ def folder_spec(name: str, aptos_all_grades: bool = False) -> FolderSpec:
     return FOLDER_SPECS[name]
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _list_images(class_dir: str) -> List[str]:
     """All image files below ``class_dir`` (absolute paths), sorted by relative path."""
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for f in filenames:
-            if not _is_hidden(f) and is_image_file(f):
+            if not is_hidden(f) and is_image_file(f):
                 found.append(os.path.join(dirpath, f))
     found.sort(key=lambda p: os.path.relpath(p, class_dir).replace(os.sep, "/"))
     return found
@@ -151,7 +143,7 @@ def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str],
         raise UserError(
             f"dataset '{spec.name}': split folder {split_dir} does not exist. Expected the layout "
             f"{layout}, from {spec.source}.")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not is_hidden(e.name))
     if not classes:
         raise UserError(
             f"dataset '{spec.name}': split folder {split_dir} has no class sub-folders. Expected one "

@@ -45,7 +45,6 @@ Missing data is one :class:`~common.errors.UserError` naming the path and where 
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from typing import Dict, List, Sequence, Tuple
 
@@ -55,7 +54,9 @@ import torch
 from common.errors import UserError
 
 from .names import ALL_DATASET_NAMES
-from .base import ArrayStore, DatasetInfo, FolderStore, ImageDataset, _reason, check_image_files
+from .cifar import cifar100_test_split
+from .base import (ArrayStore, DatasetInfo, FolderStore, ImageDataset, _reason, check_image_files, is_hidden,
+                   is_image_file)
 
 INTERP = "interp"
 CIFAR10_OOD = ("svhn", "lsun_resize", "imagenet_resize", "lsun_fix", "imagenet_fix", "cifar100", INTERP)
@@ -130,16 +131,6 @@ def check_ood_names(names: Sequence[str], dataset: str) -> List[str]:
 # --------------------------------------------------------------------------- folders
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _image_file(name: str) -> bool:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
 def imagefolder_listing(folder: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     """``(classes, [(path, class index), ...])`` of ``folder`` in torchvision ``ImageFolder``'s order.
 
@@ -148,20 +139,20 @@ def imagefolder_listing(folder: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     directly in ``folder`` (sorted) form one class named after it.
     """
     classes, samples = [], []
-    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name))
+    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name))
     for c in subdirs:
         cdir = os.path.join(folder, c)
         found = []
         for root, _, fnames in sorted(os.walk(cdir, followlinks=True)):
             rel = os.path.relpath(root, cdir)
-            if rel != "." and any(_hidden(part) for part in rel.split(os.sep)):
+            if rel != "." and any(is_hidden(part) for part in rel.split(os.sep)):
                 continue
-            found.extend(os.path.join(root, f) for f in sorted(fnames) if not _hidden(f) and _image_file(f))
+            found.extend(os.path.join(root, f) for f in sorted(fnames) if not is_hidden(f) and is_image_file(f))
         if found:
             samples.extend((p, len(classes)) for p in found)
             classes.append(c)
     if not samples:
-        flat = sorted(e.name for e in os.scandir(folder) if e.is_file() and not _hidden(e.name) and _image_file(e.name))
+        flat = sorted(e.name for e in os.scandir(folder) if e.is_file() and not is_hidden(e.name) and is_image_file(e.name))
         if flat:
             classes = [os.path.basename(os.path.normpath(folder))]
             samples = [(os.path.join(folder, f), 0) for f in flat]
@@ -289,25 +280,10 @@ def load_svhn(data_root: str, hw: Tuple[int, int]) -> ImageDataset:
 
 
 def load_cifar100_test(data_root: str, hw: Tuple[int, int]) -> ImageDataset:
-    """The CIFAR-100 test split (``cifar-100-python/test``: ``data`` N x 3072, ``fine_labels``)."""
-    path = os.path.join(os.path.abspath(data_root), "cifar-100-python", "test")
-    if not os.path.isfile(path):
-        raise UserError(f"out-of-distribution set 'cifar100': {path} not found; it comes from "
-                        f"{_SOURCES['cifar100']} (automatic downloads are off)")
-    try:
-        with open(path, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
-        data = np.asarray(entry["data"], dtype=np.uint8)
-        labels = np.asarray(entry.get("fine_labels", np.zeros(len(data))), dtype=np.int64)
-    except Exception as exc:
-        raise UserError(f"out-of-distribution set 'cifar100': cannot read {path} ({_reason(exc)}); replace it with "
-                        f"the original file ({_SOURCES['cifar100']})") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape[0] != data.shape[0]:
-        raise UserError(f"out-of-distribution set 'cifar100': {path} holds data of shape {data.shape}; CIFAR-100's "
-                        f"test file holds N x 3072 bytes and N labels")
-    images = resize_uint8(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), hw)
-    return ImageDataset(ArrayStore(images), torch.from_numpy(labels),
-                        [f"cifar100/test/{i}" for i in range(images.shape[0])])
+    """The CIFAR-100 test split with its fine labels (``datasets.cifar.cifar100_test_split``), resized to ``hw``."""
+    images, labels = cifar100_test_split(data_root, "out-of-distribution set 'cifar100'")
+    images = resize_uint8(images, hw)
+    return ImageDataset(ArrayStore(images), labels, [f"cifar100/test/{i}" for i in range(images.shape[0])])
 
 
 def with_interp(ood_sets: Dict[str, object], test_set, batch_size: int) -> Dict[str, object]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Dict, Sequence, Tuple
 
+import torch
+
 from common.errors import UserError
 
 from .base import ArrayStore, DatasetInfo, ImageDataset

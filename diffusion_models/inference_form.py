@@ -18,9 +18,8 @@ again at every call (the same bits: autocast's cast is the same rounding, done o
 In fp32 the result equals the library's network to float rounding (tests check 1e-5). Under
 bf16 autocast it is *closer* to the fp32 network than the library's own layers are: they switch
 to ``eps = 1e-3`` whenever their input is not fp32, which autocast makes it for some layers and
-not others; the rewritten layers keep the fp32 network's ``1e-5`` whatever the precision. On the
-development CPU, a dim-64 UNet call on 128 images at 32 px under bf16 went from 1.51 s to 1.15 s,
-and its mean distance to the fp32 output from 0.035 to 0.004 (``benchmarks/README.md``).
+not others; the rewritten layers keep the fp32 network's ``1e-5`` whatever the precision. Its
+speed and its distance to the fp32 output are measured in ``benchmarks/README.md``.
 """
 
 import copy
@@ -51,7 +50,7 @@ def standardised_conv(conv, eps=FP32_EPS):
 
     ``mean`` and ``var`` are taken apart, as the library takes them: ``torch.var_mean`` gives the
     same numbers to float rounding but not the same bits, and every dissolver measured in
-    ``benchmarks/README.md`` dissolved with these bits."""
+    ``benchmarks/README.md`` dissolves with these bits."""
     w = conv.weight.detach()
     dims = tuple(range(1, w.dim()))
     mean = w.mean(dim=dims, keepdim=True)
@@ -103,8 +102,8 @@ class AutocastWeights:
     :meth:`match` (before each call) casts them once, when the autocast state of the network's
     device asks for another dtype than they have, from fp32 copies kept here, and back to fp32
     when autocast is off. The result is the same bits as autocast's own cast; other layers (the
-    norms) keep their fp32 parameters, as autocast runs them in fp32. Measured on the development
-    CPU: a dim-64 UNet call on 128 images at 32 px under bf16, 1.92 s -> 1.67 s.
+    norms) keep their fp32 parameters, as autocast runs them in fp32 (timings in
+    ``benchmarks/README.md``).
     """
 
     def __init__(self, net):

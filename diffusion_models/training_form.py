@@ -11,8 +11,7 @@ tensors under the same names* that always computes the fp32 formula with ``eps =
 standardisation in fp32, the channel norm with ``F.layer_norm``, which is also faster on CPU).
 The optimiser, the EMA, DDP and the checkpoints therefore see the package's network: a saved
 state dict loads into the package's ``Unet`` unchanged. In fp32 the function is the package's to
-float rounding (tested); on the development CPU a step of the paper's recipe (dim 64, 2 x 256
-images) went from 48.3 s (the package's layers, fp32) to 16.1 s under bf16 (``benchmarks/bench_ddpm.py``).
+float rounding (tested); its speed is measured by ``benchmarks/bench_ddpm.py``.
 """
 
 import torch

@@ -17,18 +17,16 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.errors import UserError
 from datasets.resolution import check_kind, to_dissolve_resolution
-from models.blur import BlurShift
 from diffusion_models.inference_form import AutocastWeights, inference_form
+from models.blur import BlurShift
 
 SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
 STEP_SCALE = 100
-# On CPU the frozen UNet dissolves this many pixels per call (32 images at 32 px): measured on the
-# 2-core development CPU under bf16, 128 images at 32 px took 0.28 s in 32-image calls against
-# 0.49 s in one call (UNet dim 16), 0.87 s against 1.07 s (dim 64), and the same bits there.
+# On CPU the frozen UNet dissolves at most this many pixels per call (32 images at 32 px): smaller
+# calls stay in the CPU's caches and give the same bits (benchmarks/README.md measures it).
 CHUNK_PIXELS = 32 * 32 * 32
 
 # beta_by_epoch: a 30-epoch cycle of Beta(a, b) parameters between a floor of 2 and 20.

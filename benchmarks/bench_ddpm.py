@@ -4,7 +4,7 @@
     python benchmarks/bench_ddpm.py --unet_dim 16 --batch_size 32 --grad_accum 1 --steps 5
 
 Two steps on the same random images (a step's cost does not depend on them): the paper's (the
-package's layers, fp32, as its ``Trainer`` with ``amp=False``) and ours (``train_eval_ddpm.py``'s:
+package's layers, fp32, as its ``Trainer`` with ``amp=False``) and ours (``DissolverTrainer``'s:
 the training form of the UNet, bf16 autocast as ``--amp`` decides). Prints, for each, the median
 seconds per optimiser step over ``--steps`` timed steps after one warm-up step and images/s, then
 ``speedup_vs_paper_style=<ratio>``.
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from common.device import pick_device  # noqa: E402
 from diffusion_models.ddpm import build_diffusion, ddpm_config  # noqa: E402
-from diffusion_models.train_eval_ddpm import decide_training_amp, accumulate_and_step  # noqa: E402
+from diffusion_models.trainer import accumulate_and_step, decide_training_amp  # noqa: E402
 from diffusion_models.training_form import training_form  # noqa: E402
 from utils import autocast_for  # noqa: E402
 

@@ -6,7 +6,7 @@ For each UNet width, trains one dissolver on the normal class of ``--dataset`` (
 whose generator draws the same tissue with and without its lesions: ``synth_lesion``, the
 default, ``synth_streak`` or ``synth_streak_half``) with
 ``diffusion_models/train_eval_ddpm.py`` (resumed from one step count to the next, so the
-checkpoints form one training run), and after each step count runs ``--mode eval``, whose
+checkpoints form one training run), and after each step count runs ``eval_dissolver.py``, whose
 JSON holds, per timestep, the lesion removal ratio, the tissue change and the share of
 high-frequency energy removed. Prints one table row per (width, steps, timestep) and writes
 the rows to ``<out>/study.csv``. Input range: the paper's ([0, 1] in); ``--range_correct``
@@ -67,7 +67,7 @@ def main():
             spent += time.time() - t0
             for rc in ([False, True] if a.range_correct else [False]):
                 png = os.path.join(out, f"dim{width}_s{steps}{'_rc' if rc else ''}.png")
-                cmd = [py, "diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", a.dataset,
+                cmd = [py, "eval_dissolver.py", "--dataset", a.dataset,
                        "--diffusion_model_path", ckpt, "--out", png, "--quality_images", str(a.quality_images),
                        "--device", a.device, "--timesteps_to_show", *map(str, a.timesteps)]
                 if rc:

@@ -25,6 +25,9 @@ step "DDPM dissolver, 20 steps on $DEV"
 $PY diffusion_models/train_eval_ddpm.py --mode train --dataset synth_streak --data_root "$D/data" --one_class_idx 0 \
     --image_size 32 --train_steps 20 --save_every 10 --batch_size 32 --grad_accum 1 --unet_dim 16 \
     --save_path "$D/ddpm.pt" --device "$DEV" --no_progress
+step "eval_dissolver.py, the dissolving grid and its measures on $DEV"
+$PY eval_dissolver.py --dataset synth_streak --data_root "$D/data" --diffusion_model_path "$D/ddpm.pt" \
+    --out "$D/grid.png" --quality_images 64 --device "$DEV"
 step "train.py simclr_DIA, 1 epoch of 5 batches on $DEV"
 $PY train.py --dataset synth_streak --data_root "$D/data" --one_class_idx 0 --mode simclr_DIA \
     --shift_trans_type diffusion_rotation --diffusion_model_path "$D/ddpm.pt" --resnet_width 16 --batch_size 32 \

@@ -185,7 +185,7 @@ def write_tables(a, runs, command):
         f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_train_steps} optimiser steps of {a.ddpm_grad_accum} x "
         f"{a.ddpm_batch_size} images (the paper's: 156,250 of 2 x 256, dim 64)",
         "- std: numpy's (population) standard deviation over the seeds; MACs: one dissolving call on one image "
-        "(thop, as train_eval_ddpm.py --mode macs).",
+        "(thop's default count, as benchmarks/dissolver_macs.py).",
         "- figures per run: roc.png, score_hist.png (last.model), loss_curves.png, selection.png (test AUROC during "
         "training and the selected epoch), dissolving.png (diffusion_*); "
         "per dataset and class: <dataset>_class<i>_roc.png (multi-class: <dataset>_multi_class_roc.png)",

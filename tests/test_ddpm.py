@@ -1,4 +1,5 @@
-"""The dissolver DDPM: config, L1 loss, checkpoints and their errors, and the training script."""
+"""The dissolver DDPM: config, L1 loss, checkpoints and their errors, the training script, the
+dissolving grid (eval_dissolver.py) and the MAC counts."""
 import argparse
 import os
 import pickle
@@ -13,28 +14,19 @@ import utils
 
 from common.errors import UserError
 from diffusion_models import ddpm
-from diffusion_models.ddpm import (build_diffusion, ddpm_config, load_dissolver, read_dissolver_checkpoint,
-                                   save_dissolver)
-from helpers import ROOT, TINY_DDPM
+from diffusion_models.ddpm import ddpm_config, load_dissolver, read_dissolver_checkpoint, save_dissolver
+from helpers import ROOT, TINY_DDPM, tiny_ddpm_config, tiny_diffusion
 
 SCRIPT = os.path.join(ROOT, "diffusion_models", "train_eval_ddpm.py")
+EVAL_SCRIPT = os.path.join(ROOT, "eval_dissolver.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_config(**kw):
-    return ddpm_config(**dict(dict(unet_dim=8, dim_mults=(1, 2), sampling_timesteps=10), **kw))
-
-
-def tiny_diffusion(seed=0, **kw):
-    torch.manual_seed(seed)
-    return build_diffusion(tiny_config(**kw))
-
-
 def save_tiny(path, seed=0, **kw):
     d, e = tiny_diffusion(seed, **kw), tiny_diffusion(seed + 1, **kw)
-    save_dissolver(path, d, e, tiny_config(**kw), {"dataset": "synth_lesion", "one_class_idx": 0, "steps": 7})
+    save_dissolver(path, d, e, tiny_ddpm_config(**kw), {"dataset": "synth_lesion", "one_class_idx": 0, "steps": 7})
     return d, e
 
 
@@ -83,7 +75,7 @@ def test_other_package_version_is_refused(monkeypatch):
                                         (dict(sampling_timesteps=2000), "sampling_timesteps")])
 def test_bad_config_is_user_error(kw, needle):
     with pytest.raises(UserError) as e:
-        tiny_config(**kw)
+        tiny_ddpm_config(**kw)
     assert_one_line(e, needle)
 
 
@@ -128,7 +120,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert not torch.equal(_predict(loaded, x), _predict(ema, x))
     averaged, _ = load_dissolver(path, torch.device("cpu"), weights="ema")
     assert torch.equal(_predict(averaged, x), _predict(ema, x))
-    assert info["config"] == tiny_config() and info["format"] == "ours" and info["weights"] == "online"
+    assert info["config"] == tiny_ddpm_config() and info["format"] == "ours" and info["weights"] == "online"
     meta = info["meta"]
     assert (meta["dataset"], meta["one_class_idx"], meta["steps"]) == ("synth_lesion", 0, 7)
     assert meta["package_version"] == ddpm.package_version()
@@ -249,7 +241,7 @@ def test_every_bad_checkpoint_is_one_line(tmp_path):
     assert_one_line(e, "missing ema_state")
 
     wrong = tmp_path / "wrong.pt"  # config says one net, weights are of another
-    torch.save(dict(ck, config=tiny_config(unet_dim=16)), wrong)
+    torch.save(dict(ck, config=tiny_ddpm_config(unet_dim=16)), wrong)
     with pytest.raises(UserError) as e:
         load_dissolver(wrong, "cpu")
     assert_one_line(e, "do not fit")
@@ -268,7 +260,7 @@ def test_non_finite_state_is_never_written(tmp_path):
         e.model.final_conv.bias.fill_(float("inf"))
     path = tmp_path / "d.pt"
     with pytest.raises(UserError) as exc:
-        save_dissolver(path, d, e, tiny_config(), {"dataset": "synth_lesion"})
+        save_dissolver(path, d, e, tiny_ddpm_config(), {"dataset": "synth_lesion"})
     assert_one_line(exc, "NaN or infinity", "final_conv.bias")
     assert not os.listdir(tmp_path)
 
@@ -282,6 +274,7 @@ def _run(args, cwd=ROOT):
 
 
 def test_script_train_resume_eval(tmp_path):
+    import eval_dissolver
     from diffusion_models import train_eval_ddpm as script
 
     # train, run from inside diffusion_models/ as the paper's README does
@@ -324,10 +317,10 @@ def test_script_train_resume_eval(tmp_path):
         script.main(["--mode", "train", "--dataset", "synth_lesion", "--save_path", str(ckpt), *TINY_DDPM])
     assert e.value.code == 2
 
-    # eval writes a readable PNG grid: input row + one row per timestep
+    # eval_dissolver.py writes a readable PNG grid: input row + one row per timestep
     png = tmp_path / "grid.png"
-    script.main(["--mode", "eval", "--dataset", "synth_lesion", "--diffusion_model_path", str(ckpt),
-                 "--timesteps_to_show", "10", "50", "--n_show", "4", "--out", str(png)])
+    eval_dissolver.main(["--dataset", "synth_lesion", "--diffusion_model_path", str(ckpt),
+                         "--timesteps_to_show", "10", "50", "--n_show", "4", "--out", str(png)])
     from PIL import Image
 
     with Image.open(png) as im:
@@ -346,7 +339,7 @@ def test_script_train_resume_eval(tmp_path):
 
 def test_optimiser_step_accumulates_and_clips():
     """Two micro-batches, clipping at 0.05: against a hand computation of the same step."""
-    from diffusion_models.train_eval_ddpm import accumulate_and_step
+    from diffusion_models.trainer import accumulate_and_step
 
     g = torch.Generator().manual_seed(3)
     batches = [torch.rand(3, 3, 32, 32, generator=g) for _ in range(2)]
@@ -376,8 +369,7 @@ def test_optimiser_step_accumulates_and_clips():
 
 
 def test_script_bad_input_is_one_line(tmp_path):
-    r = _run([SCRIPT, "--mode", "eval", "--dataset", "synth_lesion", "--diffusion_model_path",
-              str(tmp_path / "missing.pt")])
+    r = _run([EVAL_SCRIPT, "--dataset", "synth_lesion", "--diffusion_model_path", str(tmp_path / "missing.pt")])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--mode train" in r.stderr
     r = _run([SCRIPT, "--mode", "train", "--dataset", "no_such_set", "--save_path", str(tmp_path / "x.pt")])
@@ -391,9 +383,9 @@ def test_macs_split_weight_standardised_convolutions():
     exactly their multiply-accumulates, computed here from hooked output shapes."""
     from denoising_diffusion_pytorch.denoising_diffusion_pytorch import WeightStandardizedConv2d
 
-    from diffusion_models.train_eval_ddpm import unet_macs
+    from diffusion_models.macs import unet_macs
 
-    unet = ddpm.build_unet(tiny_config()).eval()
+    unet = ddpm.build_unet(tiny_ddpm_config()).eval()
     as_paper, every = unet_macs(unet, 32)
     ws = []
 
@@ -409,20 +401,56 @@ def test_macs_split_weight_standardised_convolutions():
     assert "total_ops" not in dict(unet.named_buffers())  # thop's counters removed
 
 
+def test_macs_table_counts_the_unet_of_the_flags(capsys):
+    """benchmarks/dissolver_macs.py: one line per resolution, thop's count beside the full one and
+    the paper's figure, the same numbers as diffusion_models.macs."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import dissolver_macs
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    from diffusion_models.macs import config_macs
+
+    dissolver_macs.main(["--image_size", "32", "--unet_dim", "8", "--dim_mults", "1", "2"])
+    out = capsys.readouterr().out
+    as_paper, every = config_macs(tiny_ddpm_config())
+    line = [row for row in out.splitlines() if row.startswith("  32 px:")]
+    assert len(line) == 1, out
+    assert f"thop {as_paper / 1e9:6.2f} GMACs, all convolutions {every / 1e9:6.2f} GMACs" in line[0]
+    assert line[0].endswith("(paper: 2.33 G)")
+
+
+@pytest.mark.parametrize("mode, program", [("eval", "eval_dissolver.py"), ("macs", "dissolver_macs.py")])
+def test_other_modes_name_their_program(tmp_path, mode, program):
+    """--mode eval and --mode macs: one line naming the program that does that work, with the
+    flags given (without --mode), and exit 2; nothing is read or written."""
+    r = _run(["train_eval_ddpm.py", "--mode", mode, "--dataset", "synth_lesion", "--diffusion_model_path",
+              str(tmp_path / "d.pt"), "--out", str(tmp_path / "grid.png")], cwd=os.path.join(ROOT, "diffusion_models"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    where = "../eval_dissolver.py" if mode == "eval" else "../benchmarks/dissolver_macs.py"
+    assert r.stderr.startswith(f"error: --mode {mode}: ") and program in r.stderr, r.stderr
+    assert r.stderr.strip().endswith(f"run: python {where} --dataset synth_lesion --diffusion_model_path "
+                                     f"{tmp_path / 'd.pt'} --out {tmp_path / 'grid.png'}"), r.stderr
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch, mode):
-    """/proc cannot hold new files: the DDPM says so before it trains or draws anything."""
+    """/proc cannot hold new files: the DDPM says so before it trains, eval_dissolver.py before it
+    draws anything."""
+    import eval_dissolver
     from diffusion_models import train_eval_ddpm as script
 
     ckpt = tmp_path / "d.pt"
     save_tiny(ckpt)
     calls = []
-    monkeypatch.setattr(script, "_load_data", lambda args: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    program, loader = (script, "_load_data") if mode == "train" else (eval_dissolver, "load_test_split")
+    monkeypatch.setattr(program, loader, lambda *a: calls.append(1) or (_ for _ in ()).throw(AssertionError))
     out = "/proc/dia-such.pt" if mode == "train" else "/proc/dia-grid.png"  # as root, os.access(/proc) says yes
     argv = (["--mode", "train", "--dataset", "synth_lesion", "--save_path", out, *TINY_DDPM] if mode == "train" else
-            ["--mode", "eval", "--dataset", "synth_lesion", "--diffusion_model_path", str(ckpt), "--out", out])
+            ["--dataset", "synth_lesion", "--diffusion_model_path", str(ckpt), "--out", out])
     with pytest.raises(SystemExit) as e:
-        script.main(argv)
+        program.main(argv)
     assert e.value.code == 2 and not calls
 
 

@@ -90,13 +90,13 @@ def test_resize_has_no_antialiasing():
                                               antialias=False))
 
 
-def test_trainer_checkpoint_in_train_eval_ddpm_eval(paper_ckpt, tmp_path):
-    from diffusion_models import train_eval_ddpm as script
+def test_trainer_checkpoint_in_eval_dissolver(paper_ckpt, tmp_path):
+    import eval_dissolver
 
     path, _, _ = paper_ckpt
     png = tmp_path / "grid.png"
-    script.main(["--mode", "eval", "--dataset", "synth_lesion", "--diffusion_model_path", str(path),
-                 "--timesteps_to_show", "10", "--n_show", "2", "--out", str(png)])
+    eval_dissolver.main(["--dataset", "synth_lesion", "--diffusion_model_path", str(path),
+                         "--timesteps_to_show", "10", "--n_show", "2", "--out", str(png)])
     with Image.open(png) as im:
         assert im.size == (2 + 2 * 98, 2 + 2 * 98)
 

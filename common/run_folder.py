@@ -1,14 +1,31 @@
-"""The life of a run folder, shared by train.py and the dissolver's training: one process at a
-time holds it (an advisory lock that dies with its process), and a resumed run first cuts the
-interrupted attempt's records back to its checkpoint."""
+"""The life of a run folder, shared by train.py and the dissolver's training.
+
+* One process at a time holds a folder: an advisory lock (:class:`ProcessLock`) that dies with
+  its process, taken before anything is written; what a killed atomic write left there is
+  removed under it (``utils.remove_stale_temps``).
+* A run has an identity: ``config.json`` (its settings and a run id) is written once, when the
+  run is created, and never rewritten.
+* A resume continues one run exactly: its settings may not change except those the program
+  names (:func:`changed_settings`); it continues in its own folder, or as a new run in an empty
+  one (:meth:`RunFolder.place_resumed`), never in another run's folder.
+* A resumed run first cuts the interrupted attempt's records back to its checkpoint
+  (:func:`rewind_records`), so every step is recorded once.
+"""
 import contextlib
 import csv
 import io
+import json
 import os
+import shutil
+import uuid
 
+from common import distributed
 from common.errors import UserError
+from common.paths import check_run_folder, same_path
 from common.tb_events import prune_events
-from utils import atomic_write_text
+from utils import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
+
+CONFIG_NAME = "config.json"
 
 try:
     import fcntl
@@ -154,3 +171,176 @@ def _drop_rows(path, keep_row):
         writer.writerows(kept)
         atomic_write_text(buf.getvalue(), path)
     return len(body) - len(kept)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def show_flag(key, value):
+    """A recorded setting as the flag that gives it (``--amp`` is recorded as on or off)."""
+    if key == "amp":
+        return f"--amp {'on' if value else 'off'}"
+    if isinstance(value, bool) or value is None:
+        return f"--{key}" if value else f"no --{key}"
+    if isinstance(value, (list, tuple)):
+        return f"--{key} {' '.join(map(str, value))}"
+    return f"--{key} {value}"
+
+
+def plain_settings(namespace):
+    """The flags of a parsed namespace that a JSON file records (numbers, text, lists, None)."""
+    return {k: v for k, v in vars(namespace).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def changed_settings(saved, now, ignore=()):
+    """``(saved flag, given flag)`` pairs of the settings in which ``now`` (a dict) differs from
+    ``saved`` (a recorded dict); keys in ``ignore`` and keys ``now`` lacks are left out. Two paths
+    to one dissolver file are the same setting."""
+    diffs = []
+    for key, old in saved.items():
+        if key in ignore or key not in now:
+            continue
+        new = now[key]
+        if key == "diffusion_model_path" and old and new and same_path(old, new):
+            continue
+        if isinstance(old, tuple):
+            old = list(old)
+        if old != new:
+            diffs.append((show_flag(key, old), show_flag(key, new)))
+    return diffs
+
+
+def read_run_config(folder):
+    """``config.json`` of a run folder: a dict, {} when unreadable, None when there is none."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def resolve_resume(path, last_name="last.model", flag="--resume_path"):
+    """A run folder or a checkpoint file -> ``(checkpoint path, run folder)``."""
+    if os.path.isdir(path):
+        ckpt = os.path.join(path, last_name)
+        if not os.path.isfile(ckpt):
+            raise UserError(f"{flag} {path} is a folder without {last_name}; point it at a run folder "
+                            f"written by train.py or at a .model checkpoint")
+        return ckpt, path
+    if not os.path.lexists(path):
+        raise UserError(f"{flag} {path} does not exist")
+    return path, os.path.dirname(os.path.abspath(path))
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+class RunFolder:
+    """One run's folder while a program works in it (``with RunFolder(...) as run:``).
+
+    On entry the folder is checked, created if needed and locked (the main process alone under
+    torchrun), and the temporary files a killed write of this program left (``writes(name)``
+    says which files are this program's) are removed. Then exactly one of
+    :meth:`place_fresh` and :meth:`place_resumed` says where the run stands
+    (:attr:`placement`: ``"create"``, ``"restart"``, ``"same"`` or ``"new"``), and
+    :meth:`record` writes ``config.json`` when the run is created."""
+
+    def __init__(self, path, writes, flag="--logdir", advice=""):
+        self.path, self.writes, self.flag, self.advice = path, writes, flag, advice
+        self.lock, self.stale = None, ()
+        self.placement, self.run_id, self.config = None, None, None
+
+    def __enter__(self):
+        check_run_folder(self.path, self.flag)
+        # one process per run folder: the lock dies with the process (a folder made for it goes if refused)
+        self.lock = distributed.main_writes(lock_folder, self.path, f"run folder {self.path}", self.advice)
+        try:
+            self.stale = distributed.main_writes(remove_stale_temps, self.path, self.writes) or ()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def holds_checkpoint(self, last_name="last.model"):
+        return os.path.exists(os.path.join(self.path, last_name))
+
+    def place_fresh(self, settings, ignore=()):
+        """A new run: refuse a folder holding another run. A folder whose ``config.json`` records
+        this very run, interrupted before its first checkpoint, is a restart (same settings)."""
+        if self.holds_checkpoint():
+            raise UserError(f"{self.path} already holds a training run; continue it with --resume_path {self.path}, "
+                            f"or start a new one with --suffix NAME or --logdir DIR")
+        config = read_run_config(self.path)
+        if config is None:
+            self.placement, self.run_id = "create", uuid.uuid4().hex
+            return self
+        diffs = changed_settings(config, settings, ignore)
+        if diffs or not config:
+            what = (f"was started with {', '.join(old for old, _ in diffs)} (now {', '.join(new for _, new in diffs)})"
+                    if diffs else "has an unreadable config.json")
+            raise UserError(f"{self.path} holds another run that saved no checkpoint yet: it {what}; start this run "
+                            f"in another --logdir (or with --suffix NAME), or repeat that run's flags to restart it")
+        self.placement, self.run_id, self.config = "restart", config.get("run_id"), config
+        return self
+
+    def place_resumed(self, run_id, resume_file, src_dir):
+        """A resumed run goes on in its own folder (``"same"``) or as a new run in an empty folder
+        (``"new"``); another run's folder is refused."""
+        config = read_run_config(self.path)
+        holds_run = config is not None or self.holds_checkpoint()
+        if not holds_run:
+            same = same_path(self.path, src_dir)
+        else:
+            folder_id = (config or {}).get("run_id")
+            same = folder_id == run_id if (folder_id and run_id) else same_path(self.path, src_dir)
+            if not same:
+                raise UserError(f"--logdir {self.path} holds another training run (run {folder_id or 'without id'}); "
+                                f"{resume_file} belongs to run {run_id or 'without id'} of {src_dir}: continue it "
+                                f"there (leave out --logdir), or give an empty --logdir to continue it as a new run")
+        self.placement = "same" if same else "new"
+        self.run_id = run_id if same else uuid.uuid4().hex
+        self.config = config
+        return self
+
+    def record(self, settings, world_size, resumed_from=None):
+        """Write ``config.json`` for a created run (or a resumed one continued as a new run, with
+        ``resumed_from``); a run's own folder that lost it gets it back. Never rewritten."""
+        if self.placement == "restart" or (self.placement == "same" and self.config is not None):
+            return
+        doc = dict(settings, run_id=self.run_id, world_size=world_size)
+        if self.placement == "new" and resumed_from is not None:
+            doc["resumed_from"] = resumed_from
+        atomic_write_json(doc, os.path.join(self.path, CONFIG_NAME))
+
+    def rewind(self, keep_row, log_bytes=None):
+        """Cut the records back to the checkpoint a resumed or restarted run goes on from
+        (:func:`rewind_records`); a :class:`Rewound` (empty for a created run)."""
+        if self.placement == "create":
+            return Rewound()
+        return distributed.main_writes(rewind_records, self.path, keep_row,
+                                       log_bytes if self.placement == "same" else None) or Rewound()
+
+    def copy_from(self, src_dir, files):
+        """A run continued as a new run takes the files its checkpoint refers to, so its records
+        stay whole: ``{name: (what, is_the_recorded_one)}``, ``what`` describing the recorded file
+        ("of epoch 3") and ``is_the_recorded_one(path) -> bool``."""
+        for name, (what, recorded) in files.items():
+            src = os.path.join(src_dir, name)
+            if not (os.path.isfile(src) and recorded(src)):
+                raise UserError(f"cannot continue the run of {src_dir} as a new run in {self.path}: its {name} {what} "
+                                f"is no longer in {src_dir}; continue it in {src_dir} itself")
+
+            def copy(fh, src=src):
+                with open(src, "rb") as s:
+                    shutil.copyfileobj(s, fh)
+
+            atomic_write(os.path.join(self.path, name), copy)

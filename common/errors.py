@@ -27,3 +27,28 @@ def exit_on_user_error(main):
             sys.exit(130)
 
     return wrapper
+
+
+class SettingError(UserError, ValueError):
+    """A setting a library function cannot work with, named as the function's argument.
+
+    ``template`` writes each setting's name as ``{name}`` (``settings`` lists those names): the
+    error's own message shows the argument names, and a program that took the settings from its
+    command line rewords it in its flags with ``worded({name: flag})``."""
+
+    def __init__(self, template, *settings):
+        self.template, self.settings = template, tuple(settings)
+        super().__init__(self.worded({}))
+
+    def worded(self, names):
+        """The message with each setting called ``names.get(name, name)``."""
+        text = self.template
+        for name in self.settings:
+            text = text.replace("{" + name + "}", names.get(name, name))
+        return text
+
+    def renamed(self, names):
+        """The same error with each setting named ``names.get(name, name)``: for a caller that
+        took the setting under another name."""
+        new = [names.get(name, name) for name in self.settings]
+        return SettingError(self.worded({name: "{" + other + "}" for name, other in zip(self.settings, new)}), *new)

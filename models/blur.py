@@ -15,15 +15,16 @@ Two behaviours, chosen by ``third_chunk_only``:
   dissolver's resolution change (:func:`datasets.resolution.to_dissolve_resolution`), and the
   shift applied after the resolution is restored.
 
-``applies_to`` names the chunks (0 = x1, 1 = x2, 2 = x3) the strategy changes; the trainer
-passes those chunks through :meth:`BlurShift.dissolve_chunks`, which applies the shift itself
-(``shift_inside``) so that its position relative to the resizing is the mode's.
+As a ``models.strategies.DissolveStrategy``: ``applies_to`` names the chunks (0 = x1, 1 = x2,
+2 = x3) the strategy changes; the trainer passes those chunks through
+:meth:`BlurShift.dissolve_chunks`, which applies the shift itself (``shift_inside``) so that its
+position relative to the resizing is the mode's.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.errors import UserError
+from common.errors import SettingError, UserError
 from datasets.resolution import check_kind, to_dissolve_resolution
 
 ALL_CHUNKS = (0, 1, 2)
@@ -65,6 +66,7 @@ class BlurShift(torch.nn.Module):
 
     BLURS = ("gaussian", "median", "none")
     shift_inside = True  # dissolve_chunks applies the shift (between blur and resize-back)
+    info = None  # no checkpoint describes a blur
 
     def __init__(self, blur, kernel_size=KERNEL_SIZE, native_kind="small32", diff_resolution=32,
                  resize_to_constant=False, third_chunk_only=False):
@@ -74,7 +76,8 @@ class BlurShift(torch.nn.Module):
         check_kind(native_kind)
         kernel_size = int(kernel_size)
         if blur != "none" and (kernel_size < 1 or kernel_size % 2 == 0):
-            raise UserError(f"--kernel_size {kernel_size} must be a positive odd integer, e.g. 3 or 5")
+            raise SettingError(f"{{kernel_size}} {kernel_size} must be a positive odd integer, e.g. 3 or 5",
+                               "kernel_size")
         self.blur = blur
         self.kernel_size = kernel_size
         self.native_kind = native_kind
@@ -86,19 +89,6 @@ class BlurShift(torch.nn.Module):
         # 1-D kernel (ours) and its outer product in float32, as the paper builds its conv weight
         self.register_buffer("kernel", kernel.to(torch.float32), persistent=False)
         self.register_buffer("kernel2d", torch.outer(kernel, kernel).to(torch.float32), persistent=False)
-
-    @classmethod
-    def from_args(cls, blur, P, native_kind):
-        """Build from the parsed flags (``--kernel_size``, ``--diff_resolution``,
-        ``--resize_to_constant``, ``--blur_third_chunk_only``)."""
-        def arg(name, default):
-            value = getattr(P, name, default)
-            return default if value is None else value
-
-        return cls(blur, kernel_size=int(arg("kernel_size", KERNEL_SIZE)), native_kind=native_kind,
-                   diff_resolution=int(arg("diff_resolution", 32)),
-                   resize_to_constant=bool(arg("resize_to_constant", False)),
-                   third_chunk_only=bool(arg("blur_third_chunk_only", False)))
 
     # ----- the blurs ------------------------------------------------------------------------
     def _blur_zero_padded(self, x):

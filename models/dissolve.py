@@ -4,24 +4,28 @@ A *dissolve generator* takes ``K`` chunks of ``B`` images (float, ``[0, 1]``,
 ``B x 3 x H x W``) and returns ``K`` chunks of the same shape, one random strength per
 chunk::
 
-    gen = make_dissolve_fn("diffusion_rotation", P, device, native_kind)
+    gen = make_dissolve_fn("diffusion_rotation", settings, device, native_kind)
     x3 = gen.dissolve_chunks([x3_0, x3_1, x3_2, x3_3], epoch)
 
 Three kinds exist: :class:`Dissolver` (one reverse DDPM step with a random timestep),
 ``models.blur.BlurShift`` with ``'gaussian'`` / ``'median'`` / ``'none'``. All run without
 gradients, keep the input's device, and bring images to the dissolving resolution and back
-the same way (:func:`to_dissolve_resolution`).
+the same way (:func:`to_dissolve_resolution`). What the training step calls on them is
+``models.strategies.DissolveStrategy``; :class:`DissolveSettings` holds what builds them.
 """
 
 import copy
+import dataclasses
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 import torch
 
-from common.errors import UserError
+from common.errors import SettingError, UserError
 from datasets.resolution import check_kind, to_dissolve_resolution
 from diffusion_models.inference_form import AutocastWeights, inference_form
 from models.blur import BlurShift
+from utils import warn
 
 SCHEDULERS = ("uniform", "beta_skewed", "beta_skewed_reversed", "beta_by_epoch", "beta_by_epoch_reversed")
 STEP_SCALE = 100
@@ -59,7 +63,7 @@ def beta_by_epoch_params(epoch, reversed_=False):
 
 
 class StepSampler:
-    """Draws the dissolving strength ``u`` in ``[0, 1]`` (``--diffusion_scheduler``).
+    """Draws the dissolving strength ``u`` in ``[0, 1]`` with the scheduler ``name``.
 
     ``generator``: ``None`` uses numpy's global RNG (so ``np.random.seed`` makes runs
     repeatable), an ``int`` seeds a private ``numpy.random.Generator``, or pass a
@@ -68,7 +72,7 @@ class StepSampler:
 
     def __init__(self, name="uniform", generator=None):
         if name not in SCHEDULERS:
-            raise UserError(f"unknown --diffusion_scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+            raise SettingError(f"unknown {{scheduler}} {name!r}; use one of {', '.join(SCHEDULERS)}", "scheduler")
         self.name = name
         if generator is None:
             self.rng = np.random  # the legacy global RNG
@@ -119,7 +123,13 @@ class Dissolver(torch.nn.Module):
     submodule (``.to(device)`` moves it), so keep a ``Dissolver`` outside the trained network: as
     an attribute of it, its 35 M DDPM weights would join that network's ``parameters()`` and
     ``state_dict()``.
+
+    As a ``models.strategies.DissolveStrategy`` it dissolves the third chunk only and leaves the
+    shift to the training step; ``info`` describes the checkpoint it was loaded from.
     """
+
+    applies_to = (2,)
+    shift_inside = False
 
     def __init__(self, diffusion, native_kind, diff_resolution=32, offset=0.3, upper=1.0, scheduler="uniform",
                  range_correct=False, step_scale=STEP_SCALE, generator=None, compile=False,
@@ -130,8 +140,9 @@ class Dissolver(torch.nn.Module):
         res = diffusion.image_size
         res = int(res[0]) if isinstance(res, (tuple, list)) else int(res)
         if res != int(diff_resolution):
-            raise UserError(f"the dissolver works at {res} px but --diff_resolution is {diff_resolution}; pass "
-                            f"--diff_resolution {res} or retrain the dissolver at {diff_resolution} px")
+            raise SettingError(f"the dissolver works at {res} px but {{diff_resolution}} is {diff_resolution}; "
+                               f"pass {{diff_resolution}} {res} or retrain the dissolver at {diff_resolution} px",
+                               "diff_resolution")
         # our own frozen copy, its UNet in inference form (the same function, computed faster) and
         # channels-last (faster convolutions on CPU with oneDNN and on CUDA under mixed precision)
         net, _ = inference_form(diffusion.model)
@@ -149,13 +160,14 @@ class Dissolver(torch.nn.Module):
         self.step_scale = step_scale
         self.range_correct = bool(range_correct)
         self.sampler = scheduler if isinstance(scheduler, StepSampler) else StepSampler(scheduler, generator)
+        self.info = None  # set by from_checkpoint
         t_lo = timestep(0.0, self.offset, self.upper, step_scale)
         t_hi = timestep(1.0, self.offset, self.upper, step_scale)
         n = diffusion.num_timesteps
         if min(t_lo, t_hi) < 0 or max(t_lo, t_hi) > n - 1:
-            raise UserError(f"--diffusion_offset {offset} / --diffusion_upper_offset {upper} give timesteps "
-                            f"{min(t_lo, t_hi)}..{max(t_lo, t_hi)} but the dissolver has timesteps 0..{n - 1}; "
-                            f"keep {step_scale} * offset within that range")
+            raise SettingError(f"{{offset}} {offset} / {{upper}} {upper} give timesteps {min(t_lo, t_hi)}.."
+                               f"{max(t_lo, t_hi)} but the dissolver has timesteps 0..{n - 1}; keep {step_scale} * "
+                               f"{{offset}} and {step_scale} * {{upper}} within that range", "offset", "upper")
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", native_kind="small32", diff_resolution=32, weights="online",
@@ -241,9 +253,50 @@ class Dissolver(torch.nn.Module):
 # --------------------------------------------------------------------------- factory
 
 
-def _arg(P, name, default):
-    value = getattr(P, name, default)
-    return default if value is None else value
+@dataclasses.dataclass(frozen=True)
+class DissolveSettings:
+    """What :func:`make_dissolve_fn` builds a dissolving strategy from. Every field is required:
+    the defaults live in the program's parser (``cli/args.py``).
+
+    ``diffusion_*``, ``diff_resolution``, ``range_correct`` and ``compile_dissolver``: the
+    diffusion dissolver (:meth:`Dissolver.from_checkpoint`); ``kernel_size``,
+    ``resize_to_constant``, ``third_chunk_only`` and ``diff_resolution``: the blurs
+    (``models.blur.BlurShift``); ``dataset`` and ``one_class_idx``: the run's data, which a
+    dissolver trained on other data is warned about.
+    """
+
+    diffusion_model_path: Optional[str]
+    diff_resolution: int
+    diffusion_weights: str
+    diffusion_offset: float
+    diffusion_upper_offset: float
+    diffusion_scheduler: str
+    range_correct: bool
+    compile_dissolver: bool
+    kernel_size: int
+    resize_to_constant: bool
+    third_chunk_only: bool
+    dataset: Optional[str]
+    one_class_idx: Optional[int]
+
+    # the fields whose flag (cli/args.py's dest) has another name
+    FLAG_NAMES: ClassVar[Mapping[str, str]] = {"range_correct": "diffusion_range_correct",
+                                               "third_chunk_only": "blur_third_chunk_only"}
+
+    @classmethod
+    def flag_name(cls, field: str) -> str:
+        """The name of the flag a field is read from."""
+        return cls.FLAG_NAMES.get(field, field)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> "DissolveSettings":
+        """The settings from a mapping of parsed flags (``vars(P)``); other keys are left out, a
+        missing one is a KeyError."""
+        return cls(**{f.name: flags[cls.flag_name(f.name)] for f in dataclasses.fields(cls)})
+
+
+# the DissolveSettings field each argument of the strategies is read from (make_dissolve_fn)
+_SETTING_OF = {"offset": "diffusion_offset", "upper": "diffusion_upper_offset", "scheduler": "diffusion_scheduler"}
 
 
 def warn_if_other_data(info, dataset, one_class_idx):
@@ -256,42 +309,46 @@ def warn_if_other_data(info, dataset, one_class_idx):
     if trained[0] is None or dataset is None:
         return
     if trained[0] != dataset or (one_class_idx is not None and trained[1] != one_class_idx):
-        from utils import warn
-
         warn(f"the dissolver {info.get('path')} was trained on {trained[0]} class {trained[1]}, this run is "
              f"{dataset} class {one_class_idx}; dissolving with it anyway")
 
 
-def make_dissolve_fn(shift_trans_type, P, device, native_kind):
-    """The dissolve generator for ``--shift_trans_type`` (``None`` when it has no dissolving part).
+def make_dissolve_fn(shift_trans_type, settings: DissolveSettings, device, native_kind):
+    """The dissolving strategy for ``shift_trans_type`` (``None`` when it has no dissolving part).
 
-    Prefixes: ``diffusion_*`` (``Dissolver.from_checkpoint(P.diffusion_model_path)`` at
-    ``P.diff_resolution`` with ``P.diffusion_weights``, default ``'online'``), ``blurgaussian_*``, ``blurmedian_*``, ``blurnone_*``.
-    Options read from ``P`` (missing ones take the paper's defaults): ``diff_resolution`` (32),
-    ``diffusion_offset`` (0.3), ``diffusion_upper_offset`` (1.0), ``diffusion_scheduler``
-    ('uniform'), ``diffusion_range_correct`` (False), ``kernel_size``
-    (``models.blur.KERNEL_SIZE``, 7), ``resize_to_constant`` (False), ``diffusion_model_path``.
+    Prefixes: ``diffusion_*`` (``Dissolver.from_checkpoint(settings.diffusion_model_path)`` at
+    ``settings.diff_resolution`` with ``settings.diffusion_weights``), ``blurgaussian_*``,
+    ``blurmedian_*``, ``blurnone_*`` (``models.blur.BlurShift``). A setting the strategy cannot
+    work with is a ``SettingError`` naming the ``settings`` field (or ``shift_trans_type``).
     """
     prefix = str(shift_trans_type).split("_", 1)[0]
-    resolution = int(_arg(P, "diff_resolution", 32))
+    try:
+        return _build(prefix, shift_trans_type, settings, device, native_kind)
+    except SettingError as exc:
+        raise exc.renamed(_SETTING_OF) from None
+
+
+def _build(prefix, shift_trans_type, settings, device, native_kind):
     if prefix == "diffusion":
-        path = getattr(P, "diffusion_model_path", None)
-        if not path:
-            raise UserError(f"--shift_trans_type {shift_trans_type} needs a dissolver: pass --diffusion_model_path "
-                            "CKPT (train one with python diffusion_models/train_eval_ddpm.py --mode train "
-                            "--dataset <DATASET>)")
+        if not settings.diffusion_model_path:
+            raise SettingError(f"{{shift_trans_type}} {shift_trans_type} needs a dissolver: give "
+                               f"{{diffusion_model_path}} CKPT (train one with python "
+                               f"diffusion_models/train_eval_ddpm.py --mode train --dataset <DATASET>)",
+                               "shift_trans_type", "diffusion_model_path")
         dissolver = Dissolver.from_checkpoint(
-            path, device, native_kind, diff_resolution=resolution,
-            weights=str(_arg(P, "diffusion_weights", "online")),
-            offset=float(_arg(P, "diffusion_offset", 0.3)),
-            upper=float(_arg(P, "diffusion_upper_offset", 1.0)),
-            scheduler=_arg(P, "diffusion_scheduler", "uniform"),
-            range_correct=bool(_arg(P, "diffusion_range_correct", False)),
-            compile=bool(_arg(P, "compile_dissolver", False)),
+            settings.diffusion_model_path, device, native_kind, diff_resolution=settings.diff_resolution,
+            weights=settings.diffusion_weights,
+            offset=settings.diffusion_offset,
+            upper=settings.diffusion_upper_offset,
+            scheduler=settings.diffusion_scheduler,
+            range_correct=settings.range_correct,
+            compile=settings.compile_dissolver,
         )
-        warn_if_other_data(dissolver.info, getattr(P, "dataset", None), getattr(P, "one_class_idx", None))
+        warn_if_other_data(dissolver.info, settings.dataset, settings.one_class_idx)
         return dissolver
     blurs = {"blurgaussian": "gaussian", "blurmedian": "median", "blurnone": "none"}
     if prefix in blurs:
-        return BlurShift.from_args(blurs[prefix], P, native_kind).to(device)
+        return BlurShift(blurs[prefix], kernel_size=settings.kernel_size, native_kind=native_kind,
+                         diff_resolution=settings.diff_resolution, resize_to_constant=settings.resize_to_constant,
+                         third_chunk_only=settings.third_chunk_only).to(device)
     return None

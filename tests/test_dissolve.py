@@ -1,16 +1,21 @@
 """Dissolving as a shift transformation: timesteps, samplers, the DDPM step, the factory (blurs: test_blur.py)."""
+import dataclasses
 import types
 
 import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
+import train as train_program
+from cli.args import parse_args
+from common.errors import SettingError, UserError
 from diffusion_models.ddpm import build_diffusion, save_dissolver
 from helpers import random_images, tiny_ddpm_config, tiny_diffusion
 from models.blur import BlurShift
 from datasets.resolution import to_dissolve_resolution
-from models.dissolve import Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn, timestep
+from models.dissolve import (DissolveSettings, Dissolver, StepSampler, beta_by_epoch_params, make_dissolve_fn,
+                             timestep)
+from models.strategies import DissolveStrategy
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -79,6 +84,9 @@ def test_sampler_is_deterministic():
     assert g1 == [StepSampler("uniform").sample() for _ in range(4)]
     with pytest.raises(UserError):
         StepSampler("linear")
+    with pytest.raises(SettingError) as e:  # named as the argument: what a program words in its flag
+        StepSampler("linear")
+    assert str(e.value).startswith("unknown scheduler 'linear'") and e.value.settings == ("scheduler",)
 
 
 # --------------------------------------------------------------------------- the DDPM step
@@ -191,6 +199,8 @@ def test_dissolver_settings_checked(diffusion):
     with pytest.raises(UserError) as e:
         Dissolver(short, "small32", offset=0.3, upper=1.0)
     assert "0..49" in str(e.value)
+    assert str(e.value).startswith("offset 0.3 / upper 1.0 give timesteps 30..100") and e.value.settings == (
+        "offset", "upper")
     Dissolver(short, "small32", offset=0.0, upper=0.4)
     with pytest.raises(UserError):
         Dissolver(diffusion, "huge")
@@ -199,25 +209,65 @@ def test_dissolver_settings_checked(diffusion):
 # --------------------------------------------------------------------------- factory
 
 
-def _P(**kw):
-    base = dict(diffusion_model_path=None, diff_resolution=32, diffusion_offset=0.3, diffusion_upper_offset=1.0,
-                diffusion_scheduler="uniform", kernel_size=3, resize_to_constant=False)
-    return types.SimpleNamespace(**dict(base, **kw))
+FLAGS = ["--mode", "simclr_DIA", "--shift_trans_type", "blurnone_rotation", "--batch_size", "32", "--kernel_size", "3"]
+
+
+def _flags(*extra):
+    return parse_args("train", FLAGS + list(extra))
+
+
+def _settings(*extra):
+    """The dissolving settings of train.py's command line with ``extra`` flags, as train.py takes them."""
+    return DissolveSettings.from_flags(vars(_flags(*extra)))
 
 
 def test_factory(ckpt):
+    # the library names its arguments; train.py words them in its flags
+    with pytest.raises(SettingError) as e:
+        make_dissolve_fn("diffusion_rotation", _settings(), "cpu", "small32")
+    assert str(e.value).startswith("shift_trans_type diffusion_rotation needs a dissolver: give diffusion_model_path")
+    P = _flags()
+    P.shift_trans_type, P.dissolve_type = "diffusion_rotation", "diffusion"  # what the parser itself refuses
     with pytest.raises(UserError) as e:
-        make_dissolve_fn("diffusion_rotation", _P(), "cpu", "small32")
+        train_program.build_dissolve(P, "cpu", types.SimpleNamespace(native_kind="small32"))
     assert "--diffusion_model_path" in str(e.value)
     with pytest.raises(UserError) as e:
-        make_dissolve_fn("diffusion_rotation", _P(diffusion_model_path=ckpt, diff_resolution=64), "cpu", "small32")
+        make_dissolve_fn("diffusion_rotation", _settings("--diffusion_model_path", ckpt, "--diff_resolution", "64"),
+                         "cpu", "small32")
     assert "--diff_resolution" in str(e.value)
-    d = make_dissolve_fn("diffusion_cutperm", _P(diffusion_model_path=ckpt, diffusion_scheduler="beta_skewed"),
-                         "cpu", "large224")
+    d = make_dissolve_fn("diffusion_cutperm", _settings("--diffusion_model_path", ckpt, "--diffusion_scheduler",
+                                                        "beta_skewed"), "cpu", "large224")
     assert isinstance(d, Dissolver) and d.sampler.name == "beta_skewed" and d.native_kind == "large224"
     assert (d.offset, d.upper, d.range_correct) == (0.3, 1.0, False)
-    g = make_dissolve_fn("blurgaussian_rotation", _P(kernel_size=5), "cpu", "small32")
+    g = make_dissolve_fn("blurgaussian_rotation", _settings("--kernel_size", "5"), "cpu", "small32")
     assert isinstance(g, BlurShift) and (g.blur, g.kernel_size) == ("gaussian", 5)
-    assert make_dissolve_fn("blurmedian_cutperm", _P(), "cpu", "small32").blur == "median"
-    assert make_dissolve_fn("blurnone_rotation", _P(resize_to_constant=True), "cpu", "small32").blur == "none"
-    assert make_dissolve_fn("rotation", _P(), "cpu", "small32") is None
+    assert make_dissolve_fn("blurmedian_cutperm", _settings(), "cpu", "small32").blur == "median"
+    assert make_dissolve_fn("blurnone_rotation", _settings("--resize_to_constant"), "cpu", "small32").blur == "none"
+    assert make_dissolve_fn("rotation", _settings(), "cpu", "small32") is None
+    # what the training step reads of a strategy, stated by both
+    assert isinstance(d, DissolveStrategy) and isinstance(g, DissolveStrategy)
+    assert (d.applies_to, d.shift_inside, d.info["path"]) == ((2,), False, ckpt)
+    assert (g.applies_to, g.shift_inside, g.info) == ((0, 1, 2), True, None)
+    third = make_dissolve_fn("blurnone_rotation", _settings("--blur_third_chunk_only"), "cpu", "small32")
+    assert third.third_chunk_only and third.applies_to == (2,)
+
+
+def test_factory_names_the_settings_and_train_py_the_flags(ckpt):
+    """A setting the dissolver refuses is named by the DissolveSettings field it came from, and
+    by its flag in train.py's message."""
+    with pytest.raises(SettingError) as e:
+        make_dissolve_fn("diffusion_rotation", _settings("--diffusion_model_path", ckpt, "--diffusion_upper_offset",
+                                                         "20"), "cpu", "small32")
+    assert e.value.settings == ("diffusion_offset", "diffusion_upper_offset")
+    assert str(e.value).startswith("diffusion_offset 0.3 / diffusion_upper_offset 20.0 give timesteps 30..2000")
+    unknown = dataclasses.replace(_settings("--diffusion_model_path", ckpt), diffusion_scheduler="linear")
+    with pytest.raises(SettingError) as e:
+        make_dissolve_fn("diffusion_rotation", unknown, "cpu", "small32")
+    assert str(e.value).startswith("unknown diffusion_scheduler 'linear'")
+    P = _flags("--diffusion_model_path", ckpt, "--diffusion_upper_offset", "20")
+    P.shift_trans_type, P.dissolve_type = "diffusion_rotation", "diffusion"
+    with pytest.raises(UserError) as e:
+        train_program.build_dissolve(P, "cpu", types.SimpleNamespace(native_kind="small32"))
+    assert str(e.value).startswith("--diffusion_offset 0.3 / --diffusion_upper_offset 20.0 give timesteps 30..2000")
+    assert DissolveSettings.flag_name("range_correct") == "diffusion_range_correct"
+    assert DissolveSettings.flag_name("third_chunk_only") == "blur_third_chunk_only"

@@ -38,6 +38,7 @@ from datasets.resolution import to_dissolve_resolution  # noqa: E402
 from models.resnet import build_model  # noqa: E402
 from models.transform_layers import simclr_augmentation  # noqa: E402
 from train import build_dissolve  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.trainer import Trainer, contrastive_loss  # noqa: E402
 from utils import autocast_for  # noqa: E402
 
@@ -106,7 +107,9 @@ def paper_style_step(tr, x, y, dissolver, library_diffusion, timer):
     with timer("resnet"):
         _, aux = tr.net(views, penultimate=True, simclr=True, shift=True)
         z = F.normalize(aux["simclr"], dim=1)
-        loss = contrastive_loss(z, len(chunks) + (dissolver is not None), K, b, tr.P)
+        cfg = tr.config
+        loss = contrastive_loss(z, len(chunks) + (dissolver is not None), K, b, cfg.temperature, cfg.sim_lambda,
+                                cfg.loss_mode)
         labels = torch.arange(K, device=x.device).repeat_interleave(b).repeat(len(chunks) + (dissolver is not None))
         loss = loss + F.cross_entropy(aux["shift"], labels)
         tr.optimizer.zero_grad()
@@ -211,7 +214,8 @@ def main(argv=None):
             model = build_model(a.model, 2, n_shifts=4, **kw).to(device)
             model.memory_format = memory_format
             model.to(memory_format=memory_format)
-            tr = Trainer(P, model, device, dissolve=build_dissolve(P, device, info))
+            tr = Trainer(TrainConfig.from_flags(vars(P)), model, device,
+                         dissolve=build_dissolve(P, device, info))
             return tr
 
         x, y = data.get_batch(torch.arange(a.batch_size))
@@ -239,7 +243,7 @@ def main(argv=None):
 
         paper = trainer(False, torch.contiguous_format)
         # CSI's colour jitter and crop take the whole batch in one pass (ours a few images at a time)
-        paper.aug = simclr_augmentation(paper.P.resize_factor, paper.P.resize_fix, chunk_pixels=0)
+        paper.aug = simclr_augmentation(paper.config.resize_factor, paper.config.resize_fix, chunk_pixels=0)
 
         library_diffusion = load_dissolver(ckpt, device)[0].eval() if ckpt else None
 

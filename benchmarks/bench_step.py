@@ -23,6 +23,7 @@ from diffusion_models.ddpm import build_diffusion, ddpm_config, save_dissolver  
 from evals.ood_pre import extract_features  # noqa: E402
 from models.resnet import build_model  # noqa: E402
 from train import build_dissolve  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 
@@ -77,7 +78,8 @@ def main():
                 P = parse_args("train", argv)
                 torch.manual_seed(0)
                 model = build_model("resnet18", 2, n_shifts=4, width=width).to(device)
-                trainer = Trainer(P, model, device, dissolve=build_dissolve(P, device, info))
+                trainer = Trainer(TrainConfig.from_flags(vars(P)), model, device,
+                                  dissolve=build_dissolve(P, device, info))
                 s = time_steps(trainer, normal, a.batch_size, a.steps)
                 sub = normal.subset(torch.arange(256))
                 t0 = time.perf_counter()

@@ -17,9 +17,9 @@ runtime                     train, eval         --seed --device --amp --multi_gp
 ``--data_root``, ``--diff_resolution``, ``--seed``, ``--device`` and ``--amp`` come from
 ``common/flags.py``, which reproduce.py and the dissolver's script use too; ``add_model_choice``
 gives reproduce.py the ``--model`` flag. The names a flag chooses from come from the library
-that owns them: the networks from ``models/resnet.py``, the dissolving schedulers from
-``models/dissolve.py``, the blur kernel's default from ``models/blur.py``, the datasets from
-``datasets/names.py`` and ``datasets/ood.py``.
+that owns them: the networks from ``models/resnet.py``, the optimisers from ``training/optim.py``,
+the dissolving schedulers from ``models/dissolve.py``, the blur kernel's default from
+``models/blur.py``, the datasets from ``datasets/names.py`` and ``datasets/ood.py``.
 
 Flag names and defaults follow CSI and the DIA paper's code, so the paper's commands run as
 written. What CSI enforced silently (e.g. the batch size rule) is a warning here, and flag
@@ -30,6 +30,7 @@ import math
 
 from common.errors import UserError
 from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed
+from training.optim import OPTIMIZERS
 
 PROGRAMS = ("train", "eval")
 TRAIN_MODES = ("simclr", "simclr_CSI", "simclr_DIA")
@@ -167,7 +168,7 @@ def add_dissolving_group(p):
 def add_training_group(p):
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=1000, help="epochs of the learning-rate schedule and of the run")
-    g.add_argument("--optimizer", default="lars", choices=("sgd", "lars"),
+    g.add_argument("--optimizer", default="lars", choices=OPTIMIZERS,
                    help="SGD with momentum 0.9, or LARS wrapped around it")
     g.add_argument("--lr_scheduler", default="cosine", choices=("cosine", "step_decay"),
                    help="after the warm-up: cosine annealing, or x0.1 at 50%% and 75%% of --epochs")

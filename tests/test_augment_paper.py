@@ -12,6 +12,7 @@ from cli.args import parse_args
 from models.dissolve import StepSampler
 from models.resnet import build_model
 from models.transform_layers import ColorJitterLayer, RandomResizedCropLayer
+from training.config import TrainConfig
 from training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -105,6 +106,10 @@ def test_crop_fallback_is_the_whole_image():
 class RecordingDissolver:
     """Stands in for the dissolver: records the epoch and the Beta parameters it would use."""
 
+    applies_to = (2,)
+    shift_inside = False
+    info = None
+
     def __init__(self):
         self.sampler = StepSampler("beta_by_epoch")
         self.seen = []
@@ -118,8 +123,8 @@ def test_sampler_sees_the_one_based_epoch():
     P = parse_args("train", ["--mode", "simclr_DIA", "--shift_trans_type", "blurnone_rotation",
                              "--batch_size", "2", "--resnet_width", "8", "--simclr_dim", "8"])
     stub = RecordingDissolver()
-    trainer = Trainer(P, build_model("resnet18", 2, simclr_dim=8, n_shifts=4, width=8), torch.device("cpu"),
-                      dissolve=stub)
+    model = build_model("resnet18", 2, simclr_dim=8, n_shifts=4, width=8)
+    trainer = Trainer(TrainConfig.from_flags(vars(P)), model, torch.device("cpu"), dissolve=stub)
     x = torch.rand(2, 3, 8, 8)
     trainer.epoch = 0  # nothing completed: the first epoch is running
     trainer.make_views(x)

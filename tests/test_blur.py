@@ -9,11 +9,13 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cli.args import parse_args
-from common.errors import UserError
+from common.errors import SettingError, UserError
 from models.blur import BlurShift
+from models.dissolve import DissolveSettings, make_dissolve_fn
 from models.resnet import build_model
 from models.transform_layers import CutPerm, Rotation
 from helpers import random_images
+from training.config import TrainConfig
 from training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -121,6 +123,11 @@ def test_blur_errors_are_user_errors():
         BlurShift("box", 3)
     with pytest.raises(UserError):
         BlurShift("none", native_kind="huge")
+    # worded in the constructor's argument; train.py words it in its flag
+    with pytest.raises(SettingError) as e:
+        BlurShift("median", 0)
+    assert str(e.value).startswith("kernel_size 0 must be") and e.value.settings == ("kernel_size",)
+    assert e.value.worded({"kernel_size": "--kernel_size"}).startswith("--kernel_size 0 must be")
 
 
 # --------------------------------------------------------------------------- --blur_third_chunk_only
@@ -163,10 +170,10 @@ def test_third_chunk_only_resizes_like_the_dissolver():
 def _trainer(extra):
     P = parse_args("train", ["--mode", "simclr_DIA", "--batch_size", "3", "--resnet_width", "8",
                              "--simclr_dim", "8", "--kernel_size", "3", *extra])
-    blur = {"blurgaussian": "gaussian", "blurmedian": "median", "blurnone": "none"}[P.dissolve_type]
-    dissolve = BlurShift.from_args(blur, P, "small32")
+    dissolve = make_dissolve_fn(P.shift_trans_type, DissolveSettings.from_flags(vars(P)), "cpu", "small32")
+    assert isinstance(dissolve, BlurShift)
     model = build_model("resnet18", 2, simclr_dim=8, n_shifts=4, width=8)
-    return Trainer(P, model, torch.device("cpu"), dissolve=dissolve), dissolve
+    return Trainer(TrainConfig.from_flags(vars(P)), model, torch.device("cpu"), dissolve=dissolve), dissolve
 
 
 def _matches_one_flip(view, img, ref):

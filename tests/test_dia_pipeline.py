@@ -6,7 +6,12 @@ import torch
 
 import eval as eval_program
 import train as train_program
+from cli.args import parse_args
+from datasets import get_dataset
 from helpers import TINY_TRAIN_NO_EVAL
+from models.resnet import build_model
+from training.config import TrainConfig
+from training.trainer import Trainer
 
 
 def evaluate(load_path, out):
@@ -36,18 +41,12 @@ def test_diffusion_rotation_end_to_end(tiny_dissolver, tmp_path):
 
 def test_dissolved_views_are_the_third_chunk(tiny_dissolver):
     """make_views puts K dissolved, shifted views after the 2K ordinary ones."""
-    from cli.args import parse_args
-    from models.resnet import build_model
-    from training.trainer import Trainer
-    from train import build_dissolve
-    from datasets import get_dataset
-
     P = parse_args("train", TINY_TRAIN_NO_EVAL + ["--mode", "simclr_DIA", "--shift_trans_type", "diffusion_rotation",
                                                   "--diffusion_model_path", str(tiny_dissolver)])
     _, _, info = get_dataset("synth_lesion", "../data")
     dev = torch.device("cpu")
-    trainer = Trainer(P, build_model("resnet18", 2, simclr_dim=16, n_shifts=4, width=8), dev,
-                      dissolve=build_dissolve(P, dev, info))
+    model = build_model("resnet18", 2, simclr_dim=16, n_shifts=4, width=8)
+    trainer = Trainer(TrainConfig.from_flags(vars(P)), model, dev, dissolve=train_program.build_dissolve(P, dev, info))
     x = torch.rand(3, 3, 32, 32)
     torch.manual_seed(0)
     views, chunks = trainer.make_views(x)

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -228,7 +227,8 @@ def make_problem(chunks):
     return x, net
 
 
-P_LOSS = SimpleNamespace(temperature=0.5, loss_mode="shifted_removed", sim_lambda=1.0)
+# the loss's temperature, weight and mode of the dissolved negatives (the paper's)
+TEMPERATURE, SIM_LAMBDA, LOSS_MODE = 0.5, 1.0, "shifted_removed"
 
 
 def _worker(rank, port, out):
@@ -245,7 +245,7 @@ def _worker(rank, port, out):
             ddp = distributed.wrap_model(net, device)
             opt = torch.optim.SGD(net.parameters(), lr=0.5)
             z = F.normalize(ddp(views_of(distributed.shard(x), chunks)), dim=1)
-            loss = contrastive_loss(z, chunks, K, B, P_LOSS)
+            loss = contrastive_loss(z, chunks, K, B, TEMPERATURE, SIM_LAMBDA, LOSS_MODE)
             opt.zero_grad()
             loss.backward()
             opt.step()

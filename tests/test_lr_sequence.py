@@ -10,6 +10,7 @@ import torch
 from cli.args import parse_args
 from models.resnet import build_model
 from training import schedule
+from training.config import TrainConfig
 from training.optim import lr_at
 from training.trainer import Trainer
 
@@ -90,7 +91,8 @@ def flags(max_batches, *extra, epochs=EPOCHS):
 
 def make_trainer(P):
     torch.manual_seed(0)
-    trainer = Trainer(P, build_model("resnet18", 2, simclr_dim=8, n_shifts=P.K_shift, width=8), torch.device("cpu"))
+    model = build_model("resnet18", 2, simclr_dim=8, n_shifts=P.K_shift, width=8)
+    trainer = Trainer(TrainConfig.from_flags(vars(P)), model, torch.device("cpu"))
     rates = []
     step = trainer.train_step
 
@@ -161,7 +163,8 @@ def test_previous_sequence_is_one_set_of_flags_away(tmp_path):
     P = flags(2, "--lr_step_timing", "before", "--epoch_steps", "capped", "--drop_last")
     rates, batches, _ = train(P, 30, tmp_path)
     steps = min(30 // BATCH, 2)
-    expected = [lr_at(e - 1 + i / steps, P) for e in range(1, EPOCHS + 1) for i in range(steps)]
+    config = TrainConfig.from_flags(vars(P))
+    expected = [lr_at(e - 1 + i / steps, config) for e in range(1, EPOCHS + 1) for i in range(steps)]
     assert len(rates) == len(expected) == EPOCHS * 2
     for got, want in zip(rates, expected):
         assert abs(got - want) <= 1e-12

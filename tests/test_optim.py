@@ -1,12 +1,15 @@
 """LARS against the formula by hand; the learning-rate schedule at known points; the linear head
 under the main optimiser as the paper's code ran it."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cli.args import parse_args
+from models.resnet import build_model
+from training.config import TrainConfig
 from training.optim import LARS, lr_at
+from training.trainer import Trainer
 
 
 def test_lars_step_by_hand():
@@ -34,37 +37,36 @@ def test_lars_state_dict_round_trip():
     assert torch.equal(opt2.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])
 
 
-def args(**kw):
-    base = dict(lr_init=0.1, warmup=10, epochs=100, lr_scheduler="cosine")
-    base.update(kw)
-    return SimpleNamespace(**base)
+def config(*flags):
+    """The training settings of train.py's command line: --lr_init 0.1 --warmup 10 --epochs 100
+    (cosine), then ``flags``."""
+    P = parse_args("train", ["--mode", "simclr", "--shift_trans_type", "none", "--lr_init", "0.1", "--warmup", "10",
+                             "--epochs", "100", "--lr_scheduler", "cosine", *flags])
+    return TrainConfig.from_flags(vars(P))
 
 
 def test_schedule_points():
-    P = args()
+    P = config()
     assert lr_at(0, P) == pytest.approx(0.1)
     assert lr_at(5, P) == pytest.approx(0.55)
     assert lr_at(10, P) == pytest.approx(1.0)
     assert lr_at(60, P) == pytest.approx((1 + math.cos(math.pi * 50 / 100)) / 2)
     assert lr_at(110, P) == pytest.approx(0.0, abs=1e-12)
-    S = args(lr_scheduler="step_decay")
+    S = config("--lr_scheduler", "step_decay")
     assert lr_at(20, S) == pytest.approx(1.0)
     assert lr_at(10 + 50, S) == pytest.approx(0.1)
     assert lr_at(10 + 75, S) == pytest.approx(0.01)
-    assert lr_at(3, args(warmup=0)) == pytest.approx((1 + math.cos(math.pi * 3 / 100)) / 2)
+    assert lr_at(3, config("--warmup", "0")) == pytest.approx((1 + math.cos(math.pi * 3 / 100)) / 2)
 
 
 def _head_before_adam(extra):
     """The linear head's weights as the trainer's first two steps leave them just before the
     head's own Adam step: ``[(before the step, at the Adam step), ...]``."""
-    from cli.args import parse_args
-    from models.resnet import build_model
-    from training.trainer import Trainer
-
     P = parse_args("train", ["--mode", "simclr", "--shift_trans_type", "none", "--batch_size", "4",
                              "--resnet_width", "8", "--simclr_dim", "8", "--amp", "off", "--device", "cpu", *extra])
     torch.manual_seed(0)
-    trainer = Trainer(P, build_model("resnet18", 2, simclr_dim=8, n_shifts=1, width=8), torch.device("cpu"))
+    model = build_model("resnet18", 2, simclr_dim=8, n_shifts=1, width=8)
+    trainer = Trainer(TrainConfig.from_flags(vars(P)), model, torch.device("cpu"))
     head = list(trainer.model.linear.parameters())
     seen = []
     linear_step = trainer.linear_step

@@ -5,7 +5,10 @@ extension at install time, so it is written here.
 """
 import torch
 
-from training.schedule import lr_at_fraction
+from training.config import TrainConfig
+from training.schedule import WARMUP_MULTIPLIER, lr_at_fraction
+
+OPTIMIZERS = ("sgd", "lars")
 
 
 class LARS(torch.optim.Optimizer):
@@ -65,17 +68,21 @@ class LARS(torch.optim.Optimizer):
                 group["weight_decay"] = wd
 
 
-def make_optimizer(params, P):
-    sgd = torch.optim.SGD(params, lr=P.lr_init, momentum=0.9, weight_decay=P.weight_decay)
-    return LARS(sgd) if P.optimizer == "lars" else sgd
+def make_optimizer(params, name, lr_init, weight_decay):
+    """SGD with momentum 0.9 over ``params``, wrapped in LARS when ``name`` is ``'lars'``
+    (``'sgd'``: SGD alone)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+    sgd = torch.optim.SGD(params, lr=lr_init, momentum=0.9, weight_decay=weight_decay)
+    return LARS(sgd) if name == "lars" else sgd
 
 
-def lr_at(epoch, P, multiplier=10.0):
+def lr_at(epoch, config: TrainConfig, multiplier=WARMUP_MULTIPLIER):
     """Learning rate at a fractional epoch: linear warm-up from lr_init to lr_init*multiplier
-    over --warmup epochs, then cosine annealing over --epochs (or x0.1 at 50% and 75%)
-    (``training.schedule.lr_at_fraction`` with the flags' numbers; which fraction a step trains
-    with is ``training.schedule.step_lr``'s)."""
-    return lr_at_fraction(epoch, P.lr_init, P.warmup, P.epochs, P.lr_scheduler, multiplier)
+    over ``config.warmup`` epochs, then cosine annealing over ``config.epochs`` (or x0.1 at 50%
+    and 75%) (``training.schedule.lr_at_fraction`` with the config's numbers; which fraction a
+    step trains with is ``training.schedule.step_lr``'s)."""
+    return lr_at_fraction(epoch, config.lr_init, config.warmup, config.epochs, config.lr_scheduler, multiplier)
 
 
 def set_lr(optimizer, lr):

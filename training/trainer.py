@@ -3,6 +3,7 @@ import contextlib
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,11 @@ from tqdm import tqdm
 from common import distributed
 from common.checkpoint_io import MODEL_CHECKPOINT_KIND
 from common.errors import UserError
+from models.strategies import DissolveStrategy
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
-from training.contrastive_loss import NT_xent, NT_xent_neg
 from training import schedule
+from training.config import TrainConfig
+from training.contrastive_loss import NT_xent, NT_xent_neg
 from training.optim import make_optimizer, set_lr
 from utils import (atomic_torch_save, atomic_write_json, autocast_for, fault_point, rng_state, set_rng_state,
                    set_seed)
@@ -44,9 +47,11 @@ def first_non_finite(state, name=""):
     return None
 
 
-def contrastive_loss(z, chunks, K, b, P):
+def contrastive_loss(z, chunks, K, b, temperature, sim_lambda, loss_mode):
     """The contrastive loss of the global batch from this process's normalised embeddings ``z``
-    (``chunks * K * b`` rows: chunk-major, shift-major within a chunk, ``b`` images per shift).
+    (``chunks * K * b`` rows: chunk-major, shift-major within a chunk, ``b`` images per shift),
+    weighted by ``sim_lambda``. With three chunks the dissolved views are negatives, as
+    ``loss_mode`` says (``NT_xent_neg``).
 
     Under torchrun each (chunk, shift) block is gathered over the ranks, so the matrix is laid
     out as one process's on the global batch (rank 0's images, then rank 1's, ...): ``[V1_all;
@@ -55,60 +60,64 @@ def contrastive_loss(z, chunks, K, b, P):
     z = distributed.gather_cat(z.reshape(chunks * K, b, d), dim=1).reshape(-1, d)
     sim = z @ z.t()
     if chunks == 3:
-        loss = NT_xent_neg(sim, temperature=P.temperature, chunk=3, mode=P.loss_mode)
+        loss = NT_xent_neg(sim, temperature=temperature, chunk=3, mode=loss_mode)
     else:
-        loss = NT_xent(sim, temperature=P.temperature, chunk=2)
-    return loss * P.sim_lambda
+        loss = NT_xent(sim, temperature=temperature, chunk=2)
+    return loss * sim_lambda
 
 
-def divergence_cause(P, device=None):
-    """The likely reason a run diverged, read from its flags: what to change."""
+def divergence_cause(config: TrainConfig, device=None):
+    """The likely reason a run diverged, read from its settings: which flag to change."""
     causes = []
-    if P.temperature < 0.05:
-        causes.append(f"--temperature {P.temperature:g} is very low (the paper's 0.5): the similarities divided by "
-                      f"it overflow; raise --temperature")
-    if P.lr_init > 1.0:
-        causes.append(f"--lr_init {P.lr_init:g} is very high (the paper's 0.1): lower --lr_init")
-    if P.sim_lambda > 100:
-        causes.append(f"--sim_lambda {P.sim_lambda:g} is very high (the paper's 1): lower it")
-    if P.amp and device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if config.temperature < 0.05:
+        causes.append(f"--temperature {config.temperature:g} is very low (the paper's 0.5): the similarities "
+                      f"divided by it overflow; raise --temperature")
+    if config.lr_init > 1.0:
+        causes.append(f"--lr_init {config.lr_init:g} is very high (the paper's 0.1): lower --lr_init")
+    if config.sim_lambda > 100:
+        causes.append(f"--sim_lambda {config.sim_lambda:g} is very high (the paper's 1): lower it")
+    if config.amp and device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         causes.append("mixed precision runs fp16 on this GPU (no bf16), which can overflow: pass --amp off")
     if not causes:
-        causes.append(f"--lr_init {P.lr_init:g} may be too high for --batch_size {P.batch_size} with "
-                      f"--optimizer {P.optimizer}: lower --lr_init (or check the training images)")
+        causes.append(f"--lr_init {config.lr_init:g} may be too high for --batch_size {config.batch_size} with "
+                      f"--optimizer {config.optimizer}: lower --lr_init (or check the training images)")
     return "; ".join(causes)
 
 
 class Trainer:
     """Holds the model, optimisers and view-making layers of one training run.
 
-    ``dissolve`` is None for simclr/simclr_CSI; for simclr_DIA it is a dissolve generator of
-    ``models.dissolve`` (``dissolve_chunks(list of K chunks, epoch) -> list of K chunks``).
+    ``config``: the run's settings (``training.config.TrainConfig``). ``dissolve`` is None for
+    simclr/simclr_CSI; for simclr_DIA it is a dissolving strategy
+    (``models.strategies.DissolveStrategy``, built by ``models.dissolve.make_dissolve_fn``).
     """
 
-    def __init__(self, P, model, device, dissolve=None):
-        self.P, self.model, self.device, self.dissolve = P, model, device, dissolve
-        self.shift = get_shift(P.base_shift)
+    def __init__(self, config: TrainConfig, model, device, dissolve: Optional[DissolveStrategy] = None):
+        if dissolve is not None and not isinstance(dissolve, DissolveStrategy):
+            raise TypeError(f"dissolve must be a models.strategies.DissolveStrategy (dissolve_chunks, applies_to, "
+                            f"shift_inside, info), got {type(dissolve).__name__}")
+        self.config, self.model, self.device, self.dissolve = config, model, device, dissolve
+        self.shift = get_shift(config.base_shift)
         self.K = self.shift.max_range
         # what the batches go through: DistributedDataParallel under torchrun; the linear head
         # learns from gathered detached features, identically on every rank, outside DDP
         linear = [f"linear.{name}" for name, _ in model.linear.named_parameters()]
         self.net = distributed.wrap_model(model, device, ignore=linear, find_unused=self.K == 1)
         self.hflip = HorizontalFlipRandom(0.5)
-        self.aug = simclr_augmentation(P.resize_factor, P.resize_fix)
+        self.aug = simclr_augmentation(config.resize_factor, config.resize_fix)
         head = set(id(p) for p in model.linear.parameters())
         body = [p for p in model.parameters() if id(p) not in head]
-        self.optimizer = make_optimizer(body, P)
+        self.optimizer = make_optimizer(body, config.optimizer, config.lr_init, config.weight_decay)
         self.linear_optim = torch.optim.Adam(model.linear.parameters(), lr=1e-3, betas=(0.9, 0.999),
-                                             weight_decay=P.weight_decay)
+                                             weight_decay=config.weight_decay)
         # The paper's main optimiser holds every parameter, the linear head's too, and under its
         # torch 1.11 zero_grad() zeroes gradients instead of dropping them: from the second step on
         # the head reaches that optimiser with a zero gradient, so it takes its weight decay and
         # momentum (LARS: factor 1 on a zero gradient) before its own Adam step. A second optimiser
         # of the same kind and rates does that here (every update is per parameter), so the body's
         # optimiser state keeps its layout.
-        self.linear_decay = (make_optimizer(list(model.linear.parameters()), P) if P.linear_main_optim == "paper"
-                             else None)
+        self.linear_decay = (make_optimizer(list(model.linear.parameters()), config.optimizer, config.lr_init,
+                                            config.weight_decay) if config.linear_main_optim == "paper" else None)
         self.epoch = 0  # last completed epoch
         self.step = 0
         self.best = {}  # best_<score>.model -> what selected it (epoch, step, rule, metric, value, ...)
@@ -126,17 +135,17 @@ class Trainer:
         number of chunks.
 
         Chunks: ``x1``, ``x2`` (two flips of ``x``) and, for DIA, ``x3`` (K fresh flips). The
-        dissolve strategy changes the chunks named by its ``applies_to`` (0-based; default the
-        third only, as the diffusion dissolver); a strategy with ``shift_inside`` applies the
-        shift itself (the paper's blurs shift before resizing back). Its sampler sees the
-        1-based running epoch, as the paper's train loop passes it.
+        dissolve strategy changes the chunks named by its ``applies_to`` (0-based; the diffusion
+        dissolver the third only); a strategy with ``shift_inside`` applies the shift itself (the
+        paper's blurs shift before resizing back). Its sampler sees the 1-based running epoch, as
+        the paper's train loop passes it.
         """
         K, shift, d = self.K, self.shift, self.dissolve
         x1, x2 = self.hflip(x.repeat(2, 1, 1, 1)).chunk(2)
         chunks = [[x1] * K, [x2] * K]
         if d is not None:
             chunks.append([self.hflip(x) for _ in range(K)])
-        applies = getattr(d, "applies_to", (2,)) if d is not None else ()
+        applies = d.applies_to if d is not None else ()
         epoch = self.epoch + 1  # self.epoch counts completed epochs
         views = []
         for i, cs in enumerate(chunks):
@@ -144,8 +153,8 @@ class Trainer:
                 views.append(torch.cat([shift(c, k) for k, c in enumerate(cs)]))
                 continue
             # the K chunks in one batched call, each with its own strength
-            with self.timed("dissolve"), autocast_for(self.device, self.P.amp):  # --amp covers the UNet too
-                if getattr(d, "shift_inside", False):
+            with self.timed("dissolve"), autocast_for(self.device, self.config.amp):  # --amp covers the UNet too
+                if d.shift_inside:
                     out = d.dissolve_chunks(cs, epoch, shift=shift)
                 else:
                     out = [shift(c.float(), k) for k, c in enumerate(d.dissolve_chunks(cs, epoch))]
@@ -170,11 +179,11 @@ class Trainer:
 
     def resnet_step(self, views, chunks, b):
         """Forward, losses, backward and the optimiser step of the network on the views."""
-        P, K = self.P, self.K
-        with autocast_for(self.device, P.amp):
+        cfg, K = self.config, self.K
+        with autocast_for(self.device, cfg.amp):
             _, aux = self.net(views, penultimate=True, simclr=True, shift=True)
         z = F.normalize(aux["simclr"].float(), dim=1)
-        loss_sim = contrastive_loss(z, chunks, K, b, P)
+        loss_sim = contrastive_loss(z, chunks, K, b, cfg.temperature, cfg.sim_lambda, cfg.loss_mode)
         if K > 1:
             shift_labels = torch.arange(K, device=views.device).repeat_interleave(b).repeat(chunks)
             loss_shift = F.cross_entropy(aux["shift"].float(), shift_labels)
@@ -235,7 +244,7 @@ class Trainer:
         if bad:
             raise UserError(f"not writing {os.path.basename(path)}: {bad[0]} holds {bad[1]} after epoch {self.epoch} "
                             f"(step {self.step}{self._last_loss_text()}), the training diverged; likely cause: "
-                            f"{divergence_cause(self.P, self.device)}")
+                            f"{divergence_cause(self.config, self.device)}")
         atomic_torch_save(state, path)
 
     def _last_loss_text(self):
@@ -247,7 +256,7 @@ class Trainer:
         if bad:
             raise UserError(f"the training diverged: {bad[0]} holds {bad[1]} after epoch {self.epoch} (step "
                             f"{self.step}{self._last_loss_text()}); stopped before {before}, the files written "
-                            f"earlier stay; likely cause: {divergence_cause(self.P, self.device)}")
+                            f"earlier stay; likely cause: {divergence_cause(self.config, self.device)}")
 
     def keeps_row(self, tag, x):
         """Whether a ``scalars.csv`` row (``train/*`` by step, the others by epoch) comes from no
@@ -270,18 +279,19 @@ class Trainer:
     # ----- the loop -----------------------------------------------------------------------
     def global_batch(self):
         """Images per step: ``--batch_size`` per process times the number of processes."""
-        return self.P.batch_size * distributed.world_size()
+        return self.config.batch_size * distributed.world_size()
 
     def epoch_plan(self, n):
         """How an epoch over ``n`` images runs (``training.schedule.epoch_plan``): the batches of a
         pass, the steps trained and the fraction's denominator."""
-        P = self.P
-        return schedule.epoch_plan(n, self.global_batch(), P.max_batches_per_epoch, P.epoch_steps, P.drop_last)
+        cfg = self.config
+        return schedule.epoch_plan(n, self.global_batch(), cfg.max_batches_per_epoch, cfg.epoch_steps, cfg.drop_last)
 
     def lr_of(self, plan, epoch, i):
         """The learning rate batch ``i`` of ``epoch`` trains with (``training.schedule.step_lr``)."""
-        P = self.P
-        return schedule.step_lr(plan, epoch, i, P.lr_init, P.warmup, P.epochs, P.lr_scheduler, P.lr_step_timing)
+        cfg = self.config
+        return schedule.step_lr(plan, epoch, i, cfg.lr_init, cfg.warmup, cfg.epochs, cfg.lr_scheduler,
+                                cfg.lr_step_timing)
 
     def set_lr(self, lr):
         set_lr(self.optimizer, lr)
@@ -311,8 +321,8 @@ class Trainer:
         epochs are evaluated never depends on interruptions); the best result is kept as
         ``evaluate.filename`` and ``selection.json`` records which rule produced which file.
         """
-        P, model, device = self.P, self.model, self.device
-        replay = bool(getattr(P, "paper_rng_replay", False))
+        cfg, model, device = self.config, self.model, self.device
+        replay = cfg.paper_rng_replay
         n = len(train_set)
         plan = self.epoch_plan(n)
         global_batch, world, rank = self.global_batch(), distributed.world_size(), distributed.rank()
@@ -320,10 +330,10 @@ class Trainer:
         self.logger = logger
         first, end = schedule.batch_bounds(plan.pass_batches - 1, n, global_batch)
         logger.log(f"an epoch trains {plan.steps} step(s) of a pass of {plan.pass_batches} batch(es) of {global_batch} "
-                   f"images (the last of {end - first}); learning rate {P.lr_step_timing} timing, fraction of batch i: "
-                   f"epoch - 1 + i / {plan.denominator}")
+                   f"images (the last of {end - first}); learning rate {cfg.lr_step_timing} timing, fraction of "
+                   f"batch i: epoch - 1 + i / {plan.denominator}")
         if evaluate is not None:
-            logger.log(f"evaluation every {P.error_step} epoch(s) and at epoch {P.epochs}: {evaluate.describe()}")
+            logger.log(f"evaluation every {cfg.error_step} epoch(s) and at epoch {cfg.epochs}: {evaluate.describe()}")
         if replay:
             logger.log("--paper_rng_replay: no per-epoch seeding; each evaluation leaves the generators seeded as "
                        "the paper's does, so the epochs after it replay the same draws")
@@ -332,15 +342,15 @@ class Trainer:
         self._resumed_rng = None
         model.train()
         stop = False
-        for epoch in range(self.epoch + 1, P.epochs + 1):
+        for epoch in range(self.epoch + 1, cfg.epochs + 1):
             if not replay or epoch == 1:
-                set_seed(P.seed * 100_003 + epoch)
+                set_seed(cfg.seed * 100_003 + epoch)
             perm = torch.randperm(n)  # identical on every rank
             if distributed.is_distributed():  # each rank its own flips, crops and dissolving draws
-                set_seed(P.seed * 100_003 + epoch + 1_000_003 * distributed.rank())
+                set_seed(cfg.seed * 100_003 + epoch + 1_000_003 * distributed.rank())
             t0 = time.time()
             sums = {}
-            bar = tqdm(total=plan.steps, desc=f"epoch {epoch}/{P.epochs}", leave=False, disable=None)
+            bar = tqdm(total=plan.steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
             done = 0
             for i in range(plan.steps):
                 first, end = schedule.batch_bounds(i, n, global_batch)
@@ -356,7 +366,7 @@ class Trainer:
                 done += 1
                 for key, v in out.items():
                     sums[key] = sums.get(key, 0.0) + v
-                if self.step % P.log_every == 0 or self.step == 1:
+                if self.step % cfg.log_every == 0 or self.step == 1:
                     for key, v in out.items():
                         logger.scalar(f"train/{key}", v, self.step)
                     logger.scalar("train/lr", lr, self.step)
@@ -366,9 +376,9 @@ class Trainer:
                     bar.close()
                     raise UserError(f"the loss became {out['loss']} at step {self.step} (epoch {epoch}); nothing was "
                                     f"written after the last checkpoint; likely cause: "
-                                    f"{divergence_cause(P, device)}")
+                                    f"{divergence_cause(cfg, device)}")
                 fault_point("step")
-                if P.max_steps is not None and self.step >= P.max_steps:
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop = True
                     break
             bar.close()
@@ -380,9 +390,9 @@ class Trainer:
             logger.scalar("epoch/seconds_per_step", secs / max(done, 1), epoch)
             logger.log(f"[epoch {epoch}] " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                        + f" lr {lr:.4g} ({done} steps, {secs / max(done, 1):.3f} s/step)")
-            final = epoch == P.epochs
-            evaluating = evaluate is not None and (epoch % P.error_step == 0 or final)
-            saving = epoch % P.save_step == 0 or final or stop
+            final = epoch == cfg.epochs
+            evaluating = evaluate is not None and (epoch % cfg.error_step == 0 or final)
+            saving = epoch % cfg.save_step == 0 or final or stop
             if evaluating or saving:
                 self.check_finite("evaluating and saving" if evaluating else "saving last.model")
             if evaluating:  # under torchrun every rank extracts its share; the main process alone writes
@@ -393,9 +403,9 @@ class Trainer:
                 self.write_selection(logger.logdir)
             logger.flush()
             if stop:
-                if evaluate is not None and not final and epoch % P.error_step:
-                    logger.log(f"stopped by --max_steps {P.max_steps} after epoch {epoch}, which is not an "
-                               f"evaluation epoch (every {P.error_step})")
+                if evaluate is not None and not final and epoch % cfg.error_step:
+                    logger.log(f"stopped by --max_steps {cfg.max_steps} after epoch {epoch}, which is not an "
+                               f"evaluation epoch (every {cfg.error_step})")
                 break
         return last_path
 
@@ -435,6 +445,6 @@ class Trainer:
         doc = {"last.model": dict(self.last_saved, rule=LAST_RULE) if self.last_saved else None}
         doc.update({name: dict(best) for name, best in self.best.items()})
         doc["randomness"] = ("paper_rng_replay: each evaluation leaves the generators seeded, later epochs replay"
-                             if getattr(self.P, "paper_rng_replay", False) else "each epoch seeded with (seed, epoch)")
+                             if self.config.paper_rng_replay else "each epoch seeded with (seed, epoch)")
         doc["evaluations"] = list(self.evaluations)
         atomic_write_json(doc, os.path.join(logdir, "selection.json"))

@@ -52,7 +52,7 @@ def build_parser():
     p.add_argument("--n_show", type=int, default=8, help="images per row (half normal, half anomalous)")
     p.add_argument("--diffusion_weights", default="online", choices=["online", "ema"],
                    help="which weights dissolve (online: the paper's, the Trainer file's 'model')")
-    p.add_argument("--range_correct", action="store_true",
+    p.add_argument("--diffusion_range_correct", "--range_correct", dest="range_correct", action="store_true",
                    help="feed x*2-1 and show (x0+1)/2 (without it: the paper's raw [0,1] in, [-1,1] out)")
     p.add_argument("--out", default=None,
                    help="PNG path (left out: next to the checkpoint); the dissolving-quality JSON goes beside it")

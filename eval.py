@@ -19,11 +19,17 @@ import torch
 from tqdm import tqdm
 
 from cli.args import parse_args
-from common.checkpoint_io import read_model_checkpoint
 from common import distributed
+from common.checkpoint_io import read_model_checkpoint
 from common.errors import UserError, exit_on_user_error
 from common.paths import check_distinct, check_output_file
-from utils import atomic_write, atomic_write_csv, atomic_write_json, set_seed
+from datasets import get_dataset, load_ood_sets, one_class_split
+from datasets.base import FolderStore, ImageDataset, is_image_file
+from datasets.ood import default_ood_names, with_interp
+from evals.ood import simple_scores
+from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features, ood_report
+from models.resnet import build_model
+from utils import atomic_write, atomic_write_csv, atomic_write_json, set_seed, warn
 
 CSI_SCORES = ("CSI", "simclr")
 SIMPLE_SCORES = ("baseline", "clean_norm", "similar")
@@ -50,7 +56,6 @@ def check_trained_on(P, meta):
     multi-class setting) are the ones asked for."""
     ds, cls = meta.get("dataset"), meta.get("one_class_idx")
     multi = "one_class_idx" in meta and cls is None and ds is not None  # older files: always a class
-    from datasets.ood import default_ood_names
 
     no_defaults = not default_ood_names(P.dataset)
     if ds is not None and ds != P.dataset:
@@ -78,9 +83,6 @@ def check_trained_on(P, meta):
 
 def folder_dataset(folder, image_size):
     """Every image below ``folder`` (recursively, sorted), resized to the model's input size."""
-    from datasets.base import FolderStore, ImageDataset
-    from datasets.base import is_image_file
-
     if not os.path.isdir(folder):
         raise UserError(f"--score_folder {folder} is not a folder")
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files if is_image_file(f))
@@ -123,10 +125,6 @@ def main(argv=None):
 
 def evaluate(P, device, scores_wanted):
     """Features (sharded over torchrun's ranks), scores, AUROCs, and the files asked for."""
-    from datasets import get_dataset, one_class_split
-    from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features
-    from models.resnet import build_model
-
     set_seed(P.seed)
     ckpt = read_model_checkpoint(P.load_path, device)
     meta = ckpt.get("meta") or {}
@@ -142,8 +140,6 @@ def evaluate(P, device, scores_wanted):
     multi = P.one_class_idx is None
     ood_sets = {}
     if multi and not P.score_folder:  # read before the model: missing data is one line, before any work
-        from datasets import load_ood_sets
-        from datasets.ood import with_interp
 
         ood_sets = with_interp(load_ood_sets(P.ood_dataset, P.data_root, info), test_set, P.test_batch_size)
     n_shifts = int(meta.get("n_shifts", ckpt["model"]["shift_cls_layer.weight"].shape[0]))
@@ -171,8 +167,6 @@ def evaluate(P, device, scores_wanted):
     per_ood = {}  # multi-class: score -> {set: scores}
     if P.mode == "ood_pre":
         if P.base_shift != "rotation":
-            from utils import warn
-
             warn(f"CSI scores are computed with the rotation shift (the paper's protocol); "
                  f"--shift_trans_type {P.shift_trans_type} is ignored here")
         if "CSI" in scores_wanted and n_shifts != 4:
@@ -203,8 +197,6 @@ def evaluate(P, device, scores_wanted):
                   f"{n_flag} flagged anomalous; wrote {P.save_scores_csv}")
             return {"n_scored": len(rows), "n_flagged": n_flag, "threshold": thr}
     else:
-        from evals.ood import simple_scores
-
         def simple(dataset, score):
             return simple_scores(net, dataset, score, device, layer=P.ood_layer[0], batch_size=P.ood_batch_size,
                                  resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp,
@@ -244,8 +236,6 @@ def report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, 
     """CSI's multi-class report: per set a line ``[svhn CSI 0.9321] [svhn best 0.9321]``, the
     mean (``ood_mean``), then the best AUROC of every set tab-separated, as CSI's eval.py prints
     them; the JSON, the per-image CSV (``set`` column) and the raw scores as asked."""
-    from evals.ood_pre import ood_report
-
     names = list(ood_sets)
     for score in scores_wanted:
         results["auroc_by_score"][score] = ood_report(per_image[score], per_ood[score])

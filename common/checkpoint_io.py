@@ -11,6 +11,8 @@ import re
 import warnings
 import zipfile
 
+import torch
+
 from common.errors import UserError
 
 # the "kind" entry of a checkpoint written by train.py (training.trainer.Trainer.state)
@@ -46,8 +48,6 @@ def read_checkpoint(path, what="checkpoint", hint="", map_location="cpu"):
     """``torch.load(path, weights_only=True)``, or a :class:`UserError` of one line.
 
     ``what`` names the file in messages ("model checkpoint"), ``hint`` says what to give instead."""
-    import torch
-
     path = os.fspath(path)
     tail = f"; {hint}" if hint else ""
     if not os.path.lexists(path):

@@ -3,6 +3,8 @@ import functools
 
 import torch
 
+from common.errors import UserError
+
 AMP_CHOICES = ("auto", "on", "off")
 
 
@@ -32,8 +34,6 @@ def decide_amp(request, device):
     if isinstance(request, bool):
         return request
     if request not in AMP_CHOICES:
-        from common.errors import UserError
-
         raise UserError(f"--amp {request} is not one of {', '.join(AMP_CHOICES)}")
     if request != "auto":
         return request == "on"
@@ -44,8 +44,6 @@ def decide_amp(request, device):
 
 def pick_device(requested=None):
     """Return ``torch.device``: ``requested`` if given ('cpu', 'cuda', 'cuda:1'), else CUDA when present."""
-    from common.errors import UserError
-
     if requested:
         text = str(requested).strip().lower()
         kind, _, index = text.partition(":")
@@ -64,8 +62,6 @@ def pick_device(requested=None):
 
 def parallel(model, device, multi_gpu):
     """``model`` itself, or wrapped to split batches over every visible GPU."""
-    from common.errors import UserError
-
     if not multi_gpu:
         return model
     n = torch.cuda.device_count() if device.type == "cuda" else 0

@@ -19,8 +19,16 @@ global batch (so the global batch is exactly one process's ``--batch_size world*
 """
 import contextlib
 import os
+import sys
+import warnings
 
 import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common.device import pick_device
+from utils import warn
 
 _STATE = {"rank": 0, "world": 1, "local_rank": 0, "on": False}
 
@@ -40,12 +48,9 @@ def init(requested_device=None):
     process takes the GPU of its ``LOCAL_RANK``. More processes per machine than visible GPUs
     share them (local rank r on GPU r mod n) over gloo, since NCCL refuses two ranks on one GPU:
     slower, meant for trying a multi-process run on one GPU (a warning says so)."""
-    from common.device import pick_device
-
     world = env_world_size()
     if world <= 1:
         return pick_device(requested_device)
-    import torch.distributed as dist
 
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device)
@@ -55,8 +60,6 @@ def init(requested_device=None):
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
         if per_node > n:
             if local == 0:
-                from utils import warn
-
                 warn(f"torchrun started {per_node} processes on this machine but only {n} CUDA device(s) are "
                      f"visible: they share the GPUs over gloo (slower than NCCL); use --nproc_per_node {n} for speed")
         else:
@@ -101,8 +104,6 @@ def shutdown(completed=True):
     main thread (gloo's works; NCCL's are only waited for). ``completed=False`` (a rank
     failed) skips the barrier: the other ranks may never reach it."""
     if _STATE["on"]:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             if completed and _STATE["world"] > 1:
                 work = dist.barrier(async_op=True)
@@ -132,8 +133,6 @@ def is_main():
 
 def barrier():
     if is_distributed():
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -143,9 +142,6 @@ def gather_cat(t, dim=0):
     shared over gloo gather through host memory (gloo gathers CPU tensors only)."""
     if not is_distributed():
         return t
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
 
     hop = t.device.type == "cuda" and _backend() == "gloo"
     with warnings.catch_warnings():  # (deprecated in favour of a private module; still the autograd-aware one)
@@ -158,7 +154,6 @@ def mean_all(t):
     """``t`` averaged over the ranks (detached; for logged values)."""
     if not is_distributed():
         return t
-    import torch.distributed as dist
 
     t = t.detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -176,7 +171,6 @@ def wrap_model(model, device, ignore=(), find_unused=False):
     :func:`sync_batchnorm`); parameters named in ``ignore`` are left out of DDP's averaging."""
     if not is_distributed():
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     if ignore:
         DDP._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
@@ -194,8 +188,6 @@ def sync_batchnorm(model, device):
 
 
 def _backend():
-    import torch.distributed as dist
-
     return dist.get_backend() if dist.is_initialized() else None
 
 
@@ -208,7 +200,6 @@ def buffers_from_main(module):
     Nothing to do in one process."""
     if not is_distributed():
         return
-    import torch.distributed as dist
 
     with torch.no_grad():
         for buf in module.buffers():
@@ -226,7 +217,6 @@ def all_gather_objects(obj):
     """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` in one process."""
     if not is_distributed():
         return [obj]
-    import torch.distributed as dist
 
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
@@ -236,8 +226,6 @@ def all_gather_objects(obj):
 def quiet_unless_main():
     """Under torchrun, the other ranks print nothing on stdout (their errors still reach stderr)."""
     if is_distributed() and not is_main():
-        import sys
-
         sys.stdout = open(os.devnull, "w")
 
 

@@ -27,6 +27,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -144,8 +145,6 @@ def high_bit_to_unit(arr: np.ndarray) -> np.ndarray:
 
 def _to_rgb_uint8(img, size_hw: Tuple[int, int] | None) -> np.ndarray:
     """An open PIL image as ``uint8 H x W x 3`` at ``size_hw`` (bilinear; ``None``: its own size)."""
-    from PIL import Image
-
     h, w = (img.size[1], img.size[0]) if size_hw is None else size_hw
     if img.mode in HIGH_BIT_MODES:
         # full range -> [0, 1] in float, resized in float, then quantised once: nothing saturates
@@ -167,8 +166,6 @@ def decode_image(path: str, size_hw: Tuple[int, int] | None, shown_name: str | N
     8-bit images go through ``convert('RGB')``; high-bit-depth ones (:data:`HIGH_BIT_MODES`)
     through :func:`high_bit_to_unit`, then ``round(255 * v)``, grey copied to 3 channels.
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             arr = _to_rgb_uint8(img, size_hw)
@@ -210,8 +207,6 @@ def check_image_file(path: str) -> str | None:
     end-of-image marker (if it does not, it is decoded at 1/8 scale, so a truncated file is
     found and a file with trailing bytes still passes); other formats are decoded fully.
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             if img.format == "PNG":

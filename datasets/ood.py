@@ -50,13 +50,16 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from scipy.io import loadmat
 
 from common.errors import UserError
 
-from .names import ALL_DATASET_NAMES
-from .cifar import cifar100_test_split
 from .base import (ArrayStore, DatasetInfo, FolderStore, ImageDataset, _reason, check_image_files, is_hidden,
-                   is_image_file)
+                   is_image_file, native_kind_for)
+from .cifar import cifar100_test_split
+from .names import ALL_DATASET_NAMES
 
 INTERP = "interp"
 CIFAR10_OOD = ("svhn", "lsun_resize", "imagenet_resize", "lsun_fix", "imagenet_fix", "cifar100", INTERP)
@@ -171,9 +174,6 @@ def csi_subset_order(n: int, length: int | None = None) -> np.ndarray:
 def decode_resize_crop(path: str, short: int = RESIZE_SHORT, crop: int = CROP) -> torch.Tensor:
     """CSI's ImageNet test transform on one file: RGB, ``Resize(short)`` (the shorter side, PIL
     bilinear) then ``CenterCrop(crop)``; ``uint8 3 x crop x crop``. A bad file is a UserError."""
-    import torchvision.transforms.functional as TF
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img = TF.center_crop(TF.resize(img.convert("RGB"), short), [crop, crop])
@@ -246,7 +246,6 @@ def resize_uint8(images: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """``uint8 N x 3 x h x w`` -> ``N x 3 x H x W`` by PIL's bilinear resize (``transforms.Resize``)."""
     if tuple(images.shape[-2:]) == tuple(hw):
         return images
-    from PIL import Image
 
     h, w = hw
     out = [np.asarray(Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR))
@@ -263,8 +262,6 @@ def load_svhn(data_root: str, hw: Tuple[int, int]) -> ImageDataset:
         raise UserError(f"out-of-distribution set 'svhn': {path} not found; it comes from {_SOURCES['svhn']} "
                         f"(automatic downloads are off)")
     try:
-        from scipy.io import loadmat
-
         mat = loadmat(path)
         x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
     except Exception as exc:  # scipy raises ValueError, MatReadError, KeyError ...
@@ -372,7 +369,6 @@ def load_imagenet30(data_root: str, hw: Tuple[int, int] = (CROP, CROP)):
         store = _store(paths, hw, True, "dataset 'imagenet'", check=False)
         sets.append(ImageDataset(store, torch.tensor([c for _, c in samples], dtype=torch.long),
                                  _names(paths, data_root)))
-    from .base import native_kind_for
 
     info = DatasetInfo(name="imagenet", image_size=(hw[0], hw[1], 3), n_classes=len(classes),
                        class_names=list(classes), native_kind=native_kind_for(*hw))

@@ -23,8 +23,11 @@ import re
 import sys
 import warnings
 import zipfile
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
+from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+from denoising_diffusion_pytorch.denoising_diffusion_pytorch import cosine_beta_schedule, linear_beta_schedule
 
 from common.errors import UserError
 from utils import atomic_torch_save
@@ -49,8 +52,6 @@ TRAINER_KEYS = ("step", "model", "opt", "ema")
 
 def package_version():
     """Version string of the installed ``denoising_diffusion_pytorch``."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("denoising_diffusion_pytorch")
     except PackageNotFoundError:
@@ -144,7 +145,6 @@ def validate_config(config):
 def build_unet(config):
     """The 0.27.12 ``Unet`` described by ``config``."""
     require_paper_package()
-    from denoising_diffusion_pytorch import Unet
 
     validate_config(config)
     return Unet(dim=config["unet_dim"], dim_mults=tuple(config["dim_mults"]), channels=config["channels"],
@@ -153,8 +153,6 @@ def build_unet(config):
 
 def build_diffusion(config):
     """A fresh (untrained) 0.27.12 ``GaussianDiffusion`` on the CPU, built from ``config``."""
-    from denoising_diffusion_pytorch import GaussianDiffusion
-
     unet = build_unet(config)
     return GaussianDiffusion(unet, image_size=config["image_size"], timesteps=config["timesteps"],
                              sampling_timesteps=config["sampling_timesteps"], loss_type=config["loss_type"],
@@ -302,8 +300,6 @@ def read_dissolver_checkpoint(path, device="cpu", allow_trainer=False):
 
 
 def _schedule_betas(name, timesteps):
-    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import cosine_beta_schedule, linear_beta_schedule
-
     fn = cosine_beta_schedule if name == "cosine" else linear_beta_schedule
     return fn(timesteps).float()
 

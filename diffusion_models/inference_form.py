@@ -26,6 +26,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
 
 FP32_EPS = 1e-5  # the library's eps for fp32 inputs, in both layers
 
@@ -69,8 +70,6 @@ def standardised_conv(conv, eps=FP32_EPS):
 def swap_package_layers(net, conv_for, norm_for):
     """Replace, in place, each of ``net``'s ``WeightStandardizedConv2d`` by ``conv_for(layer)`` and
     each channel ``LayerNorm`` by ``norm_for(layer)``; returns how many were replaced."""
-    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import LayerNorm, WeightStandardizedConv2d
-
     swapped = 0
     for module in list(net.modules()):
         for name, child in list(module.named_children()):

@@ -1,4 +1,5 @@
-"""Figures of a reproduction run (matplotlib, Agg backend, PNG).
+"""Figures of a reproduction run (matplotlib's object-oriented API on the Agg canvas, PNG; pyplot's
+global state is never touched).
 
 Each function reads the files the programs write and draws one PNG, written atomically
 (a temporary file in the same folder, then ``os.replace``)::
@@ -8,21 +9,23 @@ Each function reads the files the programs write and draws one PNG, written atom
     plot_loss_curves(scalars_csv, out_png)   # train.py's scalars.csv: training losses over steps
     plot_roc_comparison(curves, out_png)     # several runs' ROC curves in one figure
     plot_selection(selection_json, out_png)  # train.py's test AUROC per evaluation and the selected epoch
-    plot_image_grid(grid_png, out_png, row_labels)  # train_eval_ddpm.py's dissolving grid, labelled
+    plot_image_grid(grid_png, out_png, row_labels)  # eval_dissolver.py's dissolving grid, labelled
 
 Scores follow eval.py: higher means more normal, and normal test images are the positives.
 """
 import csv
+import json
 import math
 import os
 
-import matplotlib
+import matplotlib.image as mpimg
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from utils import atomic_write
 
 LOSS_TAGS = ("loss", "loss_sim", "loss_shift", "loss_linear")
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
@@ -34,8 +37,6 @@ _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab
 
 def save_figure(fig, out_png, dpi=110):
     """Write ``fig`` to ``out_png`` atomically; returns the path."""
-    from utils import atomic_write
-
     out_png = os.fspath(out_png)
     FigureCanvasAgg(fig)
     atomic_write(out_png, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
@@ -98,8 +99,6 @@ def read_scalars(scalars_csv):
 
 def roc_points(scores, positive):
     """False and true positive rates of every threshold (scikit-learn's ``roc_curve``) and the AUROC."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     positive = np.asarray(positive, dtype=bool)
     if positive.all() or not positive.any():
         raise ValueError("a ROC curve needs both normal and anomalous images")
@@ -257,8 +256,6 @@ def plot_selection(selection_json, out_png, title=None):
     """train.py's evaluations during training (selection.json): the test AUROC that selects
     ``best_CSI.model`` per evaluated epoch, its pooled counterpart, the selected epoch and the
     epoch of last.model. Returns the selected epoch."""
-    import json
-
     with open(selection_json) as fh:
         doc = json.load(fh)
     if not isinstance(doc, dict) or "evaluations" not in doc:
@@ -283,7 +280,6 @@ def plot_selection(selection_json, out_png, title=None):
     last = doc.get("last.model") or {}
     if last.get("epoch") is not None:
         ax.axvline(last["epoch"], color="gray", linestyle="--", linewidth=1, label=f"last.model: epoch {last['epoch']}")
-    from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
@@ -303,8 +299,6 @@ def plot_image_grid(grid_png, out_png, row_labels, title=None, pad=2, min_width=
     """A picture grid (torchvision ``save_image`` layout: ``len(row_labels)`` rows, ``pad``
     pixels between tiles) with a label per row, enlarged without smoothing to about
     ``min_width`` pixels when it is smaller (at most 4 times)."""
-    import matplotlib.image as mpimg
-
     img = mpimg.imread(grid_png)
     rows = len(row_labels)
     height, width = img.shape[:2]

@@ -17,6 +17,7 @@ them together.
 import numpy as np
 import torch
 
+from datasets.ood import with_interp
 from evals.ood_pre import auroc, auroc_report, csi_scores, extract_features, ood_report
 
 SELECTION_RULE = "highest test AUROC during training (the paper's selection: chosen on the test set)"
@@ -44,7 +45,6 @@ class SelectionEvaluation:
         self.score = self.scores[0]
         self.ood_sets = None
         if ood_sets is not None:  # multi-class: interp made from the whole test set, each set capped like it
-            from datasets.ood import with_interp
 
             self.ood_sets = {name: _subset(d, max_test, g)
                              for name, d in with_interp(ood_sets, test_set, interp_batch).items()}

@@ -98,7 +98,6 @@ def test_aptos_needs_grade_folders_0_and_1(tmp_path):
 
 
 def test_aptos_all_grades_flag_reaches_the_loader(tmp_path, monkeypatch, capsys):
-    import datasets
     import train as train_program
 
     assert build_parser("train").parse_args([]).aptos_all_grades is False
@@ -110,7 +109,7 @@ def test_aptos_all_grades_flag_reaches_the_loader(tmp_path, monkeypatch, capsys)
         seen.append((name, kwargs.get("aptos_all_grades")))
         raise UserError("stop here")
 
-    monkeypatch.setattr(datasets, "get_dataset", spy)
+    monkeypatch.setattr(train_program, "get_dataset", spy)  # the loader train.py calls
     for flags, expected in (([], False), (["--aptos_all_grades"], True)):
         with pytest.raises(SystemExit) as exc:
             train_program.main(["--dataset", "aptos", "--mode", "simclr_CSI", "--shift_trans_type", "rotation",

@@ -28,9 +28,17 @@ combinations that cannot work are rejected with one clear line.
 import argparse
 import math
 
+from common.device import decide_amp
 from common.errors import UserError
 from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed
+from common.paths import check_run_folder
+from datasets.names import ALL_DATASET_NAMES
+from datasets.ood import DEFAULT_OOD, TRAIN_DEFAULT_OOD, check_ood_names, default_ood_names
+from models.blur import KERNEL_SIZE
+from models.dissolve import SCHEDULERS
+from models.resnet import MODEL_NAMES
 from training.optim import OPTIMIZERS
+from utils import warn
 
 PROGRAMS = ("train", "eval")
 TRAIN_MODES = ("simclr", "simclr_CSI", "simclr_DIA")
@@ -53,9 +61,7 @@ MULTI_CLASS = "None"
 
 def model_names():
     """The networks ``--model`` chooses from: those ``models/resnet.py`` builds."""
-    from models.resnet import _ARCHS
-
-    return tuple(_ARCHS)
+    return MODEL_NAMES
 
 
 def class_index(text):
@@ -78,9 +84,6 @@ def add_model_choice(group, default="resnet18", help=None):
 
 
 def add_data_group(p, program):
-    from datasets.names import ALL_DATASET_NAMES
-    from datasets.ood import DEFAULT_OOD, TRAIN_DEFAULT_OOD
-
     defaults = TRAIN_DEFAULT_OOD if program == "train" else DEFAULT_OOD
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synth_lesion",
@@ -132,9 +135,6 @@ def add_model_group(p, program):
 
 
 def add_dissolving_group(p):
-    from models.blur import KERNEL_SIZE
-    from models.dissolve import SCHEDULERS
-
     g = p.add_argument_group("dissolving (--mode simclr_DIA)")
     g.add_argument("--diffusion_model_path", default=None, metavar="CKPT",
                    help="dissolver checkpoint written by diffusion_models/train_eval_ddpm.py (needed by diffusion_*)")
@@ -347,7 +347,6 @@ def parse_args(program="train", argv=None):
     P = build_parser(program).parse_args(argv)
     P.program = program
     normalise_args(P)
-    from common.device import decide_amp
 
     P.amp = decide_amp(P.amp, P.device)  # decided once: a bool from here on
     return P
@@ -422,7 +421,6 @@ def normalise_args(P):
         if P.max_steps is not None and P.max_steps < 1:
             raise UserError(f"--max_steps must be at least 1, got {P.max_steps}")
         if P.logdir is not None:  # an existing file, or a place that cannot be written: refused now
-            from common.paths import check_run_folder
 
             check_run_folder(P.logdir, "--logdir")
     else:
@@ -451,8 +449,6 @@ def normalise_args(P):
 
     P.K_shift = 1 if P.base_shift == "none" else 4
     if P.program == "train" and P.K_shift > 1 and P.batch_size * P.K_shift != 128:
-        from utils import warn
-
         warn(f"CSI uses --batch_size {128 // P.K_shift} with {P.K_shift} shifts "
              f"(128 views per chunk); running with --batch_size {P.batch_size}")
     return P
@@ -470,7 +466,6 @@ def resolve_setting(P):
     if P.one_class_idx == MULTI_CLASS:
         P.one_class_idx = None
     elif not given:  # left out: multi-class where there is something to score against, as CSI
-        from datasets.ood import default_ood_names
 
         P.one_class_idx = None if (P.ood_dataset or default_ood_names(P.dataset, P.program)) else 0
     if P.one_class_idx is not None:
@@ -479,7 +474,6 @@ def resolve_setting(P):
                             f"{P.one_class_idx} every other class of {P.dataset} is the anomaly: leave out one of "
                             f"the two")
         return P
-    from datasets.ood import check_ood_names, default_ood_names
 
     if getattr(P, "contamination_ratio", 0.0):  # a train.py flag
         raise UserError(f"--contamination_ratio {P.contamination_ratio} needs a normal class: in the multi-class "

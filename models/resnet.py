@@ -18,6 +18,8 @@ _ARCHS = {
     "resnet18_imagenet": ("resnet18", False),
     "resnet50_imagenet": ("resnet50", False),
 }
+# the networks build_model builds (--model chooses one)
+MODEL_NAMES = tuple(_ARCHS)
 
 
 def cifar_resnet(block, layers, width=64):

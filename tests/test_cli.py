@@ -109,7 +109,7 @@ def test_aliases_parse_to_one_name():
 def test_shared_flags_mean_the_same_in_every_program():
     """--data_root, --diff_resolution, --seed, --device and --amp come from common/flags.py; --model from
     cli/args.py with the names models/resnet.py builds."""
-    from models.resnet import _ARCHS
+    from models.resnet import MODEL_NAMES
 
     found = {}
     for program, parser in parsers().items():
@@ -122,7 +122,7 @@ def test_shared_flags_mean_the_same_in_every_program():
     assert set(found["--data_root"]) == set(parsers())
     assert set(found["--diff_resolution"]) == {"train", "reproduce", "train_eval_ddpm", "eval_dissolver"}
     assert {(a.const, tuple(a.choices)) for a in found["--amp"].values()} == {("on", ("auto", "on", "off"))}
-    assert {tuple(a.choices) for a in found["--model"].values()} == {tuple(_ARCHS)}
+    assert {tuple(a.choices) for a in found["--model"].values()} == {MODEL_NAMES}
     assert found["--data_root"]["train"].default == found["--data_root"]["train_eval_ddpm"].default == "../data"
 
 

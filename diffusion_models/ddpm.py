@@ -277,7 +277,7 @@ def read_dissolver_checkpoint(path, device="cpu", allow_trainer=False):
         if allow_trainer:
             return ckpt
         raise UserError(f"{path} is the package Trainer's model-<milestone>.pt, which does not describe itself; "
-                        "it can dissolve (train.py, --mode eval) but not be resumed: train a new dissolver")
+                        "it can dissolve (train.py, eval_dissolver.py) but not be resumed: train a new dissolver")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise UserError(f"{path} is not a dissolver checkpoint (it is {_describe_foreign(ckpt)}); pass the .pt "
                         "file written by train_eval_ddpm.py --mode train or the paper's model-<milestone>.pt")

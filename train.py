@@ -29,7 +29,7 @@ from cli.args import RESUME_MAY_CHANGE, parse_args
 from common import distributed
 from common.checkpoint_io import read_checkpoint, read_model_checkpoint
 from common.errors import SettingError, UserError, exit_on_user_error
-from common.run_folder import RunFolder, changed_settings, plain_settings, resolve_resume
+from common.run_folder import RunFolder, changed_settings, check_world_size, plain_settings, resolve_resume
 from datasets import get_dataset, load_ood_sets, one_class_split
 from evals.selection import SelectionEvaluation
 from models.dissolve import DissolveSettings, make_dissolve_fn
@@ -165,12 +165,11 @@ def check_resume_flags(P, ckpt, resume_file, src_dir):
                         f"{', '.join(old for old, _ in diffs)} (now {', '.join(new for _, new in diffs)}); a resumed "
                         f"run keeps its settings, only {may_change_text()} may change: pass the saved values, or "
                         f"start a new run in another --logdir")
-    saved_world, world = int((ckpt.get("meta") or {}).get("world_size", 1)), distributed.env_world_size()
-    if saved_world != world:
-        raise UserError(f"--resume_path {P.resume_path}: the run was trained by {saved_world} process(es) (a global "
-                        f"batch of {saved_world} x --batch_size {P.batch_size}), this is {world}; resume it with "
-                        f"the same number: " + ("python train.py ..." if saved_world == 1 else
-                                                f"torchrun --nproc_per_node={saved_world} train.py ..."))
+    saved_world = int((ckpt.get("meta") or {}).get("world_size", 1))
+    check_world_size(f"--resume_path {P.resume_path}: the run", saved_world, distributed.env_world_size(),
+                     f"the same number (a global batch of {saved_world} x --batch_size {P.batch_size}): "
+                     + ("python train.py ..." if saved_world == 1 else
+                        f"torchrun --nproc_per_node={saved_world} train.py ..."))
     epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
     if epoch >= P.epochs:
         raise UserError(f"the run in {src_dir} already finished {epoch} of --epochs {P.epochs}; raise --epochs to "

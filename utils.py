@@ -31,6 +31,14 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
+def run_seed(seed, t, rank=0, stream=0):
+    """The seed of the draws of epoch or step ``t`` of a training on process ``rank``: one rule for
+    every training loop, so that a resumed run redraws exactly what an uninterrupted one draws and
+    each process of a torchrun job draws its own. ``stream`` keeps independent kinds of draws of one
+    loop apart (the dissolver's image order and its noise)."""
+    return seed * 100_003 + t + 1_000_003 * (rank + 4_099 * stream)
+
+
 def rng_state():
     """The Python, numpy, torch and CUDA generator states, as tensors, numbers and tuples only
     (so a checkpoint holding them loads with ``torch.load(weights_only=True)``)."""

@@ -21,7 +21,7 @@ import uuid
 
 from common import distributed
 from common.errors import UserError
-from common.paths import check_run_folder, same_path
+from common.paths import check_output_file, check_run_folder, same_path
 from common.tb_events import prune_events
 from utils import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
 
@@ -221,6 +221,26 @@ def read_run_config(folder):
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def check_world_size(what, saved, world, how):
+    """A resumed run keeps its number of processes (its global batch): ``what`` names the run,
+    ``how`` says how to start it with ``saved`` processes."""
+    if int(saved) != int(world):
+        raise UserError(f"{what} was trained by {saved} process(es), this is {world}; resume it with {how}")
+
+
+def lock_file(path, flag, advice=""):
+    """Lock a single file a program writes (``.<name>.lock`` beside it, created with its folder if
+    needed) and remove the temporary files a killed write of it left; returns the held lock."""
+    folder, name = os.path.split(os.path.abspath(path))
+    created = None if os.path.isdir(folder) else folder
+    check_output_file(path, flag)  # a real write probe: as root, os.access says yes on read-only mounts
+    os.makedirs(folder, exist_ok=True)
+    lock = ProcessLock(os.path.join(folder, f".{name}.lock"), f"{flag} {path}", advice,
+                       remove_folder=created).acquire()
+    remove_stale_temps(folder, name)
+    return lock
 
 
 def resolve_resume(path, last_name="last.model", flag="--resume_path"):

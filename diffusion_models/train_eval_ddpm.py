@@ -39,15 +39,13 @@ from tqdm import tqdm  # noqa: E402
 from common import distributed  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
 from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed  # noqa: E402
-from common.paths import check_output_file  # noqa: E402
-from common.run_folder import ProcessLock  # noqa: E402
+from common.run_folder import check_world_size, lock_file  # noqa: E402
 from datasets import get_dataset, one_class_split  # noqa: E402
 from diffusion_models.ddpm import ddpm_config, read_dissolver_checkpoint  # noqa: E402
 from diffusion_models.ddpm_data import (check_normal_class, ddpm_training_images, default_one_class_idx,  # noqa: E402
                                         paper_dataset_name)
 from diffusion_models.trainer import (RECIPE_KEYS, DissolverRecipe, DissolverTrainer, check_schedule,  # noqa: E402
                                       decide_training_amp)
-from utils import remove_stale_temps  # noqa: E402
 
 # --mode values whose work another program does: (that program, what it does)
 OTHER_PROGRAMS = {"eval": ("eval_dissolver.py", "the dissolving grid and its measures"),
@@ -180,19 +178,6 @@ def plan_training(args, device):
 # --------------------------------------------------------------------------- the checkpoint file's bookkeeping
 
 
-def _lock_save_path(save_path, held):
-    """Lock ``save_path`` (``.<name>.lock`` beside it) and remove the temporary files a killed
-    write of it left."""
-    folder, name = os.path.split(os.path.abspath(save_path))
-    created = None if os.path.isdir(folder) else folder
-    check_output_file(save_path, "--save_path")  # a real write probe: as root, os.access says yes on read-only mounts
-    os.makedirs(folder, exist_ok=True)
-    held.append(ProcessLock(os.path.join(folder, f".{name}.lock"), f"--save_path {save_path}",
-                            "another train_eval_ddpm.py is training it: wait for it to end, or choose another "
-                            "--save_path", remove_folder=created).acquire())
-    remove_stale_temps(folder, name)
-
-
 @contextlib.contextmanager
 def locked_save_path(save_path):
     """Hold ``save_path``'s lock (rank 0 takes it; a lock file beside it, released by the
@@ -200,12 +185,15 @@ def locked_save_path(save_path):
     checkpoint; what is there cannot change under the block."""
     held = []
     try:
-        distributed.main_writes(_lock_save_path, save_path, held)
+        held.append(distributed.main_writes(lock_file, save_path, "--save_path",
+                                            "another train_eval_ddpm.py is training it: wait for it to end, or "
+                                            "choose another --save_path"))
         distributed.barrier()
         yield
     finally:
         for lock in held:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
 
 def checkpoint_to_resume(args, plan, device):
@@ -230,11 +218,10 @@ def checkpoint_to_resume(args, plan, device):
         was = "on" if saved.get("amp", False) else "off"
         diffs.append(f"--amp {was} (now {'on' if amp else 'off'})")
     saved_world = int((ckpt["meta"] or {}).get("world_size", 1))
-    if saved_world != world:
-        how = (f"torchrun --nproc_per_node={saved_world} diffusion_models/train_eval_ddpm.py ..."
-               if saved_world > 1 else "one process (python diffusion_models/train_eval_ddpm.py ...)")
-        raise UserError(f"--resume: {save_path} was trained by {saved_world} process(es), this is {world}; "
-                        f"resume it with {how} (the micro-batch is processes x --batch_size)")
+    how = (f"torchrun --nproc_per_node={saved_world} diffusion_models/train_eval_ddpm.py ..."
+           if saved_world > 1 else "one process (python diffusion_models/train_eval_ddpm.py ...)")
+    check_world_size(f"--resume: {save_path}", saved_world, world,
+                     f"{how} (the micro-batch is processes x --batch_size)")
     if diffs:
         raise UserError(f"--resume: {save_path} was trained with {', '.join(diffs)}; pass the same flags "
                         "(only --train_steps and --save_every may change) or another --save_path")

@@ -31,8 +31,10 @@ from common.device import bf16_supported, decide_amp
 from common.errors import UserError
 from diffusion_models.ddpm import build_diffusion, package_version, save_dissolver
 from diffusion_models.training_form import training_form
-from utils import autocast_for, rng_state, set_rng_state
+from utils import autocast_for, rng_state, run_seed, set_rng_state
 
+# the kinds of draws of the dissolver's training, each seeded with utils.run_seed
+ORDER_STREAM, NOISE_STREAM = 1, 2  # the order of the images in a pass; a step's timesteps and noise per process
 # The recipe fields a resume must not change (besides ``amp``), as the checkpoint records them.
 RECIPE_KEYS = ("batch_size", "grad_accum", "lr", "grad_clip", "ema_decay", "ema_every", "seed")
 TRAIN_TRANSFORM = "original -> hflip -> bilinear resize without antialias (MedMNIST: pad 2)"
@@ -91,7 +93,7 @@ def decide_training_amp(request, device):
 
 def epoch_order(n, seed, epoch):
     """The order of the ``n`` training images in pass ``epoch`` over them."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(run_seed(seed, epoch, stream=ORDER_STREAM))
     return torch.randperm(n, generator=g)
 
 
@@ -240,7 +242,7 @@ class DissolverTrainer:
                 x, order = self._micro_batch(images, order, n_micro)
                 micro.append(x)
             if distributed.is_distributed():  # each rank its own timesteps and noise, resumable without state
-                torch.manual_seed((r.seed * 1_000_003 + self.step) * 1_009 + distributed.rank())
+                torch.manual_seed(run_seed(r.seed, self.step, distributed.rank(), stream=NOISE_STREAM))
             total, _ = accumulate_and_step(self.diffusion, self.optimizer, micro, r.grad_clip, net=net,
                                            average=average, autocast=lambda: autocast_for(device, r.amp))
             if not math.isfinite(total):

@@ -18,8 +18,8 @@ from training import schedule
 from training.config import TrainConfig
 from training.contrastive_loss import NT_xent, NT_xent_neg
 from training.optim import make_optimizer, set_lr
-from utils import (atomic_torch_save, atomic_write_json, autocast_for, fault_point, rng_state, set_rng_state,
-                   set_seed)
+from utils import (atomic_torch_save, atomic_write_json, autocast_for, fault_point, rng_state, run_seed,
+                   set_rng_state, set_seed)
 
 CHECKPOINT_KIND = MODEL_CHECKPOINT_KIND
 LAST_RULE = "the model at the end of training (saved every --save_step epochs and at the last epoch)"
@@ -344,10 +344,10 @@ class Trainer:
         stop = False
         for epoch in range(self.epoch + 1, cfg.epochs + 1):
             if not replay or epoch == 1:
-                set_seed(cfg.seed * 100_003 + epoch)
+                set_seed(run_seed(cfg.seed, epoch))
             perm = torch.randperm(n)  # identical on every rank
             if distributed.is_distributed():  # each rank its own flips, crops and dissolving draws
-                set_seed(cfg.seed * 100_003 + epoch + 1_000_003 * distributed.rank())
+                set_seed(run_seed(cfg.seed, epoch, distributed.rank()))
             t0 = time.time()
             sums = {}
             bar = tqdm(total=plan.steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)

@@ -116,7 +116,7 @@ def main(argv=None):
     check_outputs(P)
 
     if P.multi_gpu:
-        raise UserError("--multi_gpu is gone: run eval.py on several GPUs with torchrun --nproc_per_node=N "
+        raise UserError("--multi_gpu (CSI's DataParallel) is not supported: run eval.py on several GPUs with torchrun --nproc_per_node=N "
                         "eval.py ... (each process extracts the features of its share of the images)")
     with distributed.joined(P.device) as device:
         distributed.quiet_unless_main()

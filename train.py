@@ -115,7 +115,7 @@ def train(P, device, where):
 def check_train_flags(P):
     """Flags that cannot work together, refused before anything is read."""
     if P.multi_gpu:
-        raise UserError("--multi_gpu is gone: train on several GPUs with torchrun --nproc_per_node=N train.py ... "
+        raise UserError("--multi_gpu (CSI's DataParallel) is not supported: train on several GPUs with torchrun --nproc_per_node=N train.py ... "
                         "(--batch_size is per GPU)")
     if P.paper_rng_replay and distributed.env_world_size() > 1:
         raise UserError("--paper_rng_replay replays one process's generator stream; it does not run under torchrun: "

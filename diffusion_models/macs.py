@@ -3,11 +3,14 @@
 thop hooks modules by their exact type, so its default count skips the package's
 ``WeightStandardizedConv2d`` (a ``Conv2d`` subclass): that count is the one the paper's table
 reports. :func:`unet_macs` gives it and the count with those convolutions added; attention
-products are counted by neither. thop is an optional dependency, imported when a count is made.
+products are counted by neither.
 """
 import warnings
 
+import thop
 import torch
+from denoising_diffusion_pytorch.denoising_diffusion_pytorch import WeightStandardizedConv2d
+from thop.vision.basic_hooks import count_convNd
 
 from diffusion_models.ddpm import build_unet
 
@@ -18,9 +21,6 @@ def unet_macs(unet, size, channels=3):
     weight-standardised convolutions."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # thop uses distutils' LooseVersion
-        import thop
-        from thop.vision.basic_hooks import count_convNd
-    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import WeightStandardizedConv2d
 
     x, t = torch.randn(1, channels, size, size), torch.zeros(1, dtype=torch.long)
     with torch.no_grad():

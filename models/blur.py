@@ -20,6 +20,8 @@ As a ``models.strategies.DissolveStrategy``: ``applies_to`` names the chunks (0 
 :meth:`BlurShift.dissolve_chunks`, which applies the shift itself (``shift_inside``) so that its
 position relative to the resizing is the mode's.
 """
+import cv2
+import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,6 @@ def opencv_gaussian_kernel(kernel_size):
     uses fixed binomial-like tables for k = 1, 3, 5, 7 (which ``cv2.GaussianBlur(img, (k, k), 0)``
     applies). Returned as a float64 tensor of shape ``(k,)``.
     """
-    import cv2
-
     return torch.from_numpy(cv2.getGaussianKernel(int(kernel_size), 0).reshape(-1).astype(np.float64))
 
 
@@ -86,15 +86,13 @@ class BlurShift(torch.nn.Module):
         self.third_chunk_only = bool(third_chunk_only)
         self.applies_to = THIRD_CHUNK if self.third_chunk_only else ALL_CHUNKS
         kernel = opencv_gaussian_kernel(kernel_size) if blur == "gaussian" else torch.ones(1, dtype=torch.float64)
-        # 1-D kernel (ours) and its outer product in float32, as the paper builds its conv weight
+        # the 1-D kernel and its outer product in float32, as the paper builds its conv weight
         self.register_buffer("kernel", kernel.to(torch.float32), persistent=False)
         self.register_buffer("kernel2d", torch.outer(kernel, kernel).to(torch.float32), persistent=False)
 
     # ----- the blurs ------------------------------------------------------------------------
     def _blur_zero_padded(self, x):
         """The paper's blurs: zero padding at the border."""
-        import kornia
-
         if self.blur == "none":
             return x
         k = self.kernel_size
@@ -107,9 +105,8 @@ class BlurShift(torch.nn.Module):
         return kornia.filters.median_blur(x, (k, k), border_type="constant")
 
     def _blur_opencv_borders(self, x):
-        """Our earlier blurs: OpenCV's borders (reflect-101 Gaussian, replicate median)."""
-        import kornia
-
+        """The third-chunk-only blurs (``third_chunk_only``): OpenCV's borders (reflect-101 Gaussian,
+        replicate median)."""
         if self.blur == "none" or self.kernel_size == 1:
             return x
         if self.blur == "gaussian":

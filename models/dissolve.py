@@ -21,8 +21,9 @@ from typing import Any, ClassVar, Mapping, Optional
 import numpy as np
 import torch
 
-from common.errors import SettingError, UserError
+from common.errors import SettingError
 from datasets.resolution import check_kind, to_dissolve_resolution
+from diffusion_models.ddpm import load_dissolver
 from diffusion_models.inference_form import AutocastWeights, inference_form
 from models.blur import BlurShift
 from utils import warn
@@ -180,8 +181,6 @@ class Dissolver(torch.nn.Module):
         ``pre_process -> p_sample(x, t)[1] -> post_process`` returns for each chunk. The
         checkpoint's description is kept in ``.info``.
         """
-        from diffusion_models.ddpm import load_dissolver
-
         diffusion, info = load_dissolver(path, device, expect_resolution=diff_resolution, expect_channels=3,
                                          weights=weights)
         dissolver = cls(diffusion, native_kind, diff_resolution=diff_resolution, **kwargs)

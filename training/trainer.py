@@ -270,7 +270,7 @@ class Trainer:
         if self.linear_decay is not None and "linear_decay_optim" in ckpt:
             self.linear_decay.load_state_dict(ckpt["linear_decay_optim"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        self.best = {k: v for k, v in ckpt.get("best", {}).items() if isinstance(v, dict)}  # older: bare numbers
+        self.best = dict(ckpt.get("best", {}))
         self.evaluations = list(ckpt.get("evaluations", []))
         self.last_saved = {"epoch": self.epoch, "step": self.step}
         set_rng_state(ckpt["rng"])

@@ -15,13 +15,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-
 from common.errors import exit_on_user_error  # noqa: E402
 from common.flags import HelpFormatter, add_diff_resolution  # noqa: E402
 from diffusion_models.ddpm import build_unet, ddpm_config, read_dissolver_checkpoint  # noqa: E402
-from diffusion_models.macs import unet_macs  # noqa: E402
+from diffusion_models.macs import resnet18_macs, unet_macs  # noqa: E402
 
 PAPER_GMACS = {32: 2.33, 64: 3.84, 128: 9.90}
 
@@ -36,15 +33,6 @@ def build_parser():
     p.add_argument("--dim_mults", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="the UNet's width per stage (without a checkpoint)")
     return p
-
-
-def resnet18_macs():
-    """thop's count of torchvision's ResNet-18 on one 224-px image."""
-    import thop  # optional: only the MAC counts need it
-
-    with torch.no_grad():
-        return thop.profile(torchvision.models.resnet18(weights=None), verbose=False,
-                            inputs=(torch.randn(1, 3, 224, 224),))[0]
 
 
 @exit_on_user_error

@@ -4,7 +4,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # each test runs a benchmark script in a subprocess
 
 
 def test_bench_prints_both_steps_and_their_ratio():

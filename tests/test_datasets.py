@@ -450,6 +450,7 @@ def synth0():
     return get_dataset("synth_lesion", "unused")
 
 
+@pytest.mark.slow
 def test_synth_lesion_splits_and_determinism(synth0):
     train, test, info = synth0
     assert info.image_size == (32, 32, 3) and info.native_kind == "small32"
@@ -493,6 +494,7 @@ def test_synth_lesion_anomalies_are_small_local_additions():
     assert torch.equal(images, images2) and torch.equal(labels, labels2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,shape", [("synth_lesion_half", "spot"), ("synth_streak", "streak"),
                                         ("synth_streak_half", "streak")])
 def test_synth_variants_share_the_tissue_and_differ_in_lesions(name, shape):

@@ -273,6 +273,7 @@ def _run(args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_script_train_resume_eval(tmp_path):
     import eval_dissolver
     from diffusion_models import train_eval_ddpm as script
@@ -368,6 +369,7 @@ def test_optimiser_step_accumulates_and_clips():
             assert torch.allclose(p, q - 0.5 * scale * gr, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_script_bad_input_is_one_line(tmp_path):
     r = _run([EVAL_SCRIPT, "--dataset", "synth_lesion", "--diffusion_model_path", str(tmp_path / "missing.pt")])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -420,6 +422,7 @@ def test_macs_table_counts_the_unet_of_the_flags(capsys):
     assert line[0].endswith("(paper: 2.33 G)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, program", [("eval", "eval_dissolver.py"), ("macs", "dissolver_macs.py")])
 def test_other_modes_name_their_program(tmp_path, mode, program):
     """--mode eval and --mode macs: one line naming the program that does that work, with the

@@ -9,6 +9,8 @@ import train as train_program
 from cli.args import parse_args
 from datasets import get_dataset
 from helpers import TINY_TRAIN_NO_EVAL
+
+pytestmark = pytest.mark.slow  # every test needs the trained tiny dissolver; most train a DIA model with it
 from models.resnet import build_model
 from training.config import TrainConfig
 from training.trainer import Trainer

@@ -111,6 +111,7 @@ def test_batched_chunks_equal_separate_p_sample_calls(diffusion):
     assert torch.allclose(batched, separate, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dissolving_a_few_images_at_a_time_gives_the_one_call_images(diffusion):
     """On CPU the UNet takes chunk_pixels pixels per call. Calls of 5 images straddle the chunks'
     timesteps and the last is short: the one-call images to float rounding. Calls of 32 images
@@ -138,6 +139,7 @@ def test_dissolving_a_few_images_at_a_time_gives_the_one_call_images(diffusion):
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_compiled_dissolver_dissolves_as_the_eager_one():
     """--compile_dissolver: torch.compile of the UNet gives the eager network's images."""
     torch.manual_seed(0)

@@ -60,6 +60,7 @@ def two_process_run(tmp_path_factory):
     return logdir, dumps, proc
 
 
+@pytest.mark.slow
 def test_two_processes_hold_identical_weights(two_process_run):
     _, dumps, _ = two_process_run
     p0, p1 = (torch.load(dumps / f"params_rank{r}.pt") for r in (0, 1))
@@ -73,6 +74,7 @@ def test_two_processes_hold_identical_weights(two_process_run):
         assert torch.equal(ckpt["model"][name], value), name
 
 
+@pytest.mark.slow
 def test_rank0_alone_writes(two_process_run):
     logdir, _, proc = two_process_run
     names = sorted(os.listdir(logdir))
@@ -91,6 +93,7 @@ def test_rank0_alone_writes(two_process_run):
     assert proc.stderr.count("warning: CSI uses --batch_size 32") == 1  # warned once, not once per rank
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_is_one_line(two_process_run, capsys):
     logdir, _, _ = two_process_run
     with pytest.raises(SystemExit) as exc:
@@ -110,6 +113,7 @@ def torchrun(script_and_args, tmp_path, nproc=2, timeout=240):
     return proc
 
 
+@pytest.mark.slow
 def test_resumed_distributed_run_repeats_an_uninterrupted_one(tmp_path):
     """Two processes for 2 epochs straight, and the same run stopped after epoch 1 and resumed
     by two processes: the same weights, bit for bit."""
@@ -133,6 +137,7 @@ def test_resumed_distributed_run_repeats_an_uninterrupted_one(tmp_path):
     assert moved  # the second epoch trained
 
 
+@pytest.mark.slow
 def test_eval_shards_features_over_ranks_and_scores_as_one_process(two_process_run, tmp_path):
     """eval.py under torchrun: each rank extracts its share of the batches; the scores, AUROCs
     and files are those of one process, written once."""
@@ -158,6 +163,7 @@ def test_eval_shards_features_over_ranks_and_scores_as_one_process(two_process_r
     assert two.stdout.count("[pooled CSI") == 1 and one.stdout.count("[pooled CSI") == 1
 
 
+@pytest.mark.slow
 def test_selection_evaluation_is_sharded_and_scores_as_one_process(tmp_path):
     """train.py's evaluation during training under torchrun: each rank extracts its share of the
     batches, and selection.json records the AUROCs one process computes on the same model."""
@@ -183,6 +189,7 @@ def test_selection_evaluation_is_sharded_and_scores_as_one_process(tmp_path):
         assert recorded[0][key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_ddpm_trains_under_torchrun_and_resumes_exactly(tmp_path):
     """The dissolver's training with two processes: rank 0 writes a checkpoint recording the
     world size; 4 steps straight equal 2 steps resumed to 4; one process cannot resume it."""
@@ -255,6 +262,7 @@ def _worker(rank, port, out):
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_gathered_loss_is_one_process_loss_of_the_global_batch(tmp_path):
     from training.contrastive_loss import NT_xent, NT_xent_neg
 

@@ -203,6 +203,7 @@ def halted(tmp_path_factory):
 # --------------------------------------------------------------------------- train.py killed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, saved_epoch", [
     ("step#1", None),                # during training, before any checkpoint: the same command restarts it
     ("step#3", 1),                   # during training, epoch 2
@@ -228,6 +229,7 @@ def test_killed_training_reruns_to_the_same_run(reference, tmp_path, fault, save
     assert json.loads(open(os.path.join(logdir, "config.json")).read())["run_id"] == run_id
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_checkpoint_write_cleans_up(tmp_path):
     """SIGTERM unwinds train.py: its temporary file and lock go, one line says how to go on."""
     logdir = str(tmp_path / "run")
@@ -246,6 +248,7 @@ def test_sigterm_during_a_checkpoint_write_cleans_up(tmp_path):
 # --------------------------------------------------------------------------- the DDPM killed
 
 
+@pytest.mark.slow
 def test_killed_ddpm_resumes_to_the_same_weights(tmp_path):
     from diffusion_models import train_eval_ddpm
 
@@ -290,6 +293,7 @@ def pipeline(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_interrupted_pipeline_resumes_to_the_same_results(pipeline, tmp_path):
     out = str(tmp_path / "out")
     argv = ["reproduce.py", *PIPE, "--out", out]
@@ -346,6 +350,7 @@ def test_pipeline_out_is_locked(tmp_path, capsys):
 # --------------------------------------------------------------------------- 2. two processes, one folder
 
 
+@pytest.mark.slow
 def test_second_training_on_a_busy_folder_is_refused(tmp_path, capsys):
     logdir = str(tmp_path / "run")
     first = start_py(["train.py", *RUN, "--logdir", logdir, "--no_eval"], fault="step#1=stop")
@@ -363,6 +368,7 @@ def test_second_training_on_a_busy_folder_is_refused(tmp_path, capsys):
     assert json.loads(config)["run_id"] == ckpt["meta"]["run_id"] and leftovers(logdir) == []
 
 
+@pytest.mark.slow
 def test_default_run_folder_names_the_seed(tmp_path, monkeypatch):
     P0, P1 = (parse_args("train", CSI + ["--seed", s]) for s in ("0", "1"))
     assert train_program.default_logdir(P0) == os.path.join("logs", "synth_lesion_resnet18_simclr_CSI_rotation_"
@@ -378,6 +384,7 @@ def test_default_run_folder_names_the_seed(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 1. resume into another run's folder
 
 
+@pytest.mark.slow
 def test_resume_into_another_runs_folder_is_refused(reference, halted, tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     shutil.copytree(halted, a)
@@ -403,6 +410,7 @@ def test_resume_into_another_runs_folder_is_refused(reference, halted, tmp_path,
 # --------------------------------------------------------------------------- 4. resume keeps the run's settings
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_and_keeps_config(halted, tmp_path, capsys):
     run = str(tmp_path / "run")
     shutil.copytree(halted, run)
@@ -438,6 +446,7 @@ def test_resume_refuses_changed_settings_and_keeps_config(halted, tmp_path, caps
 # --------------------------------------------------------------------------- 5. no checkpoint holds NaN or infinity
 
 
+@pytest.mark.slow
 def test_diverged_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     from training.trainer import Trainer
 
@@ -458,6 +467,7 @@ def test_diverged_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     assert load(other / "last.model")["epoch"] == 1 and leftovers(other) == []
 
 
+@pytest.mark.slow
 def test_loss_guard_names_the_likely_cause(tmp_path, capsys):
     line = expect_error(train_program.main, TINY_TRAIN + CSI + ["--epochs", "1", "--no_eval", "--temperature",
                                                                 "1e-39", "--logdir", str(tmp_path / "run")], capsys,
@@ -471,6 +481,7 @@ def test_loss_guard_names_the_likely_cause(tmp_path, capsys):
 # --------------------------------------------------------------------------- 11. data-shaping flags reach eval.py
 
 
+@pytest.mark.slow
 def test_pipeline_image_size_reaches_eval_and_folder_name(tmp_path):
     make_folder_dataset(tmp_path / "data", ["a", "b"], per_class=8)
     out = str(tmp_path / "out")

@@ -170,6 +170,7 @@ def test_save_score_location_is_checked(model_copy, capsys, no_work):
     expect_error(eval_program.main, eval_args(model_copy, "--save_score"), capsys, "--save_score", "names a folder")
 
 
+@pytest.mark.slow
 def test_unwritable_output_cli_one_line_exit_2(model1, unwritable):
     out = os.path.join(unwritable, "dia-new", "res.json")
     proc = subprocess.run([sys.executable, "eval.py", *eval_args(model1, "--save_results", out)], cwd=ROOT,
@@ -195,6 +196,7 @@ def test_path_helpers_create_nothing(tmp_path, unwritable):
         check_run_folder(str(tmp_path / "f"))
 
 
+@pytest.mark.slow
 def test_a_good_run_writes_exactly_its_outputs(model_copy, tmp_path):
     folder = model_copy.parent
     res = eval_program.main(eval_args(model_copy, "--save_results", str(tmp_path / "new" / "res.json"),
@@ -315,6 +317,7 @@ def test_unreadable_checkpoint_is_one_plain_line(tmp_path, capsys, no_work, kind
         read_checkpoint(bad, "model checkpoint", "hint")
 
 
+@pytest.mark.slow
 def test_random_bytes_checkpoint_cli(tmp_path):
     bad = tmp_path / "random.model"
     write_unreadable("random", bad)

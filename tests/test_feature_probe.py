@@ -58,6 +58,7 @@ def test_features_match_the_model_and_keep_its_mode():
     assert not model.training
 
 
+@pytest.mark.slow
 def test_script_end_to_end(tmp_path, capsys):
     torch.manual_seed(1)
     model = build_model("resnet18", n_classes=2, simclr_dim=8, width=4)

@@ -285,6 +285,7 @@ def multi_run(ood_root, tmp_path_factory):
     return logdir, summary
 
 
+@pytest.mark.slow
 def test_multiclass_training_uses_every_class_and_selects_on_the_ood_mean(multi_run):
     logdir, summary = multi_run
     ckpt = torch.load(logdir / "last.model", weights_only=False)
@@ -302,6 +303,7 @@ def test_multiclass_training_uses_every_class_and_selects_on_the_ood_mean(multi_
     assert summary["best"]["best_CSI.model"]["value"] == pytest.approx(ev["auroc_CSI_ood_mean"])
 
 
+@pytest.mark.slow
 def test_multiclass_eval_reports_one_auroc_per_set(multi_run, ood_root, tmp_path, capsys):
     from sklearn.metrics import roc_auc_score
 
@@ -338,6 +340,7 @@ def test_multiclass_eval_reports_one_auroc_per_set(multi_run, ood_root, tmp_path
     assert data["auroc"]["lsun_fix"] > 0.9
 
 
+@pytest.mark.slow
 def test_multiclass_simple_scores_and_refusals(multi_run, ood_root, tmp_path, capsys):
     logdir, _ = multi_run
     out = tmp_path / "ood.json"
@@ -368,6 +371,7 @@ def test_multiclass_simple_scores_and_refusals(multi_run, ood_root, tmp_path, ca
              "--load_path", model], str(tmp_path / "LSUN_resize"))
 
 
+@pytest.mark.slow
 def test_dissolver_on_all_classes_and_dia_multiclass(ood_root, tmp_path):
     from diffusion_models import train_eval_ddpm
 
@@ -388,6 +392,7 @@ def test_dissolver_on_all_classes_and_dia_multiclass(ood_root, tmp_path):
                               "--save_path", str(tmp_path / "x.pt")])
 
 
+@pytest.mark.slow
 def test_reproduce_writes_csis_table(ood_root, tmp_path):
     import reproduce
 

@@ -90,6 +90,7 @@ def test_resize_has_no_antialiasing():
                                               antialias=False))
 
 
+@pytest.mark.slow
 def test_trainer_checkpoint_in_eval_dissolver(paper_ckpt, tmp_path):
     import eval_dissolver
 
@@ -101,6 +102,7 @@ def test_trainer_checkpoint_in_eval_dissolver(paper_ckpt, tmp_path):
         assert im.size == (2 + 2 * 98, 2 + 2 * 98)
 
 
+@pytest.mark.slow
 def test_trainer_checkpoint_trains_a_dia_model(paper_ckpt, tmp_path):
     import train
 

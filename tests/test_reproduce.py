@@ -25,6 +25,7 @@ def pipeline(tmp_path_factory):
     return {"out": out, "argv": argv, "rc": rc, "stdout": stdout, "stderr": stderr, "seconds": seconds}
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(pipeline):
     out = pipeline["out"]
     assert pipeline["rc"] == 0, pipeline["stdout"] + pipeline["stderr"]
@@ -59,6 +60,7 @@ def test_pipeline_end_to_end(pipeline):
     assert "best_CSI.model, best on test (paper's selection):" in pipeline["stdout"]
 
 
+@pytest.mark.slow
 def test_csv_and_tables_agree_with_results_json(pipeline):
     out = pipeline["out"]
     rows = read_csv(os.path.join(out, "results.csv"))
@@ -103,6 +105,7 @@ def test_csv_and_tables_agree_with_results_json(pipeline):
         assert not os.path.exists(os.path.join(out, row["run_dir"], "results_best.json"))  # not evaluated twice
 
 
+@pytest.mark.slow
 def test_dissolver_removal_ratio_is_reported_beside_the_table(pipeline):
     """The dissolver's lesion removal ratio (from its dissolving-quality JSON) is printed after
     the tables, written to results.md and to results.csv for the runs that use it."""
@@ -131,6 +134,7 @@ def test_dissolver_removal_ratio_is_reported_beside_the_table(pipeline):
     assert f"lesion removal ratio {expected:.2f}" in pipeline["stdout"]
 
 
+@pytest.mark.slow
 def test_figures_are_png(pipeline):
     out = pipeline["out"]
     paths = [os.path.join(out, "synth_lesion_class0_roc.png")]
@@ -147,6 +151,7 @@ def test_figures_are_png(pipeline):
             im.verify()
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs(pipeline):
     out = pipeline["out"]
     watched = [os.path.join(out, "dissolvers", f) for f in os.listdir(os.path.join(out, "dissolvers"))]
@@ -164,6 +169,7 @@ def test_rerun_skips_finished_runs(pipeline):
     assert [r["reused"] for r in rows] == ["1", "1"] and all(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.slow
 def test_finished_run_with_other_budget_is_refused(pipeline, capsys):
     import reproduce
 
@@ -177,6 +183,7 @@ def test_finished_run_with_other_budget_is_refused(pipeline, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "other settings" in err[0] and "max_steps" in err[0]
 
 
+@pytest.mark.slow
 def test_folder_recording_amp_as_a_boolean_is_read_as_on_or_off(pipeline, tmp_path, capsys):
     """A study folder made when --amp was a switch recorded it as true/false: true is today's
     'on' (resumed, not redone), false is 'off' (other settings than --amp on: refused)."""
@@ -206,6 +213,7 @@ def test_folder_recording_amp_as_a_boolean_is_read_as_on_or_off(pipeline, tmp_pa
         assert len(err) == 1 and "other settings" in err[0] and "'amp': 'off'" in err[0]
 
 
+@pytest.mark.slow
 def test_failing_run_is_reported_and_others_finish(pipeline, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(pipeline["out"], out)
@@ -245,6 +253,7 @@ def test_failing_run_is_reported_and_others_finish(pipeline, tmp_path):
     assert not os.path.exists(os.path.join(run_dir(out, "diffusion_rotation"), "results.json"))
 
 
+@pytest.mark.slow
 def test_best_checkpoint_other_than_last_is_evaluated_and_reported(pipeline, tmp_path):
     """When train.py's selection kept an earlier epoch, best_CSI.model is scored by eval.py as
     last.model is, and both columns are reported. (Here the earlier checkpoint is made up: fresh
@@ -304,6 +313,7 @@ def test_best_checkpoint_other_than_last_is_evaluated_and_reported(pipeline, tmp
     assert f"(last), {best['pooled']:.3f} (best on test, epoch 0)" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "synth_lesion", "--shift_trans_type", "rotation", "rotate"], "unknown transformation 'rotate'"),
     (["--preset", "quick", "--epochs", "0"], "--epochs must be at least 1"),
@@ -321,7 +331,8 @@ def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
-    (["--dataset", "synth_lesion", "--one_class_idx", "5"], "--one_class_idx 5 is out of range for synth_lesion"),
+    pytest.param(["--dataset", "synth_lesion", "--one_class_idx", "5"],
+                 "--one_class_idx 5 is out of range for synth_lesion", marks=pytest.mark.slow),  # generates the data
     (["--dataset", "kvasir", "--data_root", "{tmp}"], "{tmp}"),  # the dataset's folder is missing
     (["--dataset", "synth_lesion", "--diff_resolution", "36"], "--diff_resolution 36"),
 ])

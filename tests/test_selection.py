@@ -99,6 +99,7 @@ def selected_run(tmp_path_factory, one_torch_thread):
     return logdir, summary
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_highest_test_auroc(selected_run):
     logdir, summary = selected_run
     sel = json.loads((logdir / "selection.json").read_text())
@@ -126,6 +127,7 @@ def test_best_checkpoint_is_the_highest_test_auroc(selected_run):
     assert scalars.count("eval/auroc_CSI_one_class_mean,") == 3
 
 
+@pytest.mark.slow
 def test_saved_checkpoints_hold_the_models_that_earned_the_values(selected_run):
     """Scoring best_CSI.model and last.model again with the same evaluation gives exactly the
     AUROCs recorded when they were selected, and eval.py reads best_CSI.model."""
@@ -174,6 +176,7 @@ class ScriptedEvaluation:
         return {"auroc_CSI_one_class_mean": v, "auroc_CSI_pooled": 1 - v}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("values, best_epoch", [([0.6, 0.9, 0.7, 0.8], 2), ([0.6, 0.9, 0.9, 0.5], 2),
                                                 ([0.5, 0.6, 0.7, 0.8], 4)])
 def test_best_checkpoint_holds_the_weights_of_the_first_highest(values, best_epoch, tmp_path, monkeypatch,
@@ -223,6 +226,7 @@ def same_draws(a, b):
             and np.array_equal(a["numpy"], b["numpy"]) and a["python"] == b["python"] and a["t"] == b["t"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replay", [True, False])
 def test_replay_repeats_the_draws_after_each_evaluation(replay, tiny_dissolver, tmp_path, monkeypatch,
                                                         one_torch_thread):
@@ -251,6 +255,7 @@ def test_replay_repeats_the_draws_after_each_evaluation(replay, tiny_dissolver, 
             assert not torch.equal(by_epoch[2][0]["torch"], by_epoch[e][0]["torch"])
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_and_without_replay(tmp_path, one_torch_thread):
     common = CSI + ["--epochs", "3", "--ood_samples", "1", "--eval_max_train", "16", "--eval_max_test", "32"]
     final = {}

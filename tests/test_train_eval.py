@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
     return logdir, summary
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_everything(trained):
     logdir, summary = trained
     assert summary["epoch"] == 2 and summary["step"] == 4
@@ -43,6 +44,7 @@ def test_checkpoint_holds_everything(trained):
     assert not [f for f in os.listdir(logdir) if f.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_eval_writes_json_and_scores(trained, tmp_path):
     logdir, _ = trained
     out = tmp_path / "res.json"
@@ -70,6 +72,7 @@ def test_eval_writes_json_and_scores(trained, tmp_path):
     assert rep["pooled"] == pytest.approx(data["auroc"]["pooled"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_ood_mode_scores(trained, tmp_path):
     logdir, _ = trained
     out = tmp_path / "ood.json"
@@ -82,6 +85,7 @@ def test_eval_ood_mode_scores(trained, tmp_path):
         assert 0.0 <= rep["pooled"] <= 1.0
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     common = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation", "--epochs", "2", "--no_eval"]
     straight = tmp_path / "straight"
@@ -100,6 +104,7 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(trained, capsys):
     logdir, _ = trained
     before = (logdir / "last.model").stat().st_mtime_ns
@@ -127,6 +132,7 @@ def test_train_bad_input(tmp_path, capsys, argv, fragment):
     assert not logdir.exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_eval_bad_input(trained, tmp_path, capsys):
     logdir, _ = trained
     expect_error(eval_program.main, ["--load_path", str(tmp_path / "missing.model")], capsys, "missing.model")
@@ -145,6 +151,7 @@ def test_eval_bad_input(trained, tmp_path, capsys):
     expect_error(eval_program.main, ["--mode", "simclr_CSI", "--load_path", "x"], capsys, "train.py")
 
 
+@pytest.mark.slow
 def test_cli_exit_code_and_single_line(tmp_path):
     proc = subprocess.run([sys.executable, "eval.py", "--load_path", str(tmp_path / "nope.model")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -156,6 +163,7 @@ def test_cli_exit_code_and_single_line(tmp_path):
         assert flag in help_text
 
 
+@pytest.mark.slow
 def test_score_folder_flags_against_training_threshold(trained, tmp_path):
     import csv
 

@@ -79,6 +79,7 @@ def test_shared_channel_norm_trains_the_package_parameter():
     assert frozen.g is not ln.g and not frozen.g.requires_grad
 
 
+@pytest.mark.slow
 def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path, capsys):
     from diffusion_models import train_eval_ddpm as script
 
@@ -109,6 +110,7 @@ def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path, capsys):
     assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # three small Adam steps apart
 
 
+@pytest.mark.slow
 def test_checkpoint_from_before_amp_resumes_in_fp32_only(tmp_path):
     from diffusion_models import train_eval_ddpm as script
     from utils import atomic_torch_save

@@ -7,16 +7,16 @@ import os
 import sys
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-for _path in (ROOT, TESTS):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
+from helpers import ROOT, TINY_DDPM  # noqa: E402
+
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from helpers import TINY_DDPM  # noqa: E402
 
 
 def pytest_configure(config):

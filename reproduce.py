@@ -43,7 +43,7 @@ gets CSI's table: one row per dataset and transformation, one column per out-of-
 and their mean.
 
 This file is the command (its flags and ``main``); the study itself lives in the package
-``study/``, one module per job: ``plan`` (the runs), ``steps`` (one subprocess), ``dissolvers``,
+``study/``, one module per job: ``plan`` (the runs), ``steps`` (the subprocesses), ``dissolvers``,
 ``runs`` (one run), ``figures``, ``tables``, ``text`` (cell formatting) and ``schedule`` (running
 the runs, one after another or over devices).
 """
@@ -58,14 +58,13 @@ from cli.args import class_index as parse_class_index
 from common.errors import UserError, exit_on_user_error
 from common.flags import DATA_ROOT, DIFF_RESOLUTION, HelpFormatter, add_amp, add_data_root, add_device, \
     add_diff_resolution
-from study import steps
 from study.plan import make_plan, uses_resolution
 from study.schedule import device_slots, run_all
-from study.steps import Interrupted, _on_signal
+from study.steps import Interrupted, Steps, _on_signal
 
 # Re-exported: tests and users import these from reproduce.
 from study.runs import eval_command  # noqa: F401
-from study.steps import run_step, step_env  # noqa: F401
+from study.steps import step_env  # noqa: F401
 
 TRANSFORMATIONS = CSI_SHIFTS + tuple(f"{d}_{s}" for d in DISSOLVE_TYPES for s in CSI_SHIFTS)
 
@@ -326,13 +325,13 @@ def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             handlers[sig] = signal.signal(sig, _on_signal)
-    steps.CURRENT.update(procs={}, what=None, stopped=False, stopping=None)
+    steps = Steps()  # this command's steps: what runs, for the interruption message
     try:
-        return run_all(a, runs, argv)
+        return run_all(a, runs, argv, steps)
     except (Interrupted, KeyboardInterrupt) as exc:
         sig = exc.args[0] if isinstance(exc, Interrupted) and exc.args else signal.SIGINT
-        what = steps.CURRENT["what"] or "preparing"
-        n_stopped = int(steps.CURRENT["stopped"])
+        what = steps.what or "preparing"
+        n_stopped = steps.stopped
         stopped = (f" (those {n_stopped} steps were stopped)" if n_stopped > 1
                    else " (that step was stopped)" if n_stopped else "")
         print(f"\ninterrupted by {signal.Signals(sig).name} while {what}{stopped}; finished runs are kept: run the "

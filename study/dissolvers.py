@@ -4,7 +4,7 @@ import os
 import time
 
 from study.plan import class_text
-from study.steps import class_flags, py, run_step
+from study.steps import class_flags, py
 from study.text import fmt, rel
 
 GRID_TIMESTEPS = (10, 30, 50, 70, 100, 150)  # rows of the dissolving grid (the training range is 30..100)
@@ -24,10 +24,12 @@ def ddpm_save_every(train_steps):
 
 
 class Dissolvers:
-    """Trains (or reuses) each dissolver once, draws its grid and counts its MACs."""
+    """Trains (or reuses) each dissolver once, draws its grid and counts its MACs; ``steps`` (a
+    :class:`study.steps.Steps`) runs the training and the grid."""
 
-    def __init__(self, a):
+    def __init__(self, a, steps):
         self.a = a
+        self.steps = steps
         self.state = {}  # name -> dict(ok, reason, gmacs, seconds)
 
     def get(self, spec):
@@ -58,8 +60,8 @@ class Dissolvers:
             resuming = os.path.exists(spec["ckpt"])
             if resuming:  # an interrupted training: continue it exactly
                 cmd.append("--resume")
-            ok, seconds, reason = run_step(cmd, spec["log"], what=f"training the dissolver {spec['name']}",
-                                           append=resuming)
+            ok, seconds, reason = self.steps.run(cmd, spec["log"], what=f"training the dissolver {spec['name']}",
+                                                 append=resuming)
             if not ok:
                 state = {"ok": False, "reason": f"training failed: {reason}", "gmacs": None,
                          "train_seconds": seconds, "log": spec["log"]}
@@ -82,7 +84,8 @@ class Dissolvers:
                      "--timesteps_to_show", *GRID_TIMESTEPS)
             if a.device:
                 cmd += ["--device", a.device]
-            ok, _, reason = run_step(cmd, spec["grid_log"], what=f"drawing the grid of the dissolver {spec['name']}")
+            ok, _, reason = self.steps.run(cmd, spec["grid_log"],
+                                           what=f"drawing the grid of the dissolver {spec['name']}")
             if not ok:
                 state["grid_error"] = reason
                 print(f" (grid failed: {reason})", end="")

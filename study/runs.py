@@ -9,7 +9,7 @@ from common.errors import UserError
 from study.dissolvers import read_quality, removal_ratio
 from study.figures import draw_run_figures
 from study.plan import recorded_config
-from study.steps import Interrupted, class_flags, py, run_step, step_env
+from study.steps import Interrupted, class_flags, py, step_env
 
 FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
 BEST_FILE = "best_CSI.model"  # train.py's selection: the highest test AUROC during training
@@ -118,8 +118,9 @@ def read_json(path):
         return None
 
 
-def execute(a, run, dissolvers):
-    """Train, evaluate and draw one run (or reuse it when finished); fills ``run``'s fields."""
+def execute(a, run, dissolvers, steps):
+    """Train, evaluate and draw one run (or reuse it when finished), its steps by ``steps`` (a
+    :class:`study.steps.Steps`); fills ``run``'s fields."""
     from utils import atomic_write_json
 
     results = read_json(run.path("results.json"))
@@ -159,8 +160,8 @@ def execute(a, run, dissolvers):
                 earlier = float((read_json(run.path("train_attempts.json")) or {}).get("seconds") or 0.0)
                 t0 = time.time()
                 try:
-                    ok, seconds, reason = run_step(cmd, run.path("train.log"), what=f"training {run.label}",
-                                                   append=state == "resume", env=step_env(a))
+                    ok, seconds, reason = steps.run(cmd, run.path("train.log"), what=f"training {run.label}",
+                                                    append=state == "resume", env=step_env(a))
                 except Interrupted:
                     atomic_write_json({"seconds": round(earlier + time.time() - t0, 2)},
                                       run.path("train_attempts.json"))
@@ -170,11 +171,11 @@ def execute(a, run, dissolvers):
                 seconds += earlier
             atomic_write_json({"seconds": None if seconds is None else round(seconds, 2),
                                "resumed": state is not None}, run.path("train_done.json"))
-        best, reason = evaluate_best(a, run)  # before last.model's: results.json marks a finished run
+        best, reason = evaluate_best(a, run, steps)  # before last.model's: results.json marks a finished run
         if reason:
             return fail(run, "eval", reason, log=run.path("eval_best.log"))
-        ok, seconds, reason = run_step(eval_cmd, run.path("eval.log"), what=f"evaluating {run.label}",
-                                       env=step_env(a))
+        ok, seconds, reason = steps.run(eval_cmd, run.path("eval.log"), what=f"evaluating {run.label}",
+                                        env=step_env(a))
         if not ok:
             return fail(run, "eval", reason)
         results = read_json(run.path("results.json"))
@@ -199,8 +200,9 @@ def execute(a, run, dissolvers):
 _PLOT_LOCK = threading.Lock()
 
 
-def evaluate_best(a, run):
-    """Evaluate ``best_CSI.model`` as ``last.model`` is evaluated; returns ``(best, error)``.
+def evaluate_best(a, run, steps):
+    """Evaluate ``best_CSI.model`` as ``last.model`` is evaluated (a step of ``steps``); returns
+    ``(best, error)``.
 
     ``best`` (None when train.py kept no such file: ``--no_selection``, or no evaluation epoch
     was reached) holds the epoch, what selected it (train.py's test AUROC and its protocol) and
@@ -219,8 +221,8 @@ def evaluate_best(a, run):
             "same_as_last": info["epoch"] == last_epoch}
     if best["same_as_last"]:
         return best, ""
-    ok, seconds, reason = run_step(eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]), run.path("eval_best.log"),
-                                   what=f"evaluating {BEST_FILE} of {run.label}", env=step_env(a))
+    ok, seconds, reason = steps.run(eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]), run.path("eval_best.log"),
+                                    what=f"evaluating {BEST_FILE} of {run.label}", env=step_env(a))
     res = read_json(run.path("results_best.json")) if ok else None
     if res is None:
         return None, f"{BEST_FILE}: " + (reason or "eval.py finished without writing results_best.json")

@@ -1,16 +1,17 @@
 """Running the plan's runs, one after another or concurrently over devices, with progress lines and the tables."""
+import copy
 import os
+import queue
 import shlex
 import signal
 import threading
 import time
 
 from common.errors import UserError
-from study import steps
 from study.dissolvers import Dissolvers, dissolver_table
 from study.figures import draw_comparisons
 from study.runs import BEST_FILE, BEST_LABEL, execute, fail, needs_dissolver
-from study.steps import Interrupted, stop_children
+from study.steps import Interrupted
 from study.tables import headline_auroc, multi_class_table, summary_table, write_tables
 from study.text import rel
 
@@ -69,18 +70,16 @@ def report_run(a, run, t0):
         print(f" FAILED ({run.error}); log {rel(run.log, a.out)} ({time.time() - t0:.0f} s)", flush=True)
 
 
-def run_concurrently(a, runs, command):
+def run_concurrently(a, runs, command, steps):
     """``--devices``: every dissolver the runs need is trained first (one after another, on the
     first device), then one thread per listed device takes the runs in plan order, one at a time,
     its steps getting ``--device <its device>``. This thread prints the progress and rewrites the
-    tables (rows in plan order) as runs finish; an interruption stops every running step."""
-    import copy
-    import queue
-
+    tables (rows in plan order) as runs finish; an interruption stops every running step of
+    ``steps`` (:class:`study.steps.Steps`), which runs them all."""
     on_first = copy.copy(a)
     on_first.device = a.devices[0]
-    dissolvers = Dissolvers(on_first)
-    steps.CURRENT["what"] = "preparing the dissolvers"
+    dissolvers = Dissolvers(on_first, steps)
+    steps.doing("preparing the dissolvers")
     for run in runs:
         if needs_dissolver(run):
             dissolvers.get(run.dissolver)
@@ -98,14 +97,14 @@ def run_concurrently(a, runs, command):
     def work(label, device, gpus):
         on_device = copy.copy(a)
         on_device.device, on_device.gpus = device, gpus
-        while steps.CURRENT["stopping"] is None:
+        while steps.stopping is None:
             try:
                 i = todo.get_nowait()
             except queue.Empty:
                 return
             events.put(("start", i, label))
             try:
-                execute(on_device, runs[i], dissolvers)
+                execute(on_device, runs[i], dissolvers, steps)
             except Interrupted:
                 return  # stopped: left for the next command to resume
             except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the others
@@ -114,7 +113,7 @@ def run_concurrently(a, runs, command):
 
     threads = [threading.Thread(target=work, args=slot, name=f"runs on {slot[0]}", daemon=True) for slot in slots]
     started = {}
-    steps.CURRENT["what"] = "starting the runs"
+    steps.doing("starting the runs")
     try:
         for t in threads:
             t.start()
@@ -139,13 +138,8 @@ def run_concurrently(a, runs, command):
     except BaseException as exc:
         sig = exc.args[0] if isinstance(exc, Interrupted) and exc.args else (
             signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 0)
-        with steps._CURRENT_LOCK:  # no step starts from now on
-            steps.CURRENT["stopping"] = sig
-            running = dict(steps.CURRENT["procs"])
-        steps.CURRENT["what"] = " and ".join(running.values()) or "running the runs"
-        if running:
-            stop_children(list(running))
-            steps.CURRENT["stopped"] = len(running)
+        steps.doing("running the runs")  # what the message says when no step was running
+        steps.stop_all(sig)  # no step starts from now on
         for t in threads:
             t.join()
         raise
@@ -153,26 +147,28 @@ def run_concurrently(a, runs, command):
         t.join()
 
 
-def run_all(a, runs, argv):
+def run_all(a, runs, argv, steps):
+    """Run the plan's runs, their steps by ``steps`` (:class:`study.steps.Steps`), then draw the
+    comparisons and print the tables; returns the exit status (1 when a run failed)."""
     command = "python reproduce.py " + " ".join(shlex.quote(x) for x in argv)
     n_todo = sum(not os.path.exists(r.path("results.json")) for r in runs)
     print(f"{len(runs)} run(s) in {a.out} ({len(runs) - n_todo} finished already, {n_todo} to do)", flush=True)
 
     t_all = time.time()
     if a.devices:
-        run_concurrently(a, runs, command)
+        run_concurrently(a, runs, command, steps)
     else:
-        dissolvers = Dissolvers(a)
+        dissolvers = Dissolvers(a, steps)
         for i, run in enumerate(runs, 1):
             if needs_dissolver(run):
                 dissolvers.get(run.dissolver)  # its own progress line, before the run's
             t0 = time.time()
             print(f"[{i}/{len(runs)}] {run.label}:", end="", flush=True)
-            steps.CURRENT["what"] = f"working on {run.label}"
-            execute(a, run, dissolvers)
+            steps.doing(f"working on {run.label}")
+            execute(a, run, dissolvers, steps)
             report_run(a, run, t0)
             write_tables(a, runs, command)
-    steps.CURRENT["what"] = "drawing the comparison figures"
+    steps.doing("drawing the comparison figures")
     draw_comparisons(a, runs)
     write_tables(a, runs, command)
 

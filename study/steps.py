@@ -1,5 +1,7 @@
-"""One step of a run as a subprocess: its log, its environment, and its end when reproduce.py ends or is signalled."""
+"""A study's steps as subprocesses (:class:`Steps`, one per reproduce.py command): their logs, their environment,
+and their end when reproduce.py ends or is signalled."""
 import contextlib
+import ctypes
 import os
 import shlex
 import signal
@@ -30,40 +32,18 @@ class Interrupted(Exception):
     """SIGTERM or SIGINT reached reproduce.py: the running step is stopped and the command ends."""
 
 
-# What runs now, for the interruption message: ``procs`` maps every running step (a Popen) to what
-# it does; ``stopping`` (the signal number) is set when an interruption stops them all, so that no
-# step starts after it and a stopped step is not reported as a failure (``--devices``' threads).
-CURRENT = {"procs": {}, "what": None, "stopped": False, "stopping": None}
-_CURRENT_LOCK = threading.Lock()
-
-
 def _on_signal(signum, frame):
     raise Interrupted(signum)
 
 
-def _die_with_parent():
-    """Runs in the child between fork and exec (Linux): the kernel sends it SIGKILL when
-    reproduce.py ends in any way, even by SIGKILL, so no step goes on writing alone."""
-    if _LIBC is None:
-        return
-    _LIBC.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != _PARENT[0]:  # the parent was already gone before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _load_libc():
+    """This process's C library (for prctl), on Linux; else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes
-
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
-
-
-_LIBC = _load_libc()
-_PARENT = [os.getpid()]
 
 
 def stop_child(proc, grace=10.0):
@@ -96,48 +76,106 @@ def step_env(a):
     return {"CUDA_VISIBLE_DEVICES": gpus} if gpus else None
 
 
-def run_step(cmd, log_path, what=None, append=False, env=None):
-    """Run ``cmd`` (a list, ``python`` first) from the repository root, stdout and stderr into
-    ``log_path`` (appended to with ``append``), ``env`` added to this process's environment (and
-    written in the log); returns ``(ok, seconds, reason)``. The step dies with this process; a
-    signal to this process stops it first."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    extra = dict(env or {})
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    t0 = time.time()
-    what = what or os.path.basename(cmd[1])
-    main_thread = threading.current_thread() is threading.main_thread()
-    with open(log_path, "a" if append else "w") as log:
-        log.write("$ " + "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
-                  + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        with _CURRENT_LOCK:  # one fork at a time; none once an interruption stops the steps
-            if CURRENT["stopping"] is not None:
-                raise Interrupted(CURRENT["stopping"])
-            _PARENT[0] = os.getpid()
-            # (PR_SET_PDEATHSIG follows the thread that forks: run_step's thread waits for its step)
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, preexec_fn=_die_with_parent if _LIBC is not None else None)
-            CURRENT["procs"][proc] = what
-        before = CURRENT["what"]
-        if main_thread:
-            CURRENT["what"] = what
-        try:
-            rc = proc.wait()
-        except BaseException:
-            stop_child(proc)
-            CURRENT["stopped"] = True
-            raise
-        finally:
-            with _CURRENT_LOCK:
-                CURRENT["procs"].pop(proc, None)
-        if main_thread:
-            CURRENT["what"] = before
-    if CURRENT["stopping"] is not None:  # stopped by the interruption (another thread's): not a failure
-        raise Interrupted(CURRENT["stopping"])
-    seconds = time.time() - t0
-    return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc))
+class Steps:
+    """The steps of one study (one reproduce.py command): runs each as a subprocess, knows which
+    run now (from any thread) and what the study does, and stops them all on an interruption.
+
+    ``what`` and ``stopped`` say, for the interruption message, what the study was doing and how
+    many steps the interruption stopped; once :meth:`stop_all` was called (``stopping`` holds the
+    signal number) no step starts, and a step it stopped is not reported as a failure
+    (``--devices``' threads)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # one fork at a time; guards _procs and _stopping
+        self._procs = {}  # every running step (a Popen) -> what it does
+        self._what = None
+        self._stopped = 0
+        self._stopping = None
+        self._libc = _load_libc()  # prctl, for the steps to die with this process (Linux)
+        self._parent = os.getpid()  # the process the next step must die with
+
+    @property
+    def what(self):
+        """What the study does now (the main thread's running step, or what :meth:`doing` said), or None."""
+        return self._what
+
+    @property
+    def stopped(self):
+        """How many running steps an interruption stopped (0: none was running)."""
+        return self._stopped
+
+    @property
+    def stopping(self):
+        """The signal number of the interruption that stopped the steps, or None while none did."""
+        return self._stopping
+
+    def doing(self, what):
+        """Say what the study does now, for the interruption message."""
+        self._what = what
+
+    def stop_all(self, signum):
+        """An interruption (signal ``signum``; 0 for another exception) ends the study: no step
+        starts from now on, and every running step is stopped (:func:`stop_children`). ``what``
+        becomes the stopped steps' names when some were running; returns how many were."""
+        with self._lock:
+            self._stopping = signum
+            running = dict(self._procs)
+        if running:
+            self._what = " and ".join(running.values())
+            stop_children(list(running))
+            self._stopped = len(running)
+        return len(running)
+
+    def _die_with_parent(self):
+        """Runs in the child between fork and exec (Linux): the kernel sends it SIGKILL when
+        reproduce.py ends in any way, even by SIGKILL, so no step goes on writing alone."""
+        self._libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != self._parent:  # the parent was already gone before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def run(self, cmd, log_path, what=None, append=False, env=None):
+        """Run ``cmd`` (a list, ``python`` first) from the repository root, stdout and stderr into
+        ``log_path`` (appended to with ``append``), ``env`` added to this process's environment (and
+        written in the log); returns ``(ok, seconds, reason)``. The step dies with this process; a
+        signal to this process stops it first. Raises :class:`Interrupted` instead of starting a
+        step, or of reporting one stopped, once :meth:`stop_all` was called."""
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        extra = dict(env or {})
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        t0 = time.time()
+        what = what or os.path.basename(cmd[1])
+        main_thread = threading.current_thread() is threading.main_thread()
+        with open(log_path, "a" if append else "w") as log:
+            log.write("$ " + "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
+                      + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            log.flush()
+            with self._lock:  # one fork at a time; none once an interruption stops the steps
+                if self._stopping is not None:
+                    raise Interrupted(self._stopping)
+                self._parent = os.getpid()
+                # (PR_SET_PDEATHSIG follows the thread that forks: run's thread waits for its step)
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, preexec_fn=self._die_with_parent if self._libc is not None else None)
+                self._procs[proc] = what
+            before = self._what
+            if main_thread:
+                self._what = what
+            try:
+                rc = proc.wait()
+            except BaseException:
+                stop_child(proc)
+                self._stopped = 1
+                raise
+            finally:
+                with self._lock:
+                    self._procs.pop(proc, None)
+            if main_thread:
+                self._what = before
+        if self._stopping is not None:  # stopped by the interruption (another thread's): not a failure
+            raise Interrupted(self._stopping)
+        seconds = time.time() - t0
+        return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc))
 
 
 def class_flags(cls, multi=()):

@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
 from helpers import ROOT, TINY_STUDY, md_tables, read_csv, run_dir, run_reproduce
+from study.steps import Interrupted, Steps
 
 BASE = [a for a in TINY_STUDY if a not in ("--device", "cpu")] + ["--shift_trans_type", "rotation",
                                                                   "--seeds", "0", "1", "--no_selection"]
@@ -172,12 +174,43 @@ def test_a_gpu_groups_steps_see_only_its_gpus(tmp_path):
     """The slot's CUDA_VISIBLE_DEVICES reaches the step's process and its log's command line."""
     import types
 
-    from reproduce import run_step, step_env
+    from reproduce import Steps, step_env
 
     log = tmp_path / "step.log"
     cmd = [sys.executable, "-c", "import os; print('visible=' + os.environ['CUDA_VISIBLE_DEVICES'])"]
-    ok, _, reason = run_step(cmd, str(log), what="probe", env=step_env(types.SimpleNamespace(gpus="2,3")))
+    ok, _, reason = Steps().run(cmd, str(log), what="probe", env=step_env(types.SimpleNamespace(gpus="2,3")))
     assert ok, reason
     text = log.read_text().splitlines()
     assert text[0].startswith("$ CUDA_VISIBLE_DEVICES=2,3 ") and "visible=2,3" in text
     assert step_env(types.SimpleNamespace(gpus=None)) is None and step_env(types.SimpleNamespace()) is None
+
+
+def test_stop_all_stops_the_running_steps_and_starts_no_other(tmp_path):
+    """An interruption (Steps.stop_all) stops a step another thread runs, which then raises
+    Interrupted rather than report a failure; no step starts after it; ``what`` and ``stopped``
+    say what was stopped, for reproduce.py's message."""
+    steps = Steps()
+    steps.doing("running the runs")
+    log, raised = tmp_path / "sleep.log", []
+
+    def work():
+        try:
+            steps.run([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], str(log),
+                      what="sleeping")
+        except Interrupted as exc:
+            raised.append(exc.args)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    t0 = time.time()
+    while not (log.exists() and "up" in log.read_text().splitlines()):
+        assert time.time() - t0 < 30, "the step did not start"
+        time.sleep(0.05)
+    assert steps.what == "running the runs"  # another thread's step leaves the main thread's words
+    assert steps.stop_all(signal.SIGTERM) == 1
+    thread.join(30)
+    assert not thread.is_alive() and raised == [(signal.SIGTERM,)]
+    assert (steps.stopping, steps.stopped, steps.what) == (signal.SIGTERM, 1, "sleeping")
+    with pytest.raises(Interrupted):
+        steps.run([sys.executable, "-c", "pass"], str(tmp_path / "after.log"))
+    assert Steps().stopping is None and Steps().stopped == 0 and Steps().what is None  # one per study

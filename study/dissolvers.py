@@ -3,9 +3,14 @@ import json
 import os
 import time
 
+import numpy as np
+
+from diffusion_models.ddpm import read_dissolver_checkpoint
+from diffusion_models.macs import config_macs
 from study.plan import class_text
 from study.steps import class_flags, py
 from study.text import fmt, rel
+from utils import atomic_write_json, warn
 
 GRID_TIMESTEPS = (10, 30, 50, 70, 100, 150)  # rows of the dissolving grid (the training range is 30..100)
 TRAIN_T = (30, 100)
@@ -70,15 +75,13 @@ class Dissolvers:
                 return state
             gmacs = dissolver_gmacs(spec["ckpt"])
             state = {"ok": True, "reason": "", "gmacs": gmacs, "train_seconds": round(seconds, 2), "reused": False}
-            from utils import atomic_write_json
-
             atomic_write_json({"gmacs": gmacs, "train_seconds": round(seconds, 2), "checkpoint": spec["ckpt"],
                                "ddpm": {"unet_dim": a.ddpm_unet_dim, "train_steps": a.ddpm_train_steps,
                                         "batch_size": a.ddpm_batch_size, "grad_accum": a.ddpm_grad_accum,
                                         "amp": a.amp}},
                               spec["done"])
         if not os.path.exists(spec["grid"]):
-            cmd = py("diffusion_models/train_eval_ddpm.py", "--mode", "eval", "--dataset", spec["dataset"],
+            cmd = py("eval_dissolver.py", "--dataset", spec["dataset"],
                      "--data_root", a.data_root, *class_flags(spec["cls"]),
                      "--diffusion_model_path", spec["ckpt"], "--out", spec["grid"],
                      "--timesteps_to_show", *GRID_TIMESTEPS)
@@ -101,7 +104,7 @@ class Dissolvers:
 
 
 def read_quality(spec):
-    """The dissolving-quality rows (``train_eval_ddpm.py --mode eval``'s JSON beside the grid), or []."""
+    """The dissolving-quality rows (``eval_dissolver.py``'s JSON beside the grid), or []."""
     path = os.path.splitext(spec["grid"])[0] + ".json"
     try:
         with open(path) as fh:
@@ -117,14 +120,12 @@ def removal_ratio(state):
               if "removal_ratio" in row and TRAIN_T[0] <= row["t"] <= TRAIN_T[1]]
     if not values:
         return None
-    import numpy as np
-
     return float(np.mean(values))
 
 
 def dissolver_table(runs):
     """One row per dissolver the runs used: its lesion removal ratio and tissue change per
-    timestep of its grid (train_eval_ddpm.py --mode eval's measurement; see docs/method.md),
+    timestep of its grid (eval_dissolver.py's measurement; see docs/method.md),
     and the removal ratio averaged over the training range. None when no run dissolves."""
     specs = list({r.dissolver["name"]: r.dissolver for r in runs if r.dissolver}.values())
     rows = [(spec, read_quality(spec)) for spec in specs]
@@ -147,27 +148,11 @@ def dissolver_table(runs):
 
 
 def dissolver_gmacs(ckpt_path):
-    """GMACs of one dissolving call (the UNet on one image), counted as ``train_eval_ddpm.py
-    --mode macs`` does; None when it cannot be counted."""
+    """GMACs of one dissolving call (the UNet on one image): thop's default count, the one the
+    paper's table reports (``diffusion_models.macs``); None when it cannot be counted."""
     try:
-        import warnings
-
-        import torch
-
-        from diffusion_models.ddpm import build_unet, read_dissolver_checkpoint
-
-        cfg = read_dissolver_checkpoint(ckpt_path, "cpu")["config"]
-        unet = build_unet(cfg).eval()
-        r = cfg["image_size"]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # thop still uses distutils' LooseVersion
-            import thop
-
-            n_macs, _ = thop.profile(unet, inputs=(torch.randn(1, cfg["channels"], r, r),
-                                                   torch.zeros(1, dtype=torch.long)), verbose=False)
-        return round(float(n_macs) / 1e9, 4)
+        as_paper, _ = config_macs(read_dissolver_checkpoint(ckpt_path, "cpu")["config"])
+        return round(float(as_paper) / 1e9, 4)
     except Exception as exc:  # noqa: BLE001 - a figure of merit, not worth failing the run for
-        from utils import warn
-
         warn(f"could not count the MACs of {ckpt_path}: {type(exc).__name__}: {exc}")
         return None

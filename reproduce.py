@@ -52,19 +52,24 @@ import os
 import shlex
 import signal
 import sys
+import threading
 
 from cli.args import CSI_SHIFTS, DISSOLVE_TYPES, MULTI_CLASS, SHORT_NAMES, add_model_choice
 from cli.args import class_index as parse_class_index
+from common.device import pick_device
 from common.errors import UserError, exit_on_user_error
-from common.flags import DATA_ROOT, DIFF_RESOLUTION, HelpFormatter, add_amp, add_data_root, add_device, \
-    add_diff_resolution
+from common.flags import (DATA_ROOT, DIFF_RESOLUTION, HelpFormatter, add_amp, add_data_root, add_device,
+                          add_diff_resolution)
+from common.run_folder import LOCK_NAME, ProcessLock
 from study.plan import make_plan, uses_resolution
 from study.schedule import device_slots, run_all
 from study.steps import Interrupted, Steps, _on_signal
+from train import writes_it
+from utils import remove_stale_temps
 
 # Re-exported: tests and users import these from reproduce.
-from study.runs import eval_command  # noqa: F401
-from study.steps import step_env  # noqa: F401
+from study.runs import eval_command  # noqa: F401,E402  isort:skip
+from study.steps import step_env  # noqa: F401,E402  isort:skip
 
 TRANSFORMATIONS = CSI_SHIFTS + tuple(f"{d}_{s}" for d in DISSOLVE_TYPES for s in CSI_SHIFTS)
 
@@ -256,8 +261,6 @@ def check_args(a):
     if clash:
         raise UserError(f"--train_args must not set {' '.join(clash)}: reproduce.py sets those per run")
     if a.device:
-        from common.device import pick_device
-
         pick_device(a.device)
     if a.devices is not None:
         check_devices(a)
@@ -271,8 +274,6 @@ def check_args(a):
 def check_devices(a):
     """``--devices``: each entry as ``--device`` is checked, and grouped by ``--nproc_per_run``
     (:func:`device_slots`; one line, exit 2, before any work)."""
-    from common.device import pick_device
-
     if a.device:
         raise UserError(f"give --devices {' '.join(a.devices)} or --device {a.device}, not both: --devices runs the "
                         f"runs concurrently, one per listed device")
@@ -313,14 +314,12 @@ def main(argv=None):
         raise UserError(f"cannot create --out {a.out}: {exc.strerror}") from None
     if not os.access(a.out, os.W_OK):
         raise UserError(f"--out {a.out} is not writable")
-    from common.run_folder import LOCK_NAME, ProcessLock
 
     # one reproduce.py per --out: the lock dies with the process; the steps die with it too
     lock = ProcessLock(os.path.join(a.out, LOCK_NAME), f"--out {a.out}",
                        "another reproduce.py is working there: wait for it to end, or choose another --out").acquire()
     remove_own_stale_temps(a.out)
     handlers = {}
-    import threading
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -348,9 +347,6 @@ def remove_own_stale_temps(out):
     """The temporary files a killed reproduce.py (or eval.py, a plot) left in ``--out``: tables,
     records, scores, figures. Checkpoints' are left to train.py and the DDPM script, which
     remove theirs under their own locks."""
-    from train import writes_it
-    from utils import remove_stale_temps
-
     for folder, _, _ in os.walk(out):
         remove_stale_temps(folder, lambda name: not (writes_it(name) or name.endswith(".pt")))
 

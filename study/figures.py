@@ -2,14 +2,14 @@
 import os
 import shutil
 
+from evals import plots
 from study.dissolvers import GRID_TIMESTEPS
 from study.plan import class_text, column_key, column_labels
+from utils import warn
 
 
 def draw_run_figures(run, dissolver):
     """The run's figures; a figure that cannot be drawn is a note, not a failure."""
-    from evals import plots
-
     title = f"{run.dataset} {class_text(run.cls)}, {run.transformation} {run.resolution}px, seed {run.seed}"
     jobs = [("roc.png", plots.plot_roc, "scores.csv"), ("score_hist.png", plots.plot_score_hist, "scores.csv"),
             ("loss_curves.png", plots.plot_loss_curves, "scalars.csv")]
@@ -39,8 +39,6 @@ def draw_run_figures(run, dissolver):
 
 def draw_comparisons(a, runs):
     """``<out>/<dataset>_class<i>_roc.png``: the ROC curves of every transformation."""
-    from evals import plots
-
     written = []
     groups = {}
     for r in runs:
@@ -57,7 +55,6 @@ def draw_comparisons(a, runs):
                                       title=f"{dataset}, {what}: ROC per transformation")
             written.append(out)
         except Exception as exc:  # noqa: BLE001
-            from utils import warn
 
             warn(f"{out} not drawn: {type(exc).__name__}: {exc}")
     return written

@@ -3,6 +3,9 @@ import json
 import os
 
 from common.errors import UserError
+from datasets import get_dataset, load_ood_sets
+from datasets.ood import check_ood_names, default_ood_names
+from diffusion_models.ddpm import ddpm_config
 
 
 def uses_resolution(transformation, a):
@@ -56,16 +59,12 @@ def class_text(cls):
 
 def ood_names_of(a, dataset):
     """The out-of-distribution sets eval.py scores for ``dataset`` (``--ood_dataset`` or CSI's)."""
-    from datasets.ood import default_ood_names
-
     return list(a.ood_dataset) if a.ood_dataset else list(default_ood_names(dataset, "eval"))
 
 
 def classes_of(a, dataset):
     """The normal classes planned for ``dataset`` (None: multi-class); ``--one_class_idx`` left
     out means multi-class where there are out-of-distribution sets, class 0 elsewhere."""
-    from datasets.ood import default_ood_names
-
     if a.one_class_idx is not None:
         return list(a.one_class_idx)
     return [None] if (a.ood_dataset or default_ood_names(dataset, "eval")) else [0]
@@ -104,16 +103,12 @@ def default_model(info):
 
 def make_plan(a):
     """Check the datasets (through ``datasets.get_dataset``) and list the runs in table order."""
-    from datasets import get_dataset
-
     runs = []
     for dataset in a.dataset:
         _, _, info = get_dataset(dataset, a.data_root, image_size=a.img_size,  # bad name or files: UserError
                                  aptos_all_grades=a.aptos_all_grades)
         classes = classes_of(a, dataset)
         if None in classes:  # multi-class: the out-of-distribution sets are read now, as the dataset is
-            from datasets import load_ood_sets
-            from datasets.ood import check_ood_names
 
             names = check_ood_names(ood_names_of(a, dataset), dataset)
             if not names:
@@ -134,8 +129,6 @@ def make_plan(a):
                     for seed in a.seeds:
                         runs.append(Run(a, dataset, info, cls, transformation, res, seed, model))
     if any(r.dissolver for r in runs):
-        from diffusion_models.ddpm import ddpm_config
-
         for res in a.diff_resolution:
             ddpm_config(image_size=res, unet_dim=a.ddpm_unet_dim)  # UserError for an impossible UNet
     for run in runs:  # a finished run made with other settings must not slip into this table

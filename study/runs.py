@@ -5,11 +5,13 @@ import os
 import threading
 import time
 
+from common.checkpoint_io import read_model_checkpoint
 from common.errors import UserError
 from study.dissolvers import read_quality, removal_ratio
 from study.figures import draw_run_figures
 from study.plan import recorded_config
 from study.steps import Interrupted, class_flags, py, step_env
+from utils import atomic_write_json
 
 FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
 BEST_FILE = "best_CSI.model"  # train.py's selection: the highest test AUROC during training
@@ -33,7 +35,6 @@ def interrupted_training(run, same_settings):
     not written) or None (nothing to continue: train afresh)."""
     if not same_settings or not os.path.exists(run.path("last.model")):
         return None
-    from common.checkpoint_io import read_model_checkpoint
 
     try:
         ckpt = read_model_checkpoint(run.path("last.model"), "cpu")
@@ -121,8 +122,6 @@ def read_json(path):
 def execute(a, run, dissolvers, steps):
     """Train, evaluate and draw one run (or reuse it when finished), its steps by ``steps`` (a
     :class:`study.steps.Steps`); fills ``run``'s fields."""
-    from utils import atomic_write_json
-
     results = read_json(run.path("results.json"))
     dissolver = None
     if run.dissolver is not None:  # a finished run only reads the dissolver's record
@@ -231,8 +230,6 @@ def evaluate_best(a, run, steps):
 
 
 def fail(run, stage, reason, seconds=None, log=None):
-    from utils import atomic_write_json
-
     reason = reason.replace(run.out + os.sep, "")  # paths inside the run folder, relative to it
     run.status, run.error = "failed", f"{stage}: {reason}"
     run.log = log or run.path(f"{stage}.log")

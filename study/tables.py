@@ -1,10 +1,13 @@
 """The results tables: results.csv (one row per run) and results.md (the paper's tables, the runs, the budget)."""
 import os
 
+import numpy as np
+
 from study.dissolvers import DISSOLVER_TABLE_NOTE, dissolver_table
 from study.plan import column_key, column_labels, train_budget
 from study.runs import BEST_FILE, BEST_LABEL
 from study.text import fmt, md_escape, num, rel
+from utils import atomic_write_csv, atomic_write_text
 
 CSV_FIELDS = ["dataset", "one_class_idx", "transformation", "resolution", "seed", "status", "auroc_pooled",
               "auroc_one_class_mean", "auroc_per_class", "auroc_pooled_best", "auroc_one_class_mean_best",
@@ -59,8 +62,6 @@ def headline_auroc(r, which="last"):
 
 def summary_cell(group, which="last", key="pooled"):
     """``mean ± std (n)`` of the pooled AUROC, or of ``key`` (std: numpy's, over the seeds that finished)."""
-    import numpy as np
-
     ok = [float(v) for v in (pooled_auroc(r, which, key) for r in group) if v is not None]
     failed = [r for r in group if r.status == "failed"]
     if not ok:
@@ -154,8 +155,6 @@ def runs_table(a, runs):
 
 
 def write_tables(a, runs, command):
-    from utils import atomic_write_csv, atomic_write_text
-
     done = [r for r in runs if r.status != "pending"]
     atomic_write_csv([csv_row(a, r) for r in done], CSV_FIELDS, os.path.join(a.out, "results.csv"))
     budget = train_budget(a)

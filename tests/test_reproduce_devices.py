@@ -52,6 +52,7 @@ def without_timings(table):
     return [[("" if i in cols and n else c) for i, c in enumerate(row)] for n, row in enumerate(table)]
 
 
+@pytest.mark.slow
 def test_devices_write_what_a_sequential_run_writes(sequential_and_concurrent):
     outs, results = sequential_and_concurrent
     for name, (rc, stdout, stderr, _) in results.items():
@@ -82,6 +83,7 @@ def test_devices_write_what_a_sequential_run_writes(sequential_and_concurrent):
     assert "[2/2] synth_lesion class 0 rotation 32px seed 1 (cpu): trained" in stdout
 
 
+@pytest.mark.slow
 def test_nproc_per_run_trains_under_torchrun(tmp_path):
     out = str(tmp_path / "out")
     rc, stdout, stderr, _ = run_reproduce(TINY_STUDY + ["--shift_trans_type", "rotation", "--no_selection",
@@ -107,6 +109,7 @@ def children(pid):
         return []
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_running_step(tmp_path):
     out = str(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "reproduce.py"), *BASE, "--epochs", "50",

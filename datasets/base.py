@@ -63,6 +63,10 @@ class DatasetInfo:
     n_classes: int
     class_names: List[str] = field(default_factory=list)
     native_kind: str = "large224"
+    # folder datasets: the class folders found under train/ (the others appear in the test split only)
+    train_classes: List[str] = field(default_factory=list)
+    # folder datasets: the files' own sizes, (height, width) of each, as found when they were checked
+    original_hw: List[Tuple[int, int]] = field(default_factory=list)
 
 
 def native_kind_for(height: int, width: int) -> str:
@@ -223,26 +227,39 @@ def check_image_file(path: str) -> str | None:
     return None
 
 
+def _check_and_measure(path: str) -> Tuple[str | None, Tuple[int, int]]:
+    """``(reason or None, (height, width))`` of the file at ``path``: :func:`check_image_file`,
+    then the size from the file's header (``(0, 0)`` when it cannot be read)."""
+    reason = check_image_file(path)
+    try:
+        with Image.open(path) as img:
+            return reason, (img.size[1], img.size[0])
+    except Exception:  # the reason above already says why
+        return reason, (0, 0)
+
+
 def check_image_files(paths: Sequence[str], what: str = "the dataset", workers: int | None = None,
-                      shown: int = 5) -> None:
-    """Check every file (:func:`check_image_file`, a few threads); all bad files make one UserError.
+                      shown: int = 5) -> List[Tuple[int, int]]:
+    """Check every file (:func:`check_image_file`, a few threads) and return each one's own
+    ``(height, width)``; all bad files make one UserError.
 
     The message gives the count and the first ``shown`` paths with their reasons.
     """
     paths = list(paths)
     if not paths:
-        return
+        return []
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     if workers > 1 and len(paths) > 1:
         with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
-            reasons = list(pool.map(check_image_file, paths))
+            checked = list(pool.map(_check_and_measure, paths))
     else:
-        reasons = [check_image_file(p) for p in paths]
-    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+        checked = [_check_and_measure(p) for p in paths]
+    bad = [(p, r) for p, (r, _) in zip(paths, checked) if r is not None]
     if bad:
         _raise_bad_files(bad, len(paths), what, shown,
                          "(every file is checked when the data is loaded, before any training)")
+    return [hw for _, hw in checked]
 
 
 def _raise_bad_files(bad, n_total: int, what: str, shown: int = 5, note: str = ""):

@@ -1,7 +1,10 @@
 """Datasets stored as ``<root>/{train,test}/<class>/<images>`` folders.
 
 Classes are the sub-folders of a split, sorted by name (Python string order, as
-torchvision's ImageFolder). Files are found recursively below each class folder, sorted,
+torchvision's ImageFolder). ``imagefolder`` (your own images) takes the classes of both splits
+together, so its training split may hold the normal class alone, as in MVTec AD
+(``train/good/``, ``test/good/``, ``test/<defect>/``; a ``ground_truth/`` folder beside them
+is not read). Files are found recursively below each class folder, sorted,
 hidden entries skipped; the extensions accepted are :data:`datasets.base.IMAGE_EXTENSIONS` (any case).
 Every file of both splits is checked once when the dataset is loaded (all bad files are
 named in one UserError); images are then decoded lazily and cached by
@@ -30,9 +33,10 @@ SPLITS = ("train", "test")
 class FolderSpec:
     """Where a folder dataset lives under ``data_root`` and how its folders become labels.
 
-    ``relabel`` maps the sorted class-folder names of a split to ``(folder -> label dict,
-    class_names)``; ``None`` means label = position in the sorted train classes, and the
-    test split must have the same class folders. ``test_classes``, when not empty, are the
+    ``relabel`` maps the sorted class-folder names of both splits to ``(folder -> label dict,
+    class_names)``; ``None`` means label = position in the sorted class folders: of both splits
+    together with ``union_classes``, else of the training split, and the test split must then
+    have the same class folders. ``test_classes``, when not empty, are the
     only class folders of the test split that are used (the others are left out).
     """
 
@@ -42,6 +46,7 @@ class FolderSpec:
     required_classes: Tuple[str, ...] = ()
     relabel: Optional[Callable[[Sequence[str]], Tuple[Dict[str, int], List[str]]]] = None
     test_classes: Tuple[str, ...] = ()
+    union_classes: bool = False       # classes = both splits' folders (train/ may hold the normal class alone)
 
 
 def _binary_relabel(normal_folder: str, normal_name: str, other_name: str = "abnormal"):
@@ -97,7 +102,8 @@ FOLDER_SPECS: Dict[str, FolderSpec] = {
         "under train/ and test/"),
     "imagefolder": FolderSpec(
         "imagefolder", "",
-        "your own images, one sub-folder per class under train/ and test/"),
+        "your own images: train/<normal class>/ (other class folders allowed) and test/<class>/ for every "
+        "class, or MVTec AD's train/good/, test/good/, test/<defect>/", union_classes=True),
 }
 
 
@@ -126,28 +132,54 @@ def _list_images(class_dir: str) -> List[str]:
     return found
 
 
-def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str], Dict[str, List[str]]]:
-    """Class folders (sorted) of one split and their image files; every problem is a UserError.
+def _layout_text(spec: FolderSpec, base: str) -> str:
+    if spec.union_classes:
+        return (f"{base}{os.sep}train{os.sep}<normal class>{os.sep}<images> and {base}{os.sep}test{os.sep}<class>"
+                f"{os.sep}<images> (one folder per class; MVTec AD's train/good, test/good, test/<defect> too)")
+    return f"{base}{os.sep}{{train,test}}{os.sep}<class>{os.sep}<images>"
+
+
+def _datasets_below(base: str) -> List[str]:
+    """Sub-folders of ``base`` that are datasets of their own (hold a ``train`` folder), e.g. the
+    categories of MVTec AD when ``--data_root`` names the collection instead of one category."""
+    if not os.path.isdir(base):
+        return []
+    return sorted(e.name for e in os.scandir(base)
+                  if e.is_dir() and not is_hidden(e.name) and os.path.isdir(os.path.join(e.path, "train")))
+
+
+def split_classes(spec: FolderSpec, data_root: str, split: str) -> Tuple[str, List[str]]:
+    """The folder of one split and its class folders (sorted; every file left unread); a layout
+    that is not the expected one is a UserError saying what was found and what is expected.
 
     In the test split of a spec with ``test_classes`` only those folders are returned.
     """
     base = os.path.abspath(os.path.join(data_root, spec.subdir))
     split_dir = os.path.join(base, split)
-    layout = f"{base}{os.sep}{{train,test}}{os.sep}<class>{os.sep}<images>"
+    layout = _layout_text(spec, base)
     if not os.path.isdir(base):
         raise UserError(
             f"dataset '{spec.name}': folder {base} does not exist. Expected the layout {layout}, "
             f"from {spec.source}. Put the data there or point --data_root at the folder that holds it "
             f"(automatic downloads are off).")
     if not os.path.isdir(split_dir):
+        inner = _datasets_below(base)
+        if inner:
+            raise UserError(
+                f"dataset '{spec.name}': {base} holds several datasets ({', '.join(inner[:8])}"
+                f"{', ...' if len(inner) > 8 else ''}), each with its own train/ folder: point --data_root at "
+                f"one of them, e.g. --data_root {os.path.join(base, inner[0])}")
         raise UserError(
             f"dataset '{spec.name}': split folder {split_dir} does not exist. Expected the layout "
             f"{layout}, from {spec.source}.")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not is_hidden(e.name))
     if not classes:
+        loose = any(e.is_file() and is_image_file(e.name) for e in os.scandir(split_dir))
+        where = (" Its images lie directly in it: move them into a class folder, e.g. "
+                 f"{os.path.join(split_dir, 'normal')}{os.sep}." if loose else "")
         raise UserError(
             f"dataset '{spec.name}': split folder {split_dir} has no class sub-folders. Expected one "
-            f"folder of images per class, e.g. {os.path.join(split_dir, '<class>', 'image.png')}.")
+            f"folder of images per class, e.g. {os.path.join(split_dir, '<class>', 'image.png')}.{where}")
     missing = [c for c in spec.required_classes if c not in classes]
     if missing:
         raise UserError(
@@ -155,6 +187,15 @@ def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str],
             f"{', '.join(missing)} (found: {', '.join(classes)}); data from {spec.source}.")
     if split == "test" and spec.test_classes:
         classes = [c for c in classes if c in spec.test_classes]
+    return split_dir, classes
+
+
+def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str], Dict[str, List[str]]]:
+    """Class folders (sorted) of one split and their image files; every problem is a UserError.
+
+    In the test split of a spec with ``test_classes`` only those folders are returned.
+    """
+    split_dir, classes = split_classes(spec, data_root, split)
     files = {}
     for c in classes:
         cdir = os.path.join(split_dir, c)
@@ -167,25 +208,45 @@ def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str],
     return classes, files
 
 
+def class_mapping(spec: FolderSpec, data_root: str, train_classes: Sequence[str],
+                  test_classes: Sequence[str]) -> Tuple[Dict[str, int], List[str]]:
+    """``(class folder -> label, class names)`` of a folder dataset whose splits hold these
+    class folders.
+
+    ``union_classes`` (imagefolder): the classes are the sorted union of both splits' folders,
+    so a training split may hold the normal class alone. Otherwise (no ``relabel``) both
+    splits must hold the same folders, labelled by sorted position.
+    """
+    if spec.relabel is not None:
+        return spec.relabel(sorted(set(train_classes) | set(test_classes)))
+    if spec.union_classes:
+        names = sorted(set(train_classes) | set(test_classes))
+        return {c: i for i, c in enumerate(names)}, names
+    if list(test_classes) != list(train_classes):
+        base = os.path.abspath(os.path.join(data_root, spec.subdir))
+        raise UserError(
+            f"dataset '{spec.name}': train and test have different class folders under {base} "
+            f"(train: {', '.join(train_classes)}; test: {', '.join(test_classes)}); labels come from "
+            f"the sorted folder names, so both splits need the same class folders.")
+    return {c: i for i, c in enumerate(train_classes)}, list(train_classes)
+
+
+def folder_classes(spec: FolderSpec, data_root: str) -> Tuple[List[str], List[str]]:
+    """``(class names, class folders of the training split)`` of a folder dataset, from its
+    folders alone (no image is read): what the normal class is chosen from."""
+    train_classes = split_classes(spec, data_root, "train")[1]
+    test_classes = split_classes(spec, data_root, "test")[1]
+    mapping, names = class_mapping(spec, data_root, train_classes, test_classes)
+    return names, [names[mapping[c]] for c in train_classes if mapping[c] < len(names)]
+
+
 def load_folder_dataset(spec: FolderSpec, data_root: str,
                         size_hw: Tuple[int, int]) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
     """Train and test :class:`ImageDataset` of a folder dataset, images resized to ``size_hw``."""
     root_abs = os.path.abspath(data_root)
     scanned = {split: scan_split(spec, data_root, split) for split in SPLITS}
     train_classes = scanned["train"][0]
-    if spec.relabel is None:
-        test_classes = scanned["test"][0]
-        if test_classes != train_classes:
-            base = os.path.abspath(os.path.join(data_root, spec.subdir))
-            raise UserError(
-                f"dataset '{spec.name}': train and test have different class folders under {base} "
-                f"(train: {', '.join(train_classes)}; test: {', '.join(test_classes)}); labels come from "
-                f"the sorted folder names, so both splits need the same class folders.")
-        mapping = {c: i for i, c in enumerate(train_classes)}
-        class_names = list(train_classes)
-    else:
-        all_folders = sorted(set(train_classes) | set(scanned["test"][0]))
-        mapping, class_names = spec.relabel(all_folders)
+    mapping, class_names = class_mapping(spec, data_root, train_classes, scanned["test"][0])
 
     listed = []
     for split in SPLITS:
@@ -196,7 +257,7 @@ def load_folder_dataset(spec: FolderSpec, data_root: str,
             labels.extend([mapping[c]] * len(files[c]))
         listed.append((paths, labels))
     # every file of both splits once, now: all bad files in one error, before any training
-    check_image_files([p for paths, _ in listed for p in paths], f"dataset '{spec.name}'")
+    original_hw = check_image_files([p for paths, _ in listed for p in paths], f"dataset '{spec.name}'")
     sets = []
     for paths, labels in listed:
         names = [os.path.relpath(p, root_abs).replace(os.sep, "/") for p in paths]
@@ -204,5 +265,7 @@ def load_folder_dataset(spec: FolderSpec, data_root: str,
         sets.append(ImageDataset(store, torch.tensor(labels, dtype=torch.long), names))
     h, w = size_hw
     info = DatasetInfo(name=spec.name, image_size=(h, w, 3), n_classes=len(class_names),
-                       class_names=class_names, native_kind=native_kind_for(h, w))
+                       class_names=class_names, native_kind=native_kind_for(h, w),
+                       train_classes=[class_names[mapping[c]] for c in train_classes if mapping[c] < len(class_names)],
+                       original_hw=original_hw)
     return sets[0], sets[1], info

@@ -9,10 +9,11 @@ import torch
 from common.errors import UserError
 
 from .base import ArrayStore, DatasetInfo, ImageDataset
-from .folders import FOLDER_SPECS, folder_spec, load_folder_dataset
+from .folders import FOLDER_SPECS, folder_classes, folder_spec, load_folder_dataset
 from .cifar import load_cifar
 from .digits import load_digits_dataset
 from .medmnist_sets import MEDMNIST_NAMES, load_medmnist
+from .normal_class import choose_normal_class
 from .names import ALL_DATASET_NAMES, DATASET_NAMES, EXTRA_DATASET_NAMES  # noqa: F401 (re-exported)
 from .ood import FOLDER_SETS, INTERP, resize_uint8, load_cifar100_test, load_folder_set, load_imagenet30, load_svhn
 from .synth_lesion import load_synth_lesion
@@ -49,6 +50,37 @@ APTOS_PAPER_NOTE = ("aptos: as the paper, anomalies are grade 1 only (grades 2-4
 APTOS_ALL_NOTE = ("aptos: --aptos_all_grades, anomalies are grades 1-4 (the paper's code scores grade 1 only)")
 
 
+def check_dataset_name(name) -> None:
+    """A UserError unless ``name`` is a dataset the programs know."""
+    if not isinstance(name, str) or name not in ALL_DATASET_NAMES:
+        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(ALL_DATASET_NAMES)}")
+
+
+def is_folder_dataset(name: str) -> bool:
+    """Whether ``name``'s classes are folders (its normal class is chosen by the folder rules)."""
+    return name in FOLDER_SPECS
+
+
+def pick_normal_class(name: str, data_root: str, one_class_idx=None, normal_class=None,
+                      aptos_all_grades: bool = False, default: int = 0) -> int:
+    """The normal class of dataset ``name`` (:func:`datasets.normal_class.choose_normal_class`).
+
+    A folder dataset's classes are read from its folder names alone (no image is opened), so
+    the class is known before a run folder or checkpoint is touched. For the other datasets the
+    index is ``one_class_idx`` or ``default``; ``normal_class`` there loads the dataset to read
+    its class names.
+    """
+    check_dataset_name(name)
+    if is_folder_dataset(name):
+        names, train_classes = folder_classes(folder_spec(name, aptos_all_grades), data_root)
+        return choose_normal_class(name, names, train_classes, one_class_idx, normal_class)
+    if normal_class is None:
+        return default if one_class_idx is None else one_class_idx
+    info = get_dataset(name, data_root)[2]
+    return choose_normal_class(name, info.class_names, info.class_names, one_class_idx, normal_class,
+                               folder_dataset=False, default=default)
+
+
 def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: int = 0,
                 aptos_all_grades: bool = False) -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
     """Train set, test set and :class:`DatasetInfo` of dataset ``name`` (see ``ALL_DATASET_NAMES``;
@@ -63,8 +95,7 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
     one line on stdout says which is used.
     Nothing is ever downloaded; a missing or bad dataset is a :class:`UserError`.
     """
-    if not isinstance(name, str) or name not in ALL_DATASET_NAMES:
-        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(ALL_DATASET_NAMES)}")
+    check_dataset_name(name)
     if aptos_all_grades and name != "aptos":
         print(f"warning: --aptos_all_grades applies to --dataset aptos only; ignored for {name}",
               file=sys.stderr, flush=True)

@@ -20,6 +20,22 @@ def n_contaminating(n_normal: int, contamination_ratio: float) -> int:
     return int(round(r / (1.0 - r) * n_normal))
 
 
+def check_test_split(test_set: ImageDataset, info: DatasetInfo, idx: int) -> None:
+    """A one-class test split needs images of the normal class and of at least one other:
+    otherwise no AUROC exists (a UserError saying which side is missing)."""
+    labels = test_set.labels
+    n_normal = int((labels == idx).sum())
+    n_other = len(labels) - n_normal
+    name = info.class_names[idx]
+    if n_normal == 0:
+        raise UserError(f"dataset '{info.name}': the test split has no images of the normal class {name}, so "
+                        f"nothing can be scored against the anomalies; add some (for a folder dataset: "
+                        f"test/{name}/)")
+    if n_other == 0:
+        raise UserError(f"dataset '{info.name}': the test split has only images of the normal class {name}, so "
+                        f"no anomaly can be found; add anomalous images (for a folder dataset: test/<anomaly>/)")
+
+
 def one_class_split(train_set: ImageDataset, test_set: ImageDataset, info: DatasetInfo, one_class_idx: int,
                     contamination_ratio: float = 0.0, seed: int = 0) -> Tuple[ImageDataset, ImageDataset]:
     """Training images of class ``one_class_idx`` (plus optional contamination) and the full test set.
@@ -52,6 +68,7 @@ def one_class_split(train_set: ImageDataset, test_set: ImageDataset, info: Datas
     if normal.numel() == 0:
         raise UserError(f"dataset '{info.name}': the training split has no images of class {idx} "
                         f"({info.class_names[idx]!r}); pick another --one_class_idx ({names})")
+    check_test_split(test_set, info, idx)
     n_extra = n_contaminating(normal.numel(), contamination_ratio)
     if n_extra == 0:
         return train_set.subset(normal), test_set

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli.args import parse_args
+from cli.args import choose_class, parse_args
 from common import distributed
 from common.checkpoint_io import read_model_checkpoint
 from common.errors import UserError, exit_on_user_error
 from common.paths import check_distinct, check_output_file
 from datasets import get_dataset, load_ood_sets, one_class_split
 from datasets.base import FolderStore, ImageDataset, is_image_file
+from datasets.normal_class import normal_class_line, recorded_class
 from datasets.ood import default_ood_names, with_interp
+from datasets.registry import describe_images
 from evals.ood import simple_scores
 from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features, ood_report
 from models.resnet import build_model
@@ -130,6 +132,7 @@ def evaluate(P, device, scores_wanted):
     meta = ckpt.get("meta") or {}
     if meta.get("arch") and meta["arch"] != P.model:
         raise UserError(f"{P.load_path} holds a {meta['arch']} but --model is {P.model}; pass --model {meta['arch']}")
+    choose_class(P, recorded_class(meta), what=P.load_path)  # left out: the class the model was trained on
     check_trained_on(P, meta)
     train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed,
                                             aptos_all_grades=P.aptos_all_grades)
@@ -137,6 +140,8 @@ def evaluate(P, device, scores_wanted):
         raise UserError(f"{P.load_path} was trained on {meta['image_size'][0]}-px images ({meta.get('dataset')}), "
                         f"--dataset {P.dataset} gives {info.image_size[0]} px")
     normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)
+    print(normal_class_line(info.name, info.class_names, P.one_class_idx))
+    print(describe_images(info)[0])
     multi = P.one_class_idx is None
     ood_sets = {}
     if multi and not P.score_folder:  # read before the model: missing data is one line, before any work

@@ -24,9 +24,10 @@ from common.errors import UserError, exit_on_user_error
 from common.flags import HelpFormatter, add_data_root, add_device, add_diff_resolution, add_seed
 from common.paths import check_output_file
 from datasets import get_dataset
+from datasets.normal_class import normal_class_line
 from datasets.synth_lesion import VARIANTS, generate_synth_lesion
 from diffusion_models.ddpm import load_dissolver
-from diffusion_models.ddpm_data import check_normal_class, default_one_class_idx, paper_dataset_name
+from diffusion_models.ddpm_data import check_normal_class, dissolver_class, paper_dataset_name
 from evals.dissolve_quality import frequency_report, lesion_report
 from models.dissolve import Dissolver
 from utils import atomic_write, atomic_write_json
@@ -44,7 +45,9 @@ def build_parser():
     add_data_root(p)
     p.add_argument("--one_class_idx", "--on_label", type=int, default=None,
                    help="normal class (left out: the checkpoint's when it was trained on --dataset; else 1 for "
-                        "covid, the non-COVID folder, and 0 otherwise)")
+                        "covid, the non-COVID folder, and --normal_class's rules otherwise)")
+    p.add_argument("--normal_class", default=None, metavar="NAME",
+                   help="normal class by name (a class folder of a folder dataset)")
     add_diff_resolution(p, "--image_size", dest="image_size", default=None,
                         help="side in pixels the checkpoint must dissolve at (left out: whatever it has)")
     p.add_argument("--timesteps_to_show", type=int, nargs="+", default=None,
@@ -103,14 +106,17 @@ def load_test_split(dataset, data_root, seed):
     return test_set, info
 
 
-def normal_class(requested, dataset, meta, info):
-    """``--one_class_idx``, else the checkpoint's class when it was trained on ``dataset``, else
-    the DDPM script's default; a note when the checkpoint was trained on another dataset."""
-    idx = requested
-    if idx is None:
-        idx = meta.get("one_class_idx") if meta.get("dataset") == dataset else None
-        idx = default_one_class_idx(dataset) if idx is None else idx
+def normal_class(args, meta, info):
+    """``--one_class_idx`` / ``--normal_class``, else the checkpoint's class when it was trained on
+    ``--dataset``, else the DDPM script's default or the folder rules
+    (``diffusion_models.ddpm_data.dissolver_class``); a note when the checkpoint was trained on
+    another dataset."""
+    dataset = args.dataset
+    idx = meta.get("one_class_idx") if meta.get("dataset") == dataset else None
+    recorded = None if idx is None else (meta.get("class_name"), idx)
+    idx = dissolver_class(dataset, args.data_root, args.one_class_idx, args.normal_class, recorded)[0]
     check_normal_class(idx, info)
+    print(normal_class_line(dataset, info.class_names, idx))
     if meta.get("dataset") is not None and meta.get("dataset") != dataset:
         print(f"note: the dissolver was trained on {meta.get('dataset')}, shown here on {dataset}")
     return idx
@@ -179,7 +185,7 @@ def main(argv=None):
     out, quality_path = output_paths(args)
     show = timesteps_to_show(args.timesteps_to_show, diffusion.num_timesteps)
     test_set, info = load_test_split(args.dataset, args.data_root, args.seed)
-    idx = normal_class(args.one_class_idx, args.dataset, ck["meta"], info)
+    idx = normal_class(args, ck["meta"], info)
     labels = torch.as_tensor(test_set.labels).long()
     pick, n_norm, n_anom = grid_images(labels, idx, args.n_show, args.seed)
     if len(pick) == 0:

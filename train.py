@@ -25,12 +25,14 @@ import signal
 import sys
 import threading
 
-from cli.args import RESUME_MAY_CHANGE, parse_args
+from cli.args import RESUME_MAY_CHANGE, choose_class, parse_args
 from common import distributed
 from common.checkpoint_io import read_checkpoint, read_model_checkpoint
 from common.errors import SettingError, UserError, exit_on_user_error
 from common.run_folder import RunFolder, changed_settings, check_world_size, plain_settings, resolve_resume
 from datasets import get_dataset, load_ood_sets, one_class_split
+from datasets.normal_class import normal_class_line, recorded_class
+from datasets.registry import describe_images
 from evals.selection import SelectionEvaluation
 from models.dissolve import DissolveSettings, make_dissolve_fn
 from models.resnet import build_model
@@ -73,6 +75,7 @@ def train(P, device, where):
                                                 aptos_all_grades=P.aptos_all_grades)
         normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx,
                                                  contamination_ratio=P.contamination_ratio, seed=P.seed)
+        describe_data(info, P.one_class_idx)
         # read now: missing out-of-distribution data stops the run before training
         ood_sets = load_ood_sets(P.ood_dataset, P.data_root, info) if P.one_class_idx is None and not P.no_eval else None
         if P.model.endswith("_imagenet") and info.image_size[0] < 64:
@@ -128,6 +131,16 @@ def writes_it(name):
         name.startswith("best_") and name.endswith(".model")) or name.startswith("events.out.tfevents.")
 
 
+def describe_data(info, one_class_idx):
+    """On the console (main process), before training: the normal class by name and index, and the
+    size the images are read at (a warning when most are upsampled)."""
+    line, upsampled = describe_images(info)
+    distributed.main_writes(print, normal_class_line(info.name, info.class_names, one_class_idx), flush=True)
+    distributed.main_writes(print, line, flush=True)
+    if upsampled:
+        distributed.main_writes(warn, upsampled)
+
+
 def default_logdir(P):
     # as CSI names its runs: the one-class part only when there is a normal class
     setting = "" if P.one_class_idx is None else f"_one_class_{P.one_class_idx}"
@@ -141,10 +154,12 @@ def read_inputs(P, device):
     """What the training starts from, read and checked before anything is written:
     ``(resume checkpoint, its file, its run folder, warm-start checkpoint)``."""
     if not P.resume_path:
+        choose_class(P)
         warm = read_model_checkpoint(P.load_path, map_location=device) if P.load_path else None
         return None, None, None, warm
     resume_file, src_dir = resolve_resume(P.resume_path)
     resume = read_model_checkpoint(resume_file, map_location=device, flag="--resume_path")
+    choose_class(P, recorded_class(resume.get("meta")), what=resume_file)  # the run's class, by name
     check_resume_flags(P, resume, resume_file, src_dir)
     return resume, resume_file, src_dir, None
 
@@ -243,6 +258,7 @@ def run_meta(P, run_id, info):
         "setting": "one_class" if P.one_class_idx is not None else "multi_class",
         "ood_dataset": None if P.one_class_idx is not None else list(P.ood_dataset or []),
         "class_names": list(info.class_names), "native_kind": info.native_kind,
+        "normal_class": None if P.one_class_idx is None else str(info.class_names[P.one_class_idx]),
     }
 
 

@@ -33,7 +33,9 @@ from common.errors import UserError
 from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed
 from common.paths import check_run_folder
 from datasets.names import ALL_DATASET_NAMES
+from datasets.normal_class import check_recorded_class
 from datasets.ood import DEFAULT_OOD, TRAIN_DEFAULT_OOD, check_ood_names, default_ood_names
+from datasets.registry import folder_class_names, pick_normal_class
 from models.blur import KERNEL_SIZE
 from models.dissolve import SCHEDULERS
 from models.resnet import MODEL_NAMES
@@ -57,6 +59,8 @@ OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar")
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "num_workers", "data_root", "compile_dissolver")
 # --one_class_idx None: the unlabeled multi-class setting, asked for by name (as CSI's README says it)
 MULTI_CLASS = "None"
+# the one-class setting with no class named yet: choose_class picks it (datasets.normal_class's rules)
+CHOOSE_CLASS = "choose"
 
 
 def model_names():
@@ -93,13 +97,18 @@ def add_data_group(p, program):
                    help="index of the normal class (one-class setting); None: CSI's unlabeled multi-class setting "
                         "(every training image normal, each --ood_dataset the anomalies); left out: the "
                         "multi-class setting where there are out-of-distribution sets (" + ", ".join(defaults)
-                        + ", or --ood_dataset given), else class 0")
+                        + ", or --ood_dataset given), else --normal_class's rules")
+    g.add_argument("--normal_class", default=None, metavar="NAME",
+                   help="the normal class by name (a class folder of a folder dataset, e.g. good); left out, a "
+                        "folder dataset takes the folder named good or normal (any case), else the only class "
+                        "folder of train/, else asks for it; the other datasets take class 0"
+                        + ("; eval.py: the class the model was trained on" if program == "eval" else ""))
     g.add_argument("--ood_dataset", nargs="+", default=None, metavar="NAME",
                    help="multi-class setting: the out-of-distribution sets, each scored against the in-distribution "
                         "test set; left out: CSI's "
                         + "; ".join(f"{name}: {' '.join(sets)}" for name, sets in defaults.items()))
     g.add_argument("--img_size", type=int, default=None, metavar="PX",
-                   help="imagefolder only: side the images are resized to; left out: 224")
+                   help="imagefolder only: side the images are resized to (the model's input); left out: 224")
     g.add_argument("--aptos_all_grades", action="store_true",
                    help="aptos: every grade 1-4 is an anomaly (the paper's code tests grade 0 against grade 1 only)")
     if program == "train":
@@ -334,6 +343,32 @@ def build_eval_parser():
     return p
 
 
+def choose_class(P, recorded=None, what="the model"):
+    """Settle ``P.one_class_idx`` to the normal class's index (multi-class stays ``None``) and
+    ``P.normal_class`` to its name where the dataset's folders name it.
+
+    The class comes from ``--one_class_idx`` / ``--normal_class``, else from ``recorded`` (the
+    ``(name, index)`` a run or checkpoint was trained on: evaluating and resuming keep it), else
+    from the rules of ``datasets.normal_class``. A folder dataset whose class folders no longer
+    give ``recorded``'s name its index is refused (``what`` names the model in the message).
+    Its classes are read from its folder names only, so this runs before any run folder or
+    checkpoint is touched.
+    """
+    if P.one_class_idx is None:
+        return P
+    if recorded is not None and recorded[0] is not None:
+        names = folder_class_names(P.dataset, P.data_root, P.aptos_all_grades)
+        if names is not None:
+            check_recorded_class(P.dataset, names, recorded[0], recorded[1], what)
+    idx = None if P.one_class_idx == CHOOSE_CLASS else P.one_class_idx
+    name = P.normal_class
+    if name is None and idx is None and recorded is not None:
+        idx = recorded[1]
+    P.one_class_idx, P.normal_class = pick_normal_class(P.dataset, P.data_root, idx, name,
+                                                        aptos_all_grades=P.aptos_all_grades)
+    return P
+
+
 def build_parser(program="train"):
     """The parser of ``train.py`` or ``eval.py``."""
     if program not in PROGRAMS:
@@ -455,24 +490,30 @@ def normalise_args(P):
 
 
 def resolve_setting(P):
-    """One-class or CSI's unlabeled multi-class setting, from ``--one_class_idx`` and ``--ood_dataset``.
+    """One-class or CSI's unlabeled multi-class setting, from ``--one_class_idx``, ``--normal_class``
+    and ``--ood_dataset``.
 
-    ``P.one_class_idx`` becomes the class (int) or ``None`` (multi-class); ``P.one_class_given``
-    says whether the flag was on the command line; in the multi-class setting ``P.ood_dataset``
-    becomes the list of out-of-distribution sets (CSI's defaults when left out).
+    ``P.one_class_idx`` becomes the class (int), :data:`CHOOSE_CLASS` (one class, to be chosen by
+    :func:`choose_class` once the data can be looked at) or ``None`` (multi-class);
+    ``P.one_class_given`` says whether ``--one_class_idx`` was on the command line; in the
+    multi-class setting ``P.ood_dataset`` becomes the list of out-of-distribution sets (CSI's
+    defaults when left out).
     """
     given = P.one_class_idx is not None
     P.one_class_given = given
     if P.one_class_idx == MULTI_CLASS:
+        if P.normal_class is not None:
+            raise UserError(f"--normal_class {P.normal_class} names a normal class, --one_class_idx None asks for the "
+                            f"multi-class setting (every class normal): give one of the two")
         P.one_class_idx = None
     elif not given:  # left out: multi-class where there is something to score against, as CSI
-
-        P.one_class_idx = None if (P.ood_dataset or default_ood_names(P.dataset, P.program)) else 0
+        multi = P.normal_class is None and bool(P.ood_dataset or default_ood_names(P.dataset, P.program))
+        P.one_class_idx = None if multi else CHOOSE_CLASS
     if P.one_class_idx is not None:
         if P.ood_dataset:
-            raise UserError(f"--ood_dataset belongs to the unlabeled multi-class setting; with --one_class_idx "
-                            f"{P.one_class_idx} every other class of {P.dataset} is the anomaly: leave out one of "
-                            f"the two")
+            what = (f"--one_class_idx {P.one_class_idx}" if given else f"--normal_class {P.normal_class}")
+            raise UserError(f"--ood_dataset belongs to the unlabeled multi-class setting; with {what} every other "
+                            f"class of {P.dataset} is the anomaly: leave out one of the two")
         return P
 
     if getattr(P, "contamination_ratio", 0.0):  # a train.py flag

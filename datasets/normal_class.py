@@ -11,7 +11,7 @@ keep the paper's default, class 0.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from common.errors import UserError
 
@@ -74,3 +74,33 @@ def normal_class_line(dataset: str, class_names: Sequence[str], idx: Optional[in
         return f"{dataset}: unlabeled multi-class setting, every training class is normal ({class_list(class_names)})"
     return (f"{dataset}: normal class {class_names[idx]} (index {idx}); the other classes are the anomalies "
             f"({class_list(class_names)})")
+
+
+def check_recorded_class(dataset: str, class_names: Sequence[str], recorded_name: str, recorded_idx: int,
+                         what: str) -> None:
+    """Refuse data whose classes moved since ``what`` (a model, a run) was trained on class
+    ``recorded_name`` at index ``recorded_idx``: the name is gone, or now has another index
+    (class folders renamed, added or removed), so the index would name another class."""
+    names = [str(n) for n in class_names]
+    if recorded_name in names and names.index(recorded_name) == recorded_idx:
+        return
+    now = (f"{recorded_name} is now index {names.index(recorded_name)}" if recorded_name in names
+           else f"there is no class {recorded_name} now")
+    raise UserError(f"{what} was trained with normal class {recorded_name} (index {recorded_idx}), but the classes of "
+                    f"dataset '{dataset}' are now {class_list(names)}: {now}. The class folders changed since "
+                    f"training; restore them, or train a new run on the data as it is")
+
+
+def recorded_class(meta) -> Optional[Tuple[Optional[str], int]]:
+    """``(class name, index)`` of the normal class a checkpoint's ``meta`` records (train.py's
+    ``normal_class`` or ``class_names[one_class_idx]``; the name ``None`` when it records only
+    the index), or ``None`` for the multi-class setting or a file that records no class."""
+    meta = meta or {}
+    idx = meta.get("one_class_idx")
+    if isinstance(idx, bool) or not isinstance(idx, int):
+        return None
+    name = meta.get("normal_class")
+    names = meta.get("class_names") or []
+    if name is None and 0 <= idx < len(names):
+        name = names[idx]
+    return (None if name is None else str(name)), idx

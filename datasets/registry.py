@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import sys
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from common.errors import UserError
 
 from .base import ArrayStore, DatasetInfo, ImageDataset
-from .folders import FOLDER_SPECS, folder_classes, folder_spec, load_folder_dataset
 from .cifar import load_cifar
 from .digits import load_digits_dataset
+from .folders import FOLDER_SPECS, folder_classes, folder_spec, load_folder_dataset
 from .medmnist_sets import MEDMNIST_NAMES, load_medmnist
-from .normal_class import choose_normal_class
 from .names import ALL_DATASET_NAMES, DATASET_NAMES, EXTRA_DATASET_NAMES  # noqa: F401 (re-exported)
-from .ood import FOLDER_SETS, INTERP, resize_uint8, load_cifar100_test, load_folder_set, load_imagenet30, load_svhn
+from .normal_class import choose_normal_class
+from .ood import FOLDER_SETS, INTERP, load_cifar100_test, load_folder_set, load_imagenet30, load_svhn, resize_uint8
 from .synth_lesion import load_synth_lesion
 
 FOLDER_SIZE = 224                      # the paper's 224-px datasets
@@ -61,9 +61,19 @@ def is_folder_dataset(name: str) -> bool:
     return name in FOLDER_SPECS
 
 
+def folder_class_names(name: str, data_root: str, aptos_all_grades: bool = False) -> Optional[List[str]]:
+    """The class names of folder dataset ``name`` from its folder names alone; ``None`` for the
+    other datasets (their classes are fixed)."""
+    if not is_folder_dataset(name):
+        return None
+    return folder_classes(folder_spec(name, aptos_all_grades), data_root)[0]
+
+
 def pick_normal_class(name: str, data_root: str, one_class_idx=None, normal_class=None,
-                      aptos_all_grades: bool = False, default: int = 0) -> int:
-    """The normal class of dataset ``name`` (:func:`datasets.normal_class.choose_normal_class`).
+                      aptos_all_grades: bool = False, default: int = 0) -> Tuple[int, Optional[str]]:
+    """``(index, name)`` of dataset ``name``'s normal class
+    (:func:`datasets.normal_class.choose_normal_class`); the name is ``None`` where it is only
+    known once the dataset is loaded (arrays, no ``normal_class`` given).
 
     A folder dataset's classes are read from its folder names alone (no image is opened), so
     the class is known before a run folder or checkpoint is touched. For the other datasets the
@@ -73,12 +83,13 @@ def pick_normal_class(name: str, data_root: str, one_class_idx=None, normal_clas
     check_dataset_name(name)
     if is_folder_dataset(name):
         names, train_classes = folder_classes(folder_spec(name, aptos_all_grades), data_root)
-        return choose_normal_class(name, names, train_classes, one_class_idx, normal_class)
+        idx = choose_normal_class(name, names, train_classes, one_class_idx, normal_class)
+        return idx, names[idx]
     if normal_class is None:
-        return default if one_class_idx is None else one_class_idx
-    info = get_dataset(name, data_root)[2]
-    return choose_normal_class(name, info.class_names, info.class_names, one_class_idx, normal_class,
-                               folder_dataset=False, default=default)
+        return (default if one_class_idx is None else one_class_idx), None
+    names = get_dataset(name, data_root)[2].class_names
+    idx = choose_normal_class(name, names, names, one_class_idx, normal_class, folder_dataset=False, default=default)
+    return idx, names[idx]
 
 
 def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: int = 0,
@@ -123,6 +134,28 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
     if name == "digits":
         return load_digits_dataset()
     return load_synth_lesion(seed=seed, variant=name)
+
+
+def describe_images(info: DatasetInfo, size_flag: str = "--img_size") -> Tuple[str, Optional[str]]:
+    """``(line, warning or None)``: the size the images are read at (with the files' own median
+    size for folder datasets) and, when most files are smaller and so upsampled, a warning that
+    names ``size_flag`` (``imagefolder``'s image size)."""
+    h, w = info.image_size[:2]
+    line = f"{info.name}: images read at {h}x{w} px"
+    sizes = [hw for hw in info.original_hw if hw[0] > 0]
+    if not sizes:
+        return line, None
+    hs = sorted(hw[0] for hw in sizes)
+    ws = sorted(hw[1] for hw in sizes)
+    mh, mw = hs[len(hs) // 2], ws[len(ws) // 2]
+    line += f" (the files: median {mh}x{mw} px)"
+    n_up = sum(1 for oh, ow in sizes if oh < h or ow < w)
+    if 2 * n_up <= len(sizes):
+        return line, None
+    how = (f"pass {size_flag} {min(mh, mw)} to read them at their own size" if info.name == "imagefolder"
+           else f"{info.name} is read at the paper's {h} px")
+    return line, (f"{n_up} of {len(sizes)} images of {info.name} are smaller than {h}x{w} px and are upsampled; "
+                  f"{how}")
 
 
 def load_dataset_test_split(name: str, data_root: str, hw: Tuple[int, int]) -> ImageDataset:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from datasets.base import decode_image
+from datasets.registry import pick_normal_class
 from datasets.resolution import to_dissolve_resolution
 
 # The paper's DDPM script names some datasets differently.
@@ -31,6 +32,22 @@ def paper_dataset_name(name):
 def default_one_class_idx(dataset):
     """The DDPM script's normal class: folder class 1 ('non-COVID') for covid, else 0."""
     return 1 if dataset == "covid" else 0
+
+
+def dissolver_class(dataset, data_root, one_class_idx=None, normal_class=None, recorded=None):
+    """``(index, name or None)`` of the class a dissolver learns or is shown on.
+
+    ``--one_class_idx`` / ``--normal_class`` when given; else ``recorded`` (the checkpoint's
+    ``(name, index)`` when it was trained on ``dataset``); else the paper's DDPM script's
+    default for covid (:func:`default_one_class_idx`); else ``datasets.normal_class``'s rules
+    (a folder dataset's good/normal or only training folder, class 0 for the others).
+    """
+    if one_class_idx is None and normal_class is None:
+        if recorded is not None:
+            one_class_idx = recorded[1]
+        elif dataset == "covid":
+            one_class_idx = default_one_class_idx(dataset)
+    return pick_normal_class(dataset, data_root, one_class_idx, normal_class)
 
 
 def check_normal_class(idx, info):

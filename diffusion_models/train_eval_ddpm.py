@@ -41,8 +41,9 @@ from common.errors import UserError, exit_on_user_error  # noqa: E402
 from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed  # noqa: E402
 from common.run_folder import check_world_size, lock_file  # noqa: E402
 from datasets import get_dataset, one_class_split  # noqa: E402
+from datasets.normal_class import normal_class_line  # noqa: E402
 from diffusion_models.ddpm import ddpm_config, read_dissolver_checkpoint  # noqa: E402
-from diffusion_models.ddpm_data import (check_normal_class, ddpm_training_images, default_one_class_idx,  # noqa: E402
+from diffusion_models.ddpm_data import (check_normal_class, ddpm_training_images, dissolver_class,  # noqa: E402
                                         paper_dataset_name)
 from diffusion_models.trainer import (RECIPE_KEYS, DissolverRecipe, DissolverTrainer, check_schedule,  # noqa: E402
                                       decide_training_amp)
@@ -68,7 +69,11 @@ def build_parser():
                                                    "are understood)")
     add_data_root(p)
     p.add_argument("--one_class_idx", "--on_label", type=int, default=None,
-                   help="normal class (left out: 1 for covid, the non-COVID folder; else 0)")
+                   help="normal class by index (left out: --normal_class's rules; covid: 1, the non-COVID folder, "
+                        "as the paper's script)")
+    p.add_argument("--normal_class", default=None, metavar="NAME",
+                   help="normal class by name (a class folder of a folder dataset); left out: the folder named good "
+                        "or normal, else the only class folder of train/; class 0 for the other datasets")
     p.add_argument("--all_classes", action="store_true",
                    help="train on every class of the training split (CSI's unlabeled multi-class setting; the "
                         "paper's script does this for CIFAR without --on_label); the checkpoint records class None")
@@ -164,13 +169,14 @@ def plan_training(args, device):
     recipe = replace(recipe, amp=decide_training_amp(args.amp, device))
     if not args.dataset:
         raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
-    if args.all_classes and args.one_class_idx is not None:
-        raise UserError(f"--all_classes trains on every class; --one_class_idx {args.one_class_idx} names one: "
-                        f"leave out one of the two")
+    if args.all_classes and (args.one_class_idx is not None or args.normal_class is not None):
+        which = (f"--one_class_idx {args.one_class_idx}" if args.one_class_idx is not None
+                 else f"--normal_class {args.normal_class}")
+        raise UserError(f"--all_classes trains on every class; {which} names one: leave out one of the two")
     if args.all_classes:
         idx = None
-    else:
-        idx = default_one_class_idx(args.dataset) if args.one_class_idx is None else args.one_class_idx
+    else:  # from the folders' names alone: the class decides the default --save_path
+        idx = dissolver_class(args.dataset, args.data_root, args.one_class_idx, args.normal_class)[0]
     save_path = args.save_path or default_save_path(args.dataset, idx, args.image_size)
     return Plan(args.image_size, config, recipe, idx, save_path)
 
@@ -253,6 +259,7 @@ def training_images(args, plan):
     if idx is not None:
         check_normal_class(idx, info)
     normal_train, _ = one_class_split(train_set, test_set, info, idx)  # idx None: the whole training split
+    print(normal_class_line(info.name, info.class_names, idx))
     images = ddpm_training_images(normal_train, info.native_kind, plan.resolution,
                                   progress=lambda it: tqdm(it, desc="decoding originals", disable=args.no_progress,
                                                            leave=False))

@@ -1,6 +1,8 @@
 """``get_dataset``: one entry point for every dataset the programs know."""
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -50,10 +52,29 @@ APTOS_PAPER_NOTE = ("aptos: as the paper, anomalies are grade 1 only (grades 2-4
 APTOS_ALL_NOTE = ("aptos: --aptos_all_grades, anomalies are grades 1-4 (the paper's code scores grade 1 only)")
 
 
+def _spelling(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def closest_dataset_name(name) -> Optional[str]:
+    """The dataset name ``name`` most likely meant (the same letters and digits, e.g.
+    ``image_folder`` -> ``imagefolder``, else the closest by ``difflib``), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    by_spelling = {_spelling(n): n for n in ALL_DATASET_NAMES}
+    if _spelling(name) in by_spelling:
+        return by_spelling[_spelling(name)]
+    close = difflib.get_close_matches(_spelling(name), list(by_spelling), n=1, cutoff=0.6)
+    return by_spelling[close[0]] if close else None
+
+
 def check_dataset_name(name) -> None:
-    """A UserError unless ``name`` is a dataset the programs know."""
+    """A UserError unless ``name`` is a dataset the programs know; a near miss gets the name it
+    most likely meant (:func:`closest_dataset_name`)."""
     if not isinstance(name, str) or name not in ALL_DATASET_NAMES:
-        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(ALL_DATASET_NAMES)}")
+        guess = closest_dataset_name(name)
+        hint = f"; did you mean {guess}?" if guess else ""
+        raise UserError(f"unknown dataset {name!r}{hint} (valid names: {', '.join(ALL_DATASET_NAMES)})")
 
 
 def is_folder_dataset(name: str) -> bool:

@@ -61,11 +61,13 @@ from common.errors import UserError, exit_on_user_error
 from common.flags import (DATA_ROOT, DIFF_RESOLUTION, HelpFormatter, add_amp, add_data_root, add_device,
                           add_diff_resolution)
 from common.run_folder import LOCK_NAME, ProcessLock
+from datasets.normal_class import normal_class_line
+from datasets.registry import check_dataset_name, describe_images
 from study.plan import make_plan, uses_resolution
 from study.schedule import device_slots, run_all
 from study.steps import Interrupted, Steps, _on_signal
 from train import writes_it
-from utils import remove_stale_temps
+from utils import remove_stale_temps, warn
 
 # Re-exported: tests and users import these from reproduce.
 from study.runs import eval_command  # noqa: F401,E402  isort:skip
@@ -76,7 +78,8 @@ TRANSFORMATIONS = CSI_SHIFTS + tuple(f"{d}_{s}" for d in DISSOLVE_TYPES for s in
 # Values a flag takes when neither the command line nor a preset sets it (None: the step's own
 # default, or the words of the flag's help).
 DEFAULTS = {
-    "dataset": None, "data_root": DATA_ROOT, "one_class_idx": None, "ood_dataset": None,
+    "dataset": None, "data_root": DATA_ROOT, "one_class_idx": None, "normal_class": None, "img_size": None,
+    "ood_dataset": None, "preset": None,
     "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"], "seeds": [0],
     "diff_resolution": [DIFF_RESOLUTION], "resize_to_constant": False, "model": None,
     "epochs": None, "batch_size": 32, "max_batches_per_epoch": None, "max_steps": None, "warmup": None,
@@ -87,21 +90,33 @@ DEFAULTS = {
     "train_args": None, "out": None,
 }
 
-# --preset quick: the README's main job, sized (by measurement) to finish in about ten
-# minutes on a 2-core CPU: a small UNet trained briefly, a narrow ResNet-18 in bf16. The
-# dissolver's width was chosen by its own measurement, never by an AUROC: of the dissolvers
+# --preset quick: a budget sized (by measurement) for a 2-core CPU: about ten minutes for the
+# built-in synth_streak, tens of minutes for a few hundred images of one's own: a small UNet
+# trained briefly, a narrow ResNet-18 in bf16, and folder datasets read at QUICK_FOLDER_SIZE px.
+# The dissolver's width was chosen by its own measurement, never by an AUROC: of the dissolvers
 # that train within about two minutes here (benchmarks/dissolver_study.py on synth_streak,
 # bf16), dim 32 for 250 steps removes the most of the streaks (removal ratio 0.53 over
 # t = 30..100, against 0.38 for dim 16 at 250 steps and 0.40 at 500).
+# --preset paper: the paper's budget, named (train.py's and the DDPM script's own defaults).
+QUICK_FOLDER_SIZE = 64
 PRESETS = {
     "quick": {
-        "dataset": ["synth_streak"], "one_class_idx": [0], "seeds": [0], "diff_resolution": [32],
+        "dataset": ["synth_streak"], "seeds": [0], "diff_resolution": [32],
         "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"],
         "epochs": 10, "max_batches_per_epoch": 25, "batch_size": 32, "warmup": 1, "resnet_width": 16,
         "log_every": 5, "ood_samples": 10, "amp": "on", "selection_samples": 1,
         "ddpm_train_steps": 250, "ddpm_unet_dim": 32, "ddpm_batch_size": 32, "ddpm_grad_accum": 1,
-        "out": os.path.join("runs", "synth_streak_quick"),
     },
+    "paper": {
+        "epochs": 1000, "max_batches_per_epoch": 200, "batch_size": 32, "warmup": 10, "resnet_width": 64,
+        "ood_samples": 10, "save_step": 1, "selection_samples": 10,
+        "ddpm_train_steps": 156_250, "ddpm_unet_dim": 64, "ddpm_batch_size": 256, "ddpm_grad_accum": 2,
+    },
+}
+PRESET_HELP = {
+    "quick": f"a CPU-sized budget for any dataset (folder datasets read at {QUICK_FOLDER_SIZE} px unless --img_size; "
+             "left out --dataset: the built-in synth_streak), rotation vs blurgaussian_rotation vs diffusion_rotation",
+    "paper": "the paper's budget (the default of every flag it sets): days on one GPU per run",
 }
 
 
@@ -119,15 +134,21 @@ def build_parser(preset=None):
         epilog="Flags left out take the preset's value (--preset), else the default shown. Runs already "
                "finished in --out are skipped.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="quick: synth_streak, rotation vs blurgaussian_rotation vs diffusion_rotation, on a budget "
-                        "sized for a CPU")
+                   help="; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items()))
     g = p.add_argument_group("what to run")
     g.add_argument("--dataset", nargs="+", help="one or more dataset names (required without --preset)")
     add_data_root(g)
     g.add_argument("--one_class_idx", type=class_index, nargs="+", metavar="IDX",
-                   help="normal class(es), or None for CSI's unlabeled multi-class setting; left out: multi-class "
-                        "for datasets with out-of-distribution sets (cifar10, imagenet, or --ood_dataset given), "
-                        "class 0 for the others")
+                   help="normal class(es) by index, or None for CSI's unlabeled multi-class setting; left out: "
+                        "multi-class for datasets with out-of-distribution sets (cifar10, imagenet, or --ood_dataset "
+                        "given), else --normal_class's rules")
+    g.add_argument("--normal_class", nargs="+", metavar="NAME",
+                   help="normal class(es) by name (class folders of a folder dataset, e.g. good); left out: a folder "
+                        "dataset takes the folder named good or normal (any case), else the only class folder of "
+                        "train/, else asks for it; the other datasets take class 0")
+    g.add_argument("--img_size", type=int, metavar="PX",
+                   help="folder datasets: side the images are read at (the model's input; train.py and eval.py "
+                        f"--img_size); left out: 224, or {QUICK_FOLDER_SIZE} with --preset quick")
     g.add_argument("--ood_dataset", nargs="+", metavar="NAME",
                    help="multi-class setting: the out-of-distribution sets; left out: CSI's for cifar10 and "
                         "imagenet")
@@ -138,7 +159,7 @@ def build_parser(preset=None):
                                            "resolution")
     g.add_argument("--resize_to_constant", action="store_true",
                    help="blur* transformations blur at --diff_resolution (otherwise at the image size)")
-    g.add_argument("--out", help="run folder; left out: runs/<dataset>")
+    g.add_argument("--out", help="run folder; left out: runs/<dataset> (runs/<dataset>_<preset> with --preset)")
     g = p.add_argument_group("training and evaluation budget (passed to train.py / eval.py)")
     add_model_choice(g, default=None,
                      help="left out: resnet18 for datasets of <= 64 px, resnet18_imagenet for larger ones")
@@ -222,8 +243,14 @@ def check_args(a):
     if not a.dataset:
         raise UserError("give --dataset NAME [NAME ...] (or --preset quick for the built-in synth_streak)")
     a.dataset = list(dict.fromkeys(a.dataset))
+    for name in a.dataset:
+        check_dataset_name(name)
     if a.one_class_idx is not None:
         a.one_class_idx = list(dict.fromkeys(a.one_class_idx))
+    if a.normal_class is not None:
+        a.normal_class = list(dict.fromkeys(a.normal_class))
+        if a.one_class_idx is not None:
+            raise UserError("give the normal classes with --one_class_idx or with --normal_class, not both")
     if a.ood_dataset is not None:
         a.ood_dataset = list(dict.fromkeys(a.ood_dataset))
         if a.one_class_idx is not None and None not in a.one_class_idx:
@@ -252,7 +279,9 @@ def check_args(a):
         a.train_args = shlex.split(a.train_args or "")
     except ValueError as exc:
         raise UserError(f"--train_args {a.train_args!r} cannot be split into flags: {exc}") from None
-    a.img_size, a.aptos_all_grades = data_shaping_flags(a.train_args)
+    a.aptos_all_grades = data_shaping_flags(a.train_args)
+    if a.img_size is not None and a.img_size < 1:
+        raise UserError(f"--img_size must be at least 1, got {a.img_size}")
     owned = {"--dataset", "--data_root", "--one_class_idx", "--mode", "--shift_trans_type", "--logdir", "--seed",
              "--diffusion_model_path", "--diff_resolution", "--no_eval", "--resume_path", "--load_path", "--model",
              "--resnet_width", "--amp", "--device", "--save_step", "--error_step", "--ood_samples",
@@ -265,8 +294,9 @@ def check_args(a):
     if a.devices is not None:
         check_devices(a)
     a.data_root = os.path.abspath(a.data_root)
+    a.folder_img_size = QUICK_FOLDER_SIZE if a.preset == "quick" else None
     if a.out is None:
-        a.out = os.path.join("runs", "+".join(a.dataset))
+        a.out = os.path.join("runs", "+".join(a.dataset) + (f"_{a.preset}" if a.preset else ""))
     a.out = os.path.abspath(a.out)
     return a
 
@@ -286,18 +316,16 @@ def check_devices(a):
 
 
 def data_shaping_flags(train_args):
-    """The flags of ``--train_args`` that shape the data (the image size, APTOS's grades): eval.py
-    and the plan (the run folders' ``<res>px``) must read the data as train.py does."""
+    """``--aptos_all_grades`` from ``--train_args`` (it shapes the data: eval.py must read it as
+    train.py does); ``--img_size`` there is refused in favour of reproduce.py's own flag."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--img_size", type=int, default=None)
+    p.add_argument("--img_size", default=None)
     p.add_argument("--aptos_all_grades", action="store_true")
-    try:
-        known, _ = p.parse_known_args(train_args)
-    except SystemExit:
-        raise UserError(f"--train_args: --img_size needs a whole number, got {' '.join(train_args)}") from None
-    if known.img_size is not None and known.img_size < 1:
-        raise UserError(f"--train_args: --img_size must be at least 1, got {known.img_size}")
-    return known.img_size, known.aptos_all_grades
+    known, _ = p.parse_known_args(train_args)
+    if known.img_size is not None:
+        raise UserError(f"--train_args: give the image size as reproduce.py --img_size {known.img_size} (it reaches "
+                        f"train.py and eval.py alike)")
+    return known.aptos_all_grades
 
 
 # --------------------------------------------------------------------------- main
@@ -308,6 +336,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     a = check_args(resolve_args(argv))
     runs = make_plan(a)
+    describe_data(runs)
     try:
         os.makedirs(a.out, exist_ok=True)
     except OSError as exc:
@@ -341,6 +370,21 @@ def main(argv=None):
         for sig, old in handlers.items():
             signal.signal(sig, old)
         lock.release()
+
+
+def describe_data(runs):
+    """Each dataset's normal class(es), by name and index, and the size its images are read at
+    (a warning when most are upsampled): printed before anything runs."""
+    seen = set()
+    for run in runs:
+        if (run.dataset, run.cls) not in seen:
+            if not any(d == run.dataset for d, _ in seen):
+                line, upsampled = describe_images(run.info)
+                print(line)
+                if upsampled:
+                    warn(upsampled)
+            seen.add((run.dataset, run.cls))
+            print(normal_class_line(run.dataset, run.info.class_names, run.cls), flush=True)
 
 
 def remove_own_stale_temps(out):

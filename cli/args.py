@@ -35,7 +35,7 @@ from common.paths import check_run_folder
 from datasets.names import ALL_DATASET_NAMES
 from datasets.normal_class import check_recorded_class
 from datasets.ood import DEFAULT_OOD, TRAIN_DEFAULT_OOD, check_ood_names, default_ood_names
-from datasets.registry import folder_class_names, pick_normal_class
+from datasets.registry import check_dataset_name, folder_class_names, is_folder_dataset, pick_normal_class
 from models.blur import KERNEL_SIZE
 from models.dissolve import SCHEDULERS
 from models.resnet import MODEL_NAMES
@@ -108,7 +108,8 @@ def add_data_group(p, program):
                         "test set; left out: CSI's "
                         + "; ".join(f"{name}: {' '.join(sets)}" for name, sets in defaults.items()))
     g.add_argument("--img_size", type=int, default=None, metavar="PX",
-                   help="imagefolder only: side the images are resized to (the model's input); left out: 224")
+                   help="folder datasets (imagefolder and the paper's 224-px sets): side the images are read at (the "
+                        "model's input); left out: 224, the paper's")
     g.add_argument("--aptos_all_grades", action="store_true",
                    help="aptos: every grade 1-4 is an anomaly (the paper's code tests grade 0 against grade 1 only)")
     if program == "train":
@@ -493,8 +494,9 @@ def resolve_setting(P):
     """One-class or CSI's unlabeled multi-class setting, from ``--one_class_idx``, ``--normal_class``
     and ``--ood_dataset``.
 
-    ``P.one_class_idx`` becomes the class (int), :data:`CHOOSE_CLASS` (one class, to be chosen by
-    :func:`choose_class` once the data can be looked at) or ``None`` (multi-class);
+    ``P.one_class_idx`` becomes the class (int; 0 left out on a dataset of fixed classes, as the
+    paper), :data:`CHOOSE_CLASS` (a folder dataset's class, or one named by ``--normal_class``,
+    chosen by :func:`choose_class` once the folders can be looked at) or ``None`` (multi-class);
     ``P.one_class_given`` says whether ``--one_class_idx`` was on the command line; in the
     multi-class setting ``P.ood_dataset`` becomes the list of out-of-distribution sets (CSI's
     defaults when left out).
@@ -508,7 +510,8 @@ def resolve_setting(P):
         P.one_class_idx = None
     elif not given:  # left out: multi-class where there is something to score against, as CSI
         multi = P.normal_class is None and bool(P.ood_dataset or default_ood_names(P.dataset, P.program))
-        P.one_class_idx = None if multi else CHOOSE_CLASS
+        # a folder dataset's class is chosen from its folders; the others keep the paper's class 0
+        P.one_class_idx = None if multi else CHOOSE_CLASS if (is_folder_dataset(P.dataset) or P.normal_class) else 0
     if P.one_class_idx is not None:
         if P.ood_dataset:
             what = (f"--one_class_idx {P.one_class_idx}" if given else f"--normal_class {P.normal_class}")

@@ -47,6 +47,7 @@ class FolderSpec:
     relabel: Optional[Callable[[Sequence[str]], Tuple[Dict[str, int], List[str]]]] = None
     test_classes: Tuple[str, ...] = ()
     union_classes: bool = False       # classes = both splits' folders (train/ may hold the normal class alone)
+    healthy: str = ""                 # the class that is normal when none is named (besides good/normal)
 
 
 def _binary_relabel(normal_folder: str, normal_name: str, other_name: str = "abnormal"):
@@ -89,7 +90,7 @@ FOLDER_SPECS: Dict[str, FolderSpec] = {
     # as the paper's code evaluates it: grade 0 against grade 1, grades 2-4 left out of the test set
     "aptos": FolderSpec(
         "aptos", os.path.join("APTOS2019", "split"), _APTOS_SOURCE,
-        required_classes=("0", "1"), relabel=_aptos_paper_relabel, test_classes=("0", "1")),
+        required_classes=("0", "1"), relabel=_aptos_paper_relabel, test_classes=("0", "1"), healthy="grade_0"),
     "chestxray": FolderSpec(
         "chestxray", "chest_xray",
         "Kaggle dataset 'paultimothymooney/chest-xray-pneumonia' (chest_xray/ with train/ and "
@@ -99,7 +100,7 @@ FOLDER_SPECS: Dict[str, FolderSpec] = {
         "breakhis", "BreaKHis400X",
         "the BreaKHis database (https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-"
         "database-breakhis/), its 400X images arranged by you as class folders (e.g. benign, malignant) "
-        "under train/ and test/"),
+        "under train/ and test/", healthy="benign"),
     "imagefolder": FolderSpec(
         "imagefolder", "",
         "your own images: train/<normal class>/ (other class folders allowed) and test/<class>/ for every "
@@ -110,7 +111,7 @@ FOLDER_SPECS: Dict[str, FolderSpec] = {
 # --aptos_all_grades: every grade 1-4 is an anomaly (one class 'grades_1-4')
 APTOS_ALL_GRADES = FolderSpec(
     "aptos", os.path.join("APTOS2019", "split"), _APTOS_SOURCE,
-    required_classes=("0",), relabel=_binary_relabel("0", "grade_0", "grades_1-4"))
+    required_classes=("0",), relabel=_binary_relabel("0", "grade_0", "grades_1-4"), healthy="grade_0")
 
 
 def folder_spec(name: str, aptos_all_grades: bool = False) -> FolderSpec:

@@ -25,11 +25,12 @@ def class_list(class_names: Sequence[str]) -> str:
 
 def choose_normal_class(dataset: str, class_names: Sequence[str], train_classes: Sequence[str],
                         one_class_idx: Optional[int] = None, normal_class: Optional[str] = None,
-                        folder_dataset: bool = True, default: int = 0) -> int:
+                        folder_dataset: bool = True, default: int = 0, healthy: str = "") -> int:
     """The index of the normal class in ``class_names``.
 
     ``one_class_idx`` and ``normal_class`` (a class name) are the user's choice; given both, they
     must name the same class. Neither: for a folder dataset (``folder_dataset``) the class named
+    ``healthy`` (a dataset's own healthy class, e.g. APTOS's grade_0), else the class named
     ``good``/``normal`` (any case), else the only class of ``train_classes``, else a UserError
     listing the classes; for the other datasets ``default`` (the paper's class 0).
     """
@@ -57,6 +58,8 @@ def choose_normal_class(dataset: str, class_names: Sequence[str], train_classes:
         return by_name
     if not folder_dataset:
         return int(default)
+    if healthy in names:
+        return names.index(healthy)
     named = [i for i, n in enumerate(names) if n.lower() in NORMAL_FOLDER_NAMES]
     if len(named) == 1:
         return named[0]

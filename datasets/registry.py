@@ -103,8 +103,9 @@ def pick_normal_class(name: str, data_root: str, one_class_idx=None, normal_clas
     """
     check_dataset_name(name)
     if is_folder_dataset(name):
-        names, train_classes = folder_classes(folder_spec(name, aptos_all_grades), data_root)
-        idx = choose_normal_class(name, names, train_classes, one_class_idx, normal_class)
+        spec = folder_spec(name, aptos_all_grades)
+        names, train_classes = folder_classes(spec, data_root)
+        idx = choose_normal_class(name, names, train_classes, one_class_idx, normal_class, healthy=spec.healthy)
         return idx, names[idx]
     if normal_class is None:
         return (default if one_class_idx is None else one_class_idx), None
@@ -118,8 +119,8 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
     """Train set, test set and :class:`DatasetInfo` of dataset ``name`` (see ``ALL_DATASET_NAMES``;
     ``imagenet`` is CSI's ImageNet-30, ``datasets.ood.load_imagenet30``).
 
-    ``image_size`` is the resize target of ``imagefolder`` (default 224); the other datasets
-    have a fixed size and accept only ``None`` or that size. ``seed`` drives the generator of
+    ``image_size`` is the size folder datasets are read at (default 224, the paper's); the other
+    datasets have a fixed size and accept only ``None`` or that size. ``seed`` drives the generator of
     ``synth_lesion`` and its variants (the other datasets are files, or a fixed split for ``digits``).
     ``aptos_all_grades`` (``aptos`` only): every grade 1-4 is an anomaly (labels 0 = grade 0,
     1 = grades 1-4) instead of the paper's grade 0 against grade 1 (grades 2-4 left out of the
@@ -132,22 +133,19 @@ def get_dataset(name: str, data_root: str = "../data", image_size=None, seed: in
         print(f"warning: --aptos_all_grades applies to --dataset aptos only; ignored for {name}",
               file=sys.stderr, flush=True)
 
-    if name == "imagefolder":
+    if name in FOLDER_SPECS:  # files: read at any size (the paper's 224 px unless image_size)
         hw = _parse_size(name, FOLDER_SIZE if image_size is None else image_size)
-        return load_folder_dataset(FOLDER_SPECS[name], data_root, hw)
-
-    native = _NATIVE_SIZE[name]
-    if image_size is not None and _parse_size(name, image_size) != (native, native):
-        raise UserError(f"dataset '{name}' always has {native}x{native} images; image size {image_size!r} "
-                        f"applies only to 'imagefolder' (leave it unset for '{name}')")
-
-    if name == "imagenet":
-        return load_imagenet30(data_root)
-    if name in FOLDER_SPECS:
-        loaded = load_folder_dataset(folder_spec(name, aptos_all_grades), data_root, (native, native))
+        loaded = load_folder_dataset(folder_spec(name, aptos_all_grades), data_root, hw)
         if name == "aptos":
             print(APTOS_ALL_NOTE if aptos_all_grades else APTOS_PAPER_NOTE, flush=True)
         return loaded
+
+    native = _NATIVE_SIZE[name]
+    if image_size is not None and _parse_size(name, image_size) != (native, native):
+        raise UserError(f"dataset '{name}' always has {native}x{native} images; an image size (--img_size) "
+                        f"applies to the folder datasets only (leave it unset for '{name}')")
+    if name == "imagenet":
+        return load_imagenet30(data_root)
     if name in MEDMNIST_NAMES:
         return load_medmnist(name, data_root)
     if name in ("cifar10", "cifar100"):
@@ -181,7 +179,7 @@ def describe_images(info: DatasetInfo, size_flag: str = "--img_size") -> Tuple[s
 
 def load_dataset_test_split(name: str, data_root: str, hw: Tuple[int, int]) -> ImageDataset:
     """The test split of one of this project's datasets, resized to ``hw`` when its size differs."""
-    if name == "imagefolder":
+    if name in FOLDER_SPECS:
         return get_dataset(name, data_root, image_size=tuple(hw))[1]
     if name == "imagenet":
         return load_imagenet30(data_root, hw=hw)[1]

@@ -4,6 +4,8 @@ import os
 
 from common.errors import UserError
 from datasets import get_dataset, load_ood_sets
+from datasets.normal_class import choose_normal_class
+from datasets.registry import is_folder_dataset
 from datasets.ood import check_ood_names, default_ood_names
 from diffusion_models.ddpm import ddpm_config
 
@@ -17,8 +19,9 @@ def uses_resolution(transformation, a):
 class Run:
     """One training + evaluation: dataset, class, transformation, resolution, seed."""
 
-    def __init__(self, a, dataset, info, cls, transformation, resolution, seed, model):
+    def __init__(self, a, dataset, info, cls, transformation, resolution, seed, model, img_size=None):
         self.dataset, self.cls, self.transformation = dataset, cls, transformation
+        self.img_size = img_size  # train.py's and eval.py's --img_size (None: the dataset's own size)
         self.resolution, self.seed, self.model = resolution, seed, model
         self.info, self.out = info, a.out
         self.dissolve_type = transformation.split("_")[0] if "_" in transformation else None
@@ -38,6 +41,8 @@ class Run:
         }
         if self.multi:  # only then: the settings of earlier (one-class) runs stay as they were recorded
             self.config["ood_dataset"] = a.ood_dataset
+        if img_size is not None:  # likewise
+            self.config["img_size"] = img_size
         self.status, self.error, self.reused = "pending", "", False
         self.results, self.train_seconds, self.eval_seconds, self.gmacs = None, None, None, None
         self.removal = None  # the dissolver's lesion removal ratio (synthetic lesions only)
@@ -47,7 +52,8 @@ class Run:
 
     @property
     def label(self):
-        return (f"{self.dataset} {class_text(self.cls)} {self.transformation} {self.resolution}px seed {self.seed}")
+        cls = class_text(self.cls) + ("" if self.multi else f" ({self.info.class_names[self.cls]})")
+        return f"{self.dataset} {cls} {self.transformation} {self.resolution}px seed {self.seed}"
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -62,12 +68,28 @@ def ood_names_of(a, dataset):
     return list(a.ood_dataset) if a.ood_dataset else list(default_ood_names(dataset, "eval"))
 
 
-def classes_of(a, dataset):
-    """The normal classes planned for ``dataset`` (None: multi-class); ``--one_class_idx`` left
-    out means multi-class where there are out-of-distribution sets, class 0 elsewhere."""
+def classes_of(a, dataset, info):
+    """The normal classes planned for ``dataset`` (None: multi-class): ``--one_class_idx``, or
+    ``--normal_class``'s names; neither: multi-class where there are out-of-distribution sets,
+    else the class ``datasets.normal_class``'s rules choose (a folder dataset's good/normal or
+    only training folder; class 0 for the others)."""
     if a.one_class_idx is not None:
         return list(a.one_class_idx)
-    return [None] if (a.ood_dataset or default_ood_names(dataset, "eval")) else [0]
+    folder = is_folder_dataset(dataset)
+    if getattr(a, "normal_class", None):
+        return [choose_normal_class(dataset, info.class_names, info.train_classes, normal_class=name,
+                                    folder_dataset=folder) for name in a.normal_class]
+    if a.ood_dataset or default_ood_names(dataset, "eval"):
+        return [None]
+    return [choose_normal_class(dataset, info.class_names, info.train_classes, folder_dataset=folder)]
+
+
+def image_size_of(a, dataset):
+    """The side ``dataset``'s images are read at (None: the dataset's own): ``--img_size``, else
+    ``--preset quick``'s size for folder datasets."""
+    if a.img_size is not None:
+        return a.img_size
+    return getattr(a, "folder_img_size", None) if is_folder_dataset(dataset) else None
 
 
 def train_budget(a):
@@ -105,9 +127,10 @@ def make_plan(a):
     """Check the datasets (through ``datasets.get_dataset``) and list the runs in table order."""
     runs = []
     for dataset in a.dataset:
-        _, _, info = get_dataset(dataset, a.data_root, image_size=a.img_size,  # bad name or files: UserError
+        img_size = image_size_of(a, dataset)
+        _, _, info = get_dataset(dataset, a.data_root, image_size=img_size,  # bad name or files: UserError
                                  aptos_all_grades=a.aptos_all_grades)
-        classes = classes_of(a, dataset)
+        classes = classes_of(a, dataset, info)
         if None in classes:  # multi-class: the out-of-distribution sets are read now, as the dataset is
 
             names = check_ood_names(ood_names_of(a, dataset), dataset)
@@ -127,7 +150,7 @@ def make_plan(a):
                 resolutions = a.diff_resolution if uses_resolution(transformation, a) else [native]
                 for res in resolutions:
                     for seed in a.seeds:
-                        runs.append(Run(a, dataset, info, cls, transformation, res, seed, model))
+                        runs.append(Run(a, dataset, info, cls, transformation, res, seed, model, img_size))
     if any(r.dissolver for r in runs):
         for res in a.diff_resolution:
             ddpm_config(image_size=res, unet_dim=a.ddpm_unet_dim)  # UserError for an impossible UNet

@@ -72,6 +72,8 @@ def train_command(a, run, dissolver_ckpt):
             cmd.append("--resize_to_constant")
     if dissolver_ckpt:
         cmd += ["--diffusion_model_path", dissolver_ckpt]
+    if run.img_size is not None:
+        cmd += ["--img_size", str(run.img_size)]
     cmd += ["--amp", a.amp]
     if a.device:
         cmd += ["--device", a.device]
@@ -90,8 +92,8 @@ def eval_command(a, run, model="last.model", results="results.json", scores="sco
              "--save_results", run.path(results), "--save_scores_csv", run.path(scores))
     if a.resnet_width is not None:
         cmd += ["--resnet_width", str(a.resnet_width)]
-    if a.img_size is not None:  # the data as train.py read it (--train_args)
-        cmd += ["--img_size", str(a.img_size)]
+    if run.img_size is not None:  # the data as train.py read it
+        cmd += ["--img_size", str(run.img_size)]
     if a.aptos_all_grades:
         cmd.append("--aptos_all_grades")
     cmd += ["--amp", a.amp]

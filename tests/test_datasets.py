@@ -144,11 +144,15 @@ def test_file_order_is_sorted_not_filesystem_order(tmp_path):
 
 
 def test_fixed_size_datasets_refuse_another_image_size(tmp_path):
+    # folder datasets are files: read at the paper's 224 px, or at any size asked for
     make_folder_dataset(tmp_path / "covid", ["COVID", "non-COVID"], per_class=1)
-    assert get_dataset("covid", str(tmp_path), image_size=224)[2].image_size == (224, 224, 3)
+    assert get_dataset("covid", str(tmp_path))[2].image_size == (224, 224, 3)
+    assert get_dataset("covid", str(tmp_path), image_size=32)[2].image_size == (32, 32, 3)
+    # arrays have one size
+    assert get_dataset("digits", str(tmp_path), image_size=32)[2].image_size == (32, 32, 3)
     with pytest.raises(UserError) as exc:
-        get_dataset("covid", str(tmp_path), image_size=32)
-    assert "224x224" in str(exc.value) and "imagefolder" in str(exc.value)
+        get_dataset("digits", str(tmp_path), image_size=64)
+    assert "32x32" in str(exc.value) and "folder datasets only" in str(exc.value)
 
 
 def test_folder_missing_dataset_folder_names_path_and_source(tmp_path):

@@ -12,7 +12,7 @@ from cli.args import build_parser
 from common.errors import UserError
 from datasets import DATASET_NAMES, get_dataset, one_class_split
 from datasets.base import FolderStore, high_bit_to_unit
-from datasets.registry import APTOS_ALL_NOTE, APTOS_PAPER_NOTE
+from datasets.registry import APTOS_ALL_NOTE, APTOS_PAPER_NOTE, pick_normal_class
 from helpers import write_image
 
 
@@ -110,10 +110,14 @@ def test_aptos_all_grades_flag_reaches_the_loader(tmp_path, monkeypatch, capsys)
         raise UserError("stop here")
 
     monkeypatch.setattr(train_program, "get_dataset", spy)  # the loader train.py calls
+    for split in ("train", "test"):  # the class folders the normal class is chosen from (grade_0 = folder 0)
+        for grade in ("0", "1"):
+            os.makedirs(tmp_path / "APTOS2019" / "split" / split / grade)
     for flags, expected in (([], False), (["--aptos_all_grades"], True)):
         with pytest.raises(SystemExit) as exc:
-            train_program.main(["--dataset", "aptos", "--mode", "simclr_CSI", "--shift_trans_type", "rotation",
-                                "--logdir", str(tmp_path / "run"), "--device", "cpu"] + flags)
+            train_program.main(["--dataset", "aptos", "--data_root", str(tmp_path), "--mode", "simclr_CSI",
+                                "--shift_trans_type", "rotation", "--logdir", str(tmp_path / "run"),
+                                "--device", "cpu"] + flags)
         assert exc.value.code == 2 and "stop here" in capsys.readouterr().err
         assert seen[-1] == ("aptos", expected)
 
@@ -135,8 +139,8 @@ def test_breakhis_sorted_folders_224px_normal_is_benign(tmp_path):
     normal, _ = one_class_split(train, test, info, 0)
     x, _ = normal.get_batch([0, 1])
     assert x.shape == (2, 3, 224, 224) and [red_of(v) for v in x] == [100, 101]
-    with pytest.raises(UserError, match="224x224"):
-        get_dataset("breakhis", str(tmp_path), image_size=32)
+    assert get_dataset("breakhis", str(tmp_path), image_size=32)[0].get_batch([0])[0].shape == (1, 3, 32, 32)
+    assert pick_normal_class("breakhis", str(tmp_path)) == (0, "benign")  # benign is normal, as the paper
 
 
 def test_breakhis_missing_data_names_path_and_source(tmp_path):

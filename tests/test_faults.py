@@ -485,8 +485,8 @@ def test_loss_guard_names_the_likely_cause(tmp_path, capsys):
 def test_pipeline_image_size_reaches_eval_and_folder_name(tmp_path):
     make_folder_dataset(tmp_path / "data", ["a", "b"], per_class=8)
     out = str(tmp_path / "out")
-    argv = ["--dataset", "imagefolder", "--data_root", str(tmp_path / "data"), "--train_args=--img_size 32",
-            "--out", out] + PIPE[PIPE.index("--shift_trans_type"):]
+    argv = ["--dataset", "imagefolder", "--data_root", str(tmp_path / "data"), "--img_size", "32",
+            "--normal_class", "a", "--out", out] + PIPE[PIPE.index("--shift_trans_type"):]
     i = argv.index("--epochs")
     argv[i + 1] = "1"
     rc, stdout, stderr, _ = run_reproduce(argv, one_thread=True)

@@ -25,11 +25,14 @@ from common.errors import UserError, exit_on_user_error
 from common.paths import check_distinct, check_output_file
 from datasets import get_dataset, load_ood_sets, one_class_split
 from datasets.base import FolderStore, ImageDataset, is_image_file
-from datasets.normal_class import normal_class_line, recorded_class
+from datasets.normal_class import check_recorded_class, normal_class_line, recorded_class
 from datasets.ood import default_ood_names, with_interp
 from datasets.registry import describe_images
 from evals.ood import simple_scores
-from evals.ood_pre import auroc_report, csi_scores, csi_train_scores_loo, extract_features, ood_report
+from evals.ood_pre import auroc_report, csi_scores, extract_features, ood_report
+from evals.scoring_reference import (DEFAULT_QUANTILE, ScoringProtocol, compute_reference, few_train_warning,
+                                     model_digest, read_reference, reference_path, score_images, threshold_of,
+                                     write_reference)
 from models.resnet import build_model
 from utils import atomic_write, atomic_write_csv, atomic_write_json, set_seed, warn
 
@@ -48,7 +51,9 @@ def check_outputs(P):
                                                ("--save_scores_csv", P.save_scores_csv),
                                                ("--save_score", save_score_path(P) if P.save_score else None))
                if path is not None]
-    check_distinct(outputs, inputs=[("--load_path", P.load_path)], input_folders=[("--score_folder", P.score_folder)])
+    inputs = [("--load_path", P.load_path)] + ([("the scoring reference", reference_path(P.load_path))]
+                                               if P.score_folder else [])
+    check_distinct(outputs, inputs=inputs, input_folders=[("--score_folder", P.score_folder)])
     for flag, path in outputs:
         check_output_file(path, flag)
 
@@ -130,8 +135,11 @@ def evaluate(P, device, scores_wanted):
     set_seed(P.seed)
     ckpt = read_model_checkpoint(P.load_path, device)
     meta = ckpt.get("meta") or {}
+    P.model = P.model or meta.get("arch") or "resnet18"  # left out: the network the checkpoint records
     if meta.get("arch") and meta["arch"] != P.model:
         raise UserError(f"{P.load_path} holds a {meta['arch']} but --model is {P.model}; pass --model {meta['arch']}")
+    if P.score_folder:  # from the run and its scoring reference: the data are read only to compute a missing one
+        return score_folder(P, device, P.amp, ckpt, meta, scores_wanted)
     choose_class(P, recorded_class(meta), what=P.load_path)  # left out: the class the model was trained on
     check_trained_on(P, meta)
     train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed,
@@ -144,19 +152,10 @@ def evaluate(P, device, scores_wanted):
     print(describe_images(info)[0])
     multi = P.one_class_idx is None
     ood_sets = {}
-    if multi and not P.score_folder:  # read before the model: missing data is one line, before any work
+    if multi:  # read before the model: missing data is one line, before any work
 
         ood_sets = with_interp(load_ood_sets(P.ood_dataset, P.data_root, info), test_set, P.test_batch_size)
-    n_shifts = int(meta.get("n_shifts", ckpt["model"]["shift_cls_layer.weight"].shape[0]))
-    model = build_model(P.model, n_classes=info.n_classes, simclr_dim=meta.get("simclr_dim", P.simclr_dim),
-                        n_shifts=n_shifts, width=meta.get("resnet_width", P.resnet_width)).to(device)
-    try:
-        model.load_state_dict(ckpt["model"], strict=not P.no_strict)
-    except RuntimeError as exc:
-        raise UserError(f"{P.load_path} does not fit --model {P.model} with {info.n_classes} classes: "
-                        f"{str(exc).splitlines()[0]}") from None
-    model.eval()
-    net = model
+    net, n_shifts = load_model(P, ckpt, meta, info.n_classes, device)
 
     labels = test_set.labels.numpy()
     results = {"auroc_by_score": {}, "dataset": P.dataset, "one_class_idx": P.one_class_idx,
@@ -179,28 +178,15 @@ def evaluate(P, device, scores_wanted):
                             f"(it was trained with --mode simclr: use --ood_score simclr)")
         kw = dict(base_shift="rotation", n_samples=P.ood_samples, device=device, batch_size=P.ood_batch_size,
                   resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp, sharded=True)
-        target = folder_dataset(P.score_folder, info.image_size) if P.score_folder else test_set
-        total = (len(normal_train) + len(target) + sum(len(d) for d in ood_sets.values())) * P.ood_samples
+        total = (len(normal_train) + len(test_set) + sum(len(d) for d in ood_sets.values())) * P.ood_samples
         with tqdm(total=total, desc="features", unit="img", disable=None) as bar:
             f_train = extract_features(net, normal_train, progress=bar, **kw)  # once, for every score
-            f_test = extract_features(net, target, progress=bar, **kw)
+            f_test = extract_features(net, test_set, progress=bar, **kw)
             # CSI: each set's features as the test set's; interp's from the test set's images
             f_ood = {name: extract_features(net, d, progress=bar, **kw) for name, d in ood_sets.items()}
         for score in scores_wanted:
             per_image[score] = csi_scores(f_train, f_test, 4, score).numpy()
             per_ood[score] = {name: csi_scores(f_train, f, 4, score).numpy() for name, f in f_ood.items()}
-        if P.score_folder:
-            score = scores_wanted[0]
-            train_scores = csi_train_scores_loo(f_train, 4, score).numpy()
-            thr = float(np.quantile(train_scores, P.threshold_quantile))
-            rows = [{"name": n, "score": f"{s:.6f}", "threshold": f"{thr:.6f}", "anomalous": int(s < thr)}
-                    for n, s in zip(target.names, per_image[score])]
-            atomic_write_csv(rows, ["name", "score", "threshold", "anomalous"], P.save_scores_csv)
-            n_flag = sum(r["anomalous"] for r in rows)
-            print(f"scored {len(rows)} images of {P.score_folder} ({score}); threshold {thr:.4f} = "
-                  f"{P.threshold_quantile:.0%} quantile of the normal training scores; "
-                  f"{n_flag} flagged anomalous; wrote {P.save_scores_csv}")
-            return {"n_scored": len(rows), "n_flagged": n_flag, "threshold": thr}
     else:
         def simple(dataset, score):
             return simple_scores(net, dataset, score, device, layer=P.ood_layer[0], batch_size=P.ood_batch_size,
@@ -235,6 +221,122 @@ def evaluate(P, device, scores_wanted):
     if P.save_score:
         atomic_write(save_score_path(P), lambda fh: np.savez(fh, labels=labels, **per_image))
     return results
+
+
+def load_model(P, ckpt, meta, n_classes, device):
+    """The network of the checkpoint, its settings (width, head sizes, shifts) from the run, in
+    eval mode: ``(model, n_shifts)``."""
+    n_shifts = int(meta.get("n_shifts", ckpt["model"]["shift_cls_layer.weight"].shape[0]))
+    model = build_model(P.model, n_classes=n_classes, simclr_dim=meta.get("simclr_dim", P.simclr_dim),
+                        n_shifts=n_shifts, width=meta.get("resnet_width", P.resnet_width)).to(device)
+    try:
+        model.load_state_dict(ckpt["model"], strict=not P.no_strict)
+    except RuntimeError as exc:
+        raise UserError(f"{P.load_path} does not fit --model {P.model} with {n_classes} classes: "
+                        f"{str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, n_shifts
+
+
+def score_folder(P, device, precision, ckpt, meta, scores_wanted):
+    """``--score_folder``: every image below the folder scored against the model's scoring
+    reference (``evals.scoring_reference``), flagged by its threshold, written as a CSV with the
+    test set's per-image columns (label and normal empty) plus ``anomaly_score`` (minus the
+    score: higher = more anomalous), ``anomalous`` (0/1), ``threshold`` (on the score's scale:
+    anomalous when the score is below it) and ``anomaly_threshold`` (minus it: anomalous when
+    ``anomaly_score`` is above it). Everything else comes from the run; the training and test
+    data are read only when the reference is missing (it is then computed and kept)."""
+    if meta.get("class_names"):
+        print(normal_class_line(P.dataset, meta["class_names"], P.one_class_idx))
+    if not meta.get("image_size"):
+        raise UserError(f"{P.load_path} does not record the size of its images; --score_folder needs a model "
+                        f"written by this train.py")
+    n_classes = int(meta.get("n_classes") or ckpt["model"]["linear.weight"].shape[0])
+    model, n_shifts = load_model(P, ckpt, meta, n_classes, device)
+    if "CSI" in scores_wanted and n_shifts != 4:
+        raise UserError(f"--ood_score CSI needs a model trained with 4 shifts; {P.load_path} has {n_shifts} "
+                        f"(it was trained with --mode simclr: use --ood_score simclr)")
+    path = reference_path(P.load_path)
+    digest = model_digest(ckpt["model"])
+    ref, why = read_reference(path, digest)
+    asked = ScoringProtocol(samples=P.ood_samples or 10,
+                            resize_factor=0.54 if P.resize_factor is None else P.resize_factor,
+                            resize_fix=True if P.resize_fix is None else P.resize_fix,
+                            batch_size=P.ood_batch_size, amp=precision)
+    if ref is None:
+        ref = reference_from_data(P, device, model, meta, ckpt, digest, asked, path, why)
+    protocol = ScoringProtocol.from_dict(ref["protocol"])
+    given = [f for f, v in (("--ood_samples", P.ood_samples), ("--resize_factor", P.resize_factor),
+                            ("--resize_fix", P.resize_fix)) if v is not None]
+    if given and not asked.same_features(protocol):
+        raise UserError(f"{path} was computed with {protocol.samples} sample(s), crop scale {protocol.resize_factor:g}"
+                        f"{' fixed' if protocol.resize_fix else ''}; {' '.join(given)} ask for other features: leave "
+                        f"them out (the reference's are taken), or move {path} away so that eval.py computes one "
+                        f"with them from the training data")
+    first = scores_wanted[0]
+    served = ref["scores"]
+    if any(s not in served for s in scores_wanted):
+        raise UserError(f"{path} serves the {' and '.join(served)} score(s), not {' '.join(scores_wanted)}: "
+                        f"pass --ood_score {served[0]}")
+    thr, quantile, n_train = threshold_of(ref, first, P.threshold_quantile)
+    few = few_train_warning(n_train, quantile)
+    if few:
+        warn(few)
+
+    target = folder_dataset(P.score_folder, meta["image_size"])
+    with tqdm(total=len(target) * protocol.samples, desc="features", unit="img", disable=None) as bar:
+        feats = extract_features(model, target, "rotation", protocol.samples, device, batch_size=P.ood_batch_size,
+                                 resize_factor=protocol.resize_factor, resize_fix=protocol.resize_fix,
+                                 amp=precision, progress=bar, sharded=True)
+    per_image = {s: score_images(ref, feats, s).numpy() for s in scores_wanted}
+    columns = ["index", "name", "label", "normal"] + [f"score_{s}" for s in scores_wanted] + \
+        ["anomaly_score", "anomalous", "threshold", "anomaly_threshold"]
+    rows = [{"index": i, "name": name, "label": "", "normal": "",
+             **{f"score_{s}": f"{v[i]:.6f}" for s, v in per_image.items()},
+             "anomaly_score": f"{-per_image[first][i]:.6f}", "anomalous": int(per_image[first][i] < thr),
+             "threshold": f"{thr:.6f}", "anomaly_threshold": f"{-thr:.6f}"}
+            for i, name in enumerate(target.names)]
+    atomic_write_csv(rows, columns, P.save_scores_csv)
+    n_flag = sum(r["anomalous"] for r in rows)
+    print(f"scored {len(rows)} images of {P.score_folder} with the {first} score ({protocol.samples} sample(s)); "
+          f"threshold {thr:.6f}: the {quantile:g} quantile of the leave-one-out scores of {n_train} normal training "
+          f"images ({os.path.basename(path)}); anomalous: score_{first} < {thr:.6f}, i.e. anomaly_score > "
+          f"{-thr:.6f}; {n_flag} flagged anomalous; wrote {P.save_scores_csv}")
+    return {"n_scored": len(rows), "n_flagged": n_flag, "threshold": thr, "threshold_quantile": quantile,
+            "n_train": n_train, "score": first, "reference": path}
+
+
+def reference_from_data(P, device, model, meta, ckpt, digest, protocol, path, why):
+    """The scoring reference of the model, computed from the run's training data and kept at
+    ``path`` (a warning when it cannot be written); one line when the data cannot be read."""
+    try:
+        train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed,
+                                                aptos_all_grades=P.aptos_all_grades)
+    except UserError as exc:
+        raise UserError(f"no scoring reference for {P.load_path} ({why}), and the training data it is computed from "
+                        f"cannot be read ({exc}): restore them (or pass --data_root DIR where they are now), or "
+                        f"score with the run's last.model, whose reference train.py writes") from None
+    recorded = recorded_class(meta)
+    if recorded is not None and recorded[0] is not None:
+        check_recorded_class(P.dataset, info.class_names, recorded[0], recorded[1], P.load_path)
+    if list(meta["image_size"]) != list(info.image_size):
+        raise UserError(f"{P.load_path} was trained on {meta['image_size'][0]}-px images, --dataset {P.dataset} "
+                        f"gives {info.image_size[0]} px now")
+    normal_train = one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)[0]
+    identity = {"model_file": os.path.basename(P.load_path), "model_digest": digest, "run_id": meta.get("run_id"),
+                "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "dataset": P.dataset,
+                "one_class_idx": P.one_class_idx, "normal_class": meta.get("normal_class"),
+                "image_size": list(meta["image_size"])}
+    print(f"computing the scoring reference of {P.load_path} from {len(normal_train)} normal training images "
+          f"({why})")
+    with tqdm(total=len(normal_train) * protocol.samples, desc="reference", unit="img", disable=None) as bar:
+        ref = compute_reference(model, normal_train, device, protocol, identity, quantile=DEFAULT_QUANTILE,
+                                sharded=True, progress=bar)
+    try:
+        write_reference(ref, path)
+    except OSError as exc:
+        warn(f"could not keep the scoring reference {path} ({exc.strerror or exc}); it is computed again next time")
+    return ref
 
 
 def report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, ood_sets):

@@ -33,6 +33,7 @@ from common.run_folder import RunFolder, changed_settings, check_world_size, pla
 from datasets import get_dataset, load_ood_sets, one_class_split
 from datasets.normal_class import normal_class_line, recorded_class
 from datasets.registry import describe_images
+from evals.scoring_reference import ScoringProtocol, compute_reference, model_digest, write_reference
 from evals.selection import SelectionEvaluation
 from models.dissolve import DissolveSettings, make_dissolve_fn
 from models.resnet import build_model
@@ -103,6 +104,10 @@ def train(P, device, where):
         evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device, ood_sets)
         try:
             last = trainer.fit(normal_train, logger, run_meta(P, run.run_id, info), evaluate=evaluate)
+            if P.scoring_samples:
+                write_scoring_reference(P, trainer, run.run_id,
+                                        clean_normal_train(P, train_set, test_set, info, normal_train), info, device,
+                                        P.amp, logger)
         finally:
             logger.close()
 
@@ -127,7 +132,7 @@ def check_train_flags(P):
 
 def writes_it(name):
     """Whether train.py writes the run folder's file ``name`` (atomically)."""
-    return name in ("last.model", "config.json", "selection.json", "scalars.csv") or (
+    return name in ("last.model", "last.scoring.pt", "config.json", "selection.json", "scalars.csv") or (
         name.startswith("best_") and name.endswith(".model")) or name.startswith("events.out.tfevents.")
 
 
@@ -260,6 +265,38 @@ def run_meta(P, run_id, info):
         "class_names": list(info.class_names), "native_kind": info.native_kind,
         "normal_class": None if P.one_class_idx is None else str(info.class_names[P.one_class_idx]),
     }
+
+
+def clean_normal_train(P, train_set, test_set, info, normal_train):
+    """The normal training images without ``--contamination_ratio``'s others: eval.py's CSI axes."""
+    if not P.contamination_ratio:
+        return normal_train
+    return one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)[0]
+
+
+def write_scoring_reference(P, trainer, run_id, normal_train, info, device, precision, logger):
+    """``last.scoring.pt`` next to ``last.model`` (``evals.scoring_reference``): the normal
+    training images' CSI statistics, their leave-one-out scores and the threshold, taken with
+    the paper's eval protocol (rotation, ``--scoring_samples`` samples, crop scale fixed at
+    0.54), so that ``eval.py --score_folder`` scores new images without the training data.
+    Under torchrun every rank extracts its share; the main process writes."""
+    distributed.buffers_from_main(trainer.model)  # the BatchNorm statistics last.model holds (CPU ranks differ)
+    protocol = ScoringProtocol(samples=P.scoring_samples, batch_size=P.test_batch_size, amp=precision)
+    identity = {"model_file": "last.model", "model_digest": model_digest(trainer.model.state_dict()),
+                "run_id": run_id, "epoch": trainer.epoch, "step": trainer.step, "dataset": P.dataset,
+                "one_class_idx": P.one_class_idx,
+                "normal_class": None if P.one_class_idx is None else str(info.class_names[P.one_class_idx]),
+                "image_size": list(info.image_size)}
+    ref = compute_reference(trainer.model, normal_train, device, protocol, identity,
+                            sharded=distributed.is_distributed())
+    path = os.path.join(logger.logdir, "last.scoring.pt")
+    if distributed.is_main():
+        write_reference(ref, path)
+    few = "" if ref["train_scores"] else f"; no threshold: {ref['n_train']} normal training image(s), fewer than 2"
+    logger.log(f"scoring reference {path}: {ref['n_train']} normal training images, {protocol.samples} sample(s), "
+               f"crop scale {protocol.resize_factor:g} fixed; threshold "
+               + (", ".join(f"{s} {v:.4f}" for s, v in ref["threshold"].items()) or "none")
+               + f" ({ref['threshold_quantile']:g} quantile of the leave-one-out scores){few}")
 
 
 def describe_start(P, run, device, info, normal_train, test_set, trainer, resume_file):

@@ -29,7 +29,9 @@ import argparse
 import math
 
 from common.device import decide_amp
+from common.checkpoint_io import read_model_checkpoint
 from common.errors import UserError
+from common.flags import DATA_ROOT
 from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed
 from common.paths import check_run_folder
 from datasets.names import ALL_DATASET_NAMES
@@ -90,9 +92,10 @@ def add_model_choice(group, default="resnet18", help=None):
 def add_data_group(p, program):
     defaults = TRAIN_DEFAULT_OOD if program == "train" else DEFAULT_OOD
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synth_lesion",
-                   help="dataset: " + ", ".join(ALL_DATASET_NAMES) + " (imagenet: CSI's ImageNet-30)")
-    add_data_root(g)
+    g.add_argument("--dataset", default="synth_lesion" if program == "train" else None,
+                   help="dataset: " + ", ".join(ALL_DATASET_NAMES) + " (imagenet: CSI's ImageNet-30)"
+                        + ("; left out: the one the --load_path model was trained on" if program == "eval" else ""))
+    add_data_root(g, default=DATA_ROOT if program == "train" else None)
     g.add_argument("--one_class_idx", type=class_index, default=None, metavar="IDX",
                    help="index of the normal class (one-class setting); None: CSI's unlabeled multi-class setting "
                         "(every training image normal, each --ood_dataset the anomalies); left out: the "
@@ -122,7 +125,10 @@ def add_data_group(p, program):
 
 def add_model_group(p, program):
     g = p.add_argument_group("model")
-    add_model_choice(g)
+    if program == "train":
+        add_model_choice(g)
+    else:
+        add_model_choice(g, default=None, help="the network of the --load_path model (left out: the one it records)")
     modes = TRAIN_MODES if program == "train" else EVAL_MODES
     g.add_argument("--mode", default="simclr_DIA" if program == "train" else "ood_pre",
                    metavar="{" + ",".join(modes) + "}",
@@ -247,6 +253,11 @@ def add_selection_group(p):
     g.add_argument("--no_eval", action="store_true", help="no evaluation during training (no best_CSI.model)")
     g.add_argument("--ood_samples", type=int, default=10, help="augmented samples per image and shift")
     g.add_argument("--test_batch_size", type=int, default=100, help="images per batch of the evaluation")
+    g.add_argument("--scoring_samples", type=int, default=10,
+                   help="samples per image and shift of last.scoring.pt, the normal training images' scoring "
+                        "reference written at the end (eval.py scores folders of new images with it): the paper's "
+                        "eval protocol, crop scale fixed at 0.54; 0: none (eval.py then computes it from the "
+                        "training data)")
     g.add_argument("--eval_max_train", type=int, default=None,
                    help="at most this many normal training images as CSI axes; left out: all, as the paper")
     g.add_argument("--eval_max_test", type=int, default=None,
@@ -272,22 +283,29 @@ def add_evaluation_group(p):
                    help="scores to compute; left out: CSI for --mode ood_pre, baseline for --mode ood")
     g.add_argument("--ood_layer", nargs="+", default=["simclr", "shift"], choices=("penultimate", "simclr", "shift"),
                    help="--mode ood: the layer the simple scores read (the first one given)")
-    g.add_argument("--ood_samples", type=int, default=1, help="augmented samples per image and shift")
+    g.add_argument("--ood_samples", type=int, default=None,
+                   help="augmented samples per image and shift; left out: 1 (--score_folder: the model's scoring "
+                        "reference's, 10 by default)")
     g.add_argument("--ood_batch_size", type=int, default=100, help="images per batch while scoring")
     g.add_argument("--test_batch_size", type=int, default=100,
                    help="images per batch of CSI's interp set (out-of-distribution images made from the test set)")
-    g.add_argument("--resize_factor", type=float, default=0.08,
-                   help="test-time augmentation: crop scale drawn from [resize_factor, 1]")
-    g.add_argument("--resize_fix", action="store_true",
-                   help="test-time augmentation: crop scale fixed at --resize_factor")
+    g.add_argument("--resize_factor", type=float, default=None,
+                   help="test-time augmentation: crop scale drawn from [resize_factor, 1]; left out: 0.08 "
+                        "(--score_folder: the scoring reference's, 0.54)")
+    g.add_argument("--resize_fix", action="store_true", default=None,
+                   help="test-time augmentation: crop scale fixed at --resize_factor (--score_folder: as the "
+                        "scoring reference, fixed)")
     g.add_argument("--print_score", action="store_true", help="print quantiles of the scores")
     g.add_argument("--save_score", action="store_true", help="save the raw scores next to the model")
     g.add_argument("--save_results", default=None, metavar="JSON", help="write the AUROCs as JSON to this path")
     g.add_argument("--save_scores_csv", default=None, metavar="CSV", help="write every test image's score to this CSV")
     g.add_argument("--score_folder", default=None, metavar="DIR",
-                   help="score the images of this folder instead of the test set (writes --save_scores_csv)")
-    g.add_argument("--threshold_quantile", type=float, default=0.05,
-                   help="--score_folder: images scoring below this quantile of the normal training scores are flagged")
+                   help="score the images of this folder (recursively) instead of the test set, with everything "
+                        "else from the --load_path run and its scoring reference <model stem>.scoring.pt (the "
+                        "training data need not be there), and write --save_scores_csv")
+    g.add_argument("--threshold_quantile", type=float, default=None,
+                   help="--score_folder: images scoring below this quantile of the normal training images' "
+                        "leave-one-out scores are flagged; left out: the scoring reference's, 0.05")
     return g
 
 
@@ -420,6 +438,8 @@ def normalise_args(P):
     P.shift_trans_type = SHORT_NAMES.get(P.shift_trans_type, P.shift_trans_type)
     P.dissolve_type = P.shift_trans_type.split("_")[0] if "_" in P.shift_trans_type else None
     P.base_shift = P.shift_trans_type.split("_")[-1]  # rotation | cutperm | none
+    if P.program == "eval":
+        P.ood_score_given = P.ood_score is not None
     if P.program == "eval" and P.ood_score is None:  # before any check reads it
         P.ood_score = ["baseline"] if P.mode == "ood" else ["CSI"]
     check_numbers(P)
@@ -466,12 +486,14 @@ def normalise_args(P):
             raise UserError("--ood_score CSI needs a shift transformation: use --shift_trans_type rotation")
         if P.score_folder and not P.save_scores_csv:
             raise UserError("--score_folder DIR needs --save_scores_csv OUT.csv to write the per-image scores to")
-        if not 0.0 < P.threshold_quantile < 1.0:
+        if P.threshold_quantile is not None and not 0.0 < P.threshold_quantile < 1.0:
             raise UserError(f"--threshold_quantile must lie in (0, 1), got {P.threshold_quantile}")
-        if P.ood_samples < 1:
+        if P.ood_samples is not None and P.ood_samples < 1:
             raise UserError(f"--ood_samples must be at least 1, got {P.ood_samples}")
-    if not 0.0 < P.resize_factor <= 1.0:
+    if P.resize_factor is not None and not 0.0 < P.resize_factor <= 1.0:
         raise UserError(f"--resize_factor must lie in (0, 1], got {P.resize_factor}")
+    if P.program == "train" and P.scoring_samples < 0:
+        raise UserError(f"--scoring_samples must be 0 (no scoring reference) or more, got {P.scoring_samples}")
     if P.program == "train":
         if not 0.0 <= P.contamination_ratio < 1.0:
             raise UserError(f"--contamination_ratio must lie in [0, 1), got {P.contamination_ratio}")
@@ -481,12 +503,86 @@ def normalise_args(P):
         if P.kernel_size < 1 or P.kernel_size % 2 == 0:
             raise UserError(f"--kernel_size must be a positive odd number, got {P.kernel_size}")
 
+    if P.program == "eval":
+        take_eval_flags(P)
     resolve_setting(P)
 
     P.K_shift = 1 if P.base_shift == "none" else 4
     if P.program == "train" and P.K_shift > 1 and P.batch_size * P.K_shift != 128:
         warn(f"CSI uses --batch_size {128 // P.K_shift} with {P.K_shift} shifts "
              f"(128 views per chunk); running with --batch_size {P.batch_size}")
+    return P
+
+
+# eval.py's flags left out (None) that the run does not give: the values they always had
+EVAL_FALLBACKS = {"data_root": DATA_ROOT}
+# ... and, except under --score_folder (where the model's scoring reference gives them), these
+EVAL_TEST_FALLBACKS = {"ood_samples": 1, "resize_factor": 0.08, "resize_fix": False}
+
+
+def take_eval_flags(P):
+    """eval.py: with --dataset left out, or with --score_folder (which needs nothing but the
+    model), the flags left out come from the run of --load_path and flags that contradict it
+    are refused (:func:`take_from_run`); the others keep their defaults (--model left out is
+    the checkpoint's network in any case: eval.py reads it)."""
+    if P.dataset is None or P.score_folder:
+        take_from_run(P, read_model_checkpoint(P.load_path).get("meta") or {})
+    for name, value in list(EVAL_FALLBACKS.items()) + ([] if P.score_folder else list(EVAL_TEST_FALLBACKS.items())):
+        if getattr(P, name) is None:
+            setattr(P, name, value)
+    return P
+
+
+def take_from_run(P, meta):
+    """Fill eval.py's flags left out from the run that wrote ``P.load_path`` (its checkpoint's
+    ``meta``: train.py's ``run_meta``): the dataset, the normal class (or the multi-class
+    setting and its out-of-distribution sets), the image size, the network, where the data
+    lay and the score (simclr for a model without the 4-way shift head). A given --dataset,
+    --one_class_idx, --normal_class or (--score_folder) --img_size that contradicts the run is
+    refused in one line."""
+    args = meta.get("args") or {}
+    where = P.load_path
+    ds = meta.get("dataset")
+    if P.dataset is None:
+        if ds is None:
+            raise UserError(f"{where} does not record the dataset it was trained on: pass --dataset NAME (and the "
+                            f"flags it was trained with)")
+        P.dataset = ds
+    elif ds is not None and P.dataset != ds:
+        raise UserError(f"{where} was trained on --dataset {ds}, not --dataset {P.dataset}: leave out --dataset (the "
+                        f"run's is taken) or pass --dataset {ds}")
+    multi = meta.get("setting") == "multi_class"
+    idx, name = meta.get("one_class_idx"), meta.get("normal_class")
+    trained = ("the unlabeled multi-class setting (--one_class_idx None)" if multi
+               else f"normal class {name} (--one_class_idx {idx})" if name is not None
+               else f"--one_class_idx {idx}")
+    fix = "leave out --one_class_idx and --normal_class (the run's class is taken)"
+    if P.one_class_idx == MULTI_CLASS and not multi and idx is not None \
+            or isinstance(P.one_class_idx, int) and (multi or idx is not None and P.one_class_idx != idx):
+        raise UserError(f"{where} was trained with {trained}, not --one_class_idx {P.one_class_idx}: {fix}")
+    if P.normal_class is not None and (multi or name is not None and P.normal_class != name):
+        raise UserError(f"{where} was trained with {trained}, not --normal_class {P.normal_class}: {fix}")
+    if P.one_class_idx is None and P.normal_class is None:
+        if multi:
+            P.one_class_idx = MULTI_CLASS
+            if P.ood_dataset is None and not P.score_folder:
+                P.ood_dataset = list(meta.get("ood_dataset") or []) or None
+        elif isinstance(idx, int) and not isinstance(idx, bool):
+            P.one_class_idx = idx
+    size = (meta.get("image_size") or [None])[0]
+    if P.img_size is None:
+        P.img_size = args.get("img_size")
+    elif P.score_folder and size is not None and P.img_size != size:
+        raise UserError(f"{where} was trained on {size}-px images, not --img_size {P.img_size}: leave out --img_size "
+                        f"(the run's is taken)")
+    if P.model is None:
+        P.model = meta.get("arch")
+    if P.data_root is None:
+        P.data_root = args.get("data_root")
+    if args.get("aptos_all_grades"):
+        P.aptos_all_grades = True
+    if not P.ood_score_given and P.mode == "ood_pre" and int(meta.get("n_shifts", 4)) < 4:
+        P.ood_score = ["simclr"]  # a model without the 4-way shift head (--mode simclr)
     return P
 
 

@@ -85,10 +85,13 @@ def _split_shifts(feats, n_shifts):
 
 def csi_statistics(train_feats, n_shifts):
     """From the normal training features: per shift k the unit axes (K, M, d) and the weights
-    w_sim_k and w_shi_k of docs/method.md §4, step 2."""
+    w_sim_k and w_shi_k of docs/method.md §4, step 2. A model without the K-way shift head
+    (``--mode simclr``: one output) has no w_shi (``None``): it is scored with ``simclr``."""
     f = _split_shifts(train_feats["simclr"].float(), n_shifts).mean(dim=2)  # M x K x d
     axis = F.normalize(f, dim=2).transpose(0, 1)  # K x M x d
     w_sim = 1.0 / f.norm(dim=2).mean(dim=0)  # K
+    if train_feats["shift"].shape[-1] < n_shifts:
+        return axis, w_sim, None
     g = _split_shifts(train_feats["shift"].float(), n_shifts)  # M x K x S x K
     k = torch.arange(n_shifts)
     own = g[:, k, :, k]  # K x M x S: the logit of shift k on the views shifted by k
@@ -113,9 +116,11 @@ def _scores_against(stats, feats, n_shifts, ood_score, exclude_self=False):
     return (sim * w_sim + shi * w_shi).mean(dim=1)
 
 
-def _check_score(ood_score):
+def _check_score(ood_score, stats=None):
     if ood_score not in ("CSI", "simclr"):
         raise ValueError(f"CSI scoring computes 'CSI' or 'simclr', not {ood_score!r}")
+    if ood_score == "CSI" and stats is not None and stats[2] is None:
+        raise ValueError("the CSI score needs the shift head's K outputs; this model has one: score it with 'simclr'")
 
 
 def csi_scores(train_feats, test_feats, n_shifts, ood_score="CSI"):
@@ -124,16 +129,23 @@ def csi_scores(train_feats, test_feats, n_shifts, ood_score="CSI"):
     ``score = (1/K) sum_k [w_sim_k * max_m <mean_s f[k,s], axis_k[m]> + w_shi_k * mean_s g[k,s][k]]``;
     ``ood_score="simclr"`` keeps only the similarity term, with weight 1.
     """
-    _check_score(ood_score)
-    return _scores_against(csi_statistics(train_feats, n_shifts), test_feats, n_shifts, ood_score)
+    return csi_scores_from_statistics(csi_statistics(train_feats, n_shifts), test_feats, n_shifts, ood_score)
+
+
+def csi_scores_from_statistics(stats, test_feats, n_shifts, ood_score="CSI"):
+    """:func:`csi_scores` with the normal training images' statistics (``csi_statistics``:
+    axes, w_sim, w_shi) computed beforehand, as a scoring reference stores them
+    (``evals.scoring_reference``): the same numbers as ``csi_scores`` on those images' features."""
+    _check_score(ood_score, stats)
+    return _scores_against(stats, test_feats, n_shifts, ood_score)
 
 
 def csi_train_scores_loo(train_feats, n_shifts, ood_score="CSI"):
     """Scores of the normal training images themselves, each against the axes of the others
     (its own axis would match it perfectly): what a threshold for new images is set on."""
-    _check_score(ood_score)
-    return _scores_against(csi_statistics(train_feats, n_shifts), train_feats, n_shifts, ood_score,
-                           exclude_self=True)
+    stats = csi_statistics(train_feats, n_shifts)
+    _check_score(ood_score, stats)
+    return _scores_against(stats, train_feats, n_shifts, ood_score, exclude_self=True)
 
 
 def auroc(scores_normal, scores_anomalous):

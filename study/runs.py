@@ -61,6 +61,7 @@ def train_command(a, run, dissolver_ckpt):
             cmd += ["--eval_max_train", str(a.selection_max_images), "--eval_max_test", str(a.selection_max_images)]
     else:
         cmd.append("--no_eval")
+    cmd += ["--scoring_samples", str(a.ood_samples)]  # last.scoring.pt with the study's eval protocol
     for flag in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "warmup", "resnet_width",
                  "log_every"):
         v = getattr(a, flag)

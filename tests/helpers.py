@@ -22,9 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # train.py on synth_lesion: ResNet width 8, batches of 8, 2 steps an epoch (the paper's rule: an epoch stops
 # after the batch numbered --max_batches_per_epoch, counted from 0: batches 0 and 1), saved and logged every
-# epoch/step
+# epoch/step; no scoring reference (last.scoring.pt: tests/test_score_folder.py trains its own)
 TINY_TRAIN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8", "--max_batches_per_epoch", "1",
-              "--simclr_dim", "16", "--warmup", "1", "--save_step", "1", "--log_every", "1"]
+              "--simclr_dim", "16", "--warmup", "1", "--save_step", "1", "--log_every", "1", "--scoring_samples", "0"]
 # the same on digits (10 classes: one_class_mean differs from pooled)
 TINY_TRAIN_DIGITS = [a if a != "synth_lesion" else "digits" for a in TINY_TRAIN]
 # the same on digits with mixed precision: the multi-class and OOD-set runs
@@ -33,7 +33,7 @@ TINY_MULTICLASS = TINY_TRAIN_DIGITS + ["--amp"]
 # pipeline
 TINY_TRAIN_NO_EVAL = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8",
                       "--max_batches_per_epoch", "1", "--simclr_dim", "16", "--warmup", "1", "--epochs", "1",
-                      "--no_eval"]
+                      "--no_eval", "--scoring_samples", "0"]
 # CSI's shift: train.py's simclr_CSI with rotation
 CSI = ["--mode", "simclr_CSI", "--shift_trans_type", "rotation"]
 

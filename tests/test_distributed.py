@@ -17,7 +17,7 @@ from cli.args import parse_args
 from helpers import ROOT
 RUN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "4", "--epochs", "1", "--max_steps", "2",
        "--no_eval", "--mode", "simclr_CSI", "--shift_trans_type", "rotation", "--device", "cpu", "--simclr_dim", "16",
-       "--log_every", "1"]
+       "--log_every", "1", "--scoring_samples", "0"]
 
 # the run, with each rank's parameters written by the test (outside the run folder) after fit
 WRAPPER = textwrap.dedent("""

@@ -213,9 +213,10 @@ def test_a_good_run_writes_exactly_its_outputs(model_copy, tmp_path):
 # (10) one line instead of a traceback ------------------------------------------------------------------
 
 def test_cutperm_flag_parses(capsys):
-    P = parse_args("eval", ["--load_path", "x.model", "--shift_trans_type", "cutperm"])  # was a TypeError
-    assert P.ood_score == ["CSI"] and P.base_shift == "cutperm"
-    assert parse_args("eval", ["--load_path", "x", "--mode", "ood"]).ood_score == ["baseline"]
+    P = parse_args("eval", ["--load_path", "x.model", "--dataset", "synth_lesion", "--shift_trans_type", "cutperm"])
+    assert P.ood_score == ["CSI"] and P.base_shift == "cutperm"  # (was a TypeError)
+    P = parse_args("eval", ["--load_path", "x", "--dataset", "synth_lesion", "--mode", "ood"])
+    assert P.ood_score == ["baseline"]
     expect_error(eval_program.main, ["--load_path", "x", "--shift_trans_type", "none"], capsys, "rotation")
 
 

@@ -42,7 +42,8 @@ def test_paper_command_gets_the_paper_selection_by_default():
     assert P.paper_rng_replay is False
     assert parse_args("train", paper[:-1] + ["3"]).error_step == 3  # evaluation follows --save_step
     assert parse_args("train", paper + ["--error_step", "2"]).error_step == 2
-    assert parse_args("eval", ["--load_path", "x.model"]).ood_samples == 1  # eval.py's own default is CSI's
+    # eval.py's own default is CSI's
+    assert parse_args("eval", ["--load_path", "x.model", "--dataset", "synth_lesion"]).ood_samples == 1
 
     train_set, test_set, info = get_dataset("digits", "../data")
     normal, test = one_class_split(train_set, test_set, info, 0)

@@ -183,14 +183,14 @@ def test_score_folder_flags_against_training_threshold(trained, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "scored.csv"
     res = eval_program.main(["--load_path", str(logdir / "last.model"), "--score_folder", str(folder),
-                             "--save_scores_csv", str(out), "--threshold_quantile", "0.5"])
+                             "--save_scores_csv", str(out), "--threshold_quantile", "0.5", "--ood_samples", "1"])
     rows = list(csv.DictReader(out.open()))
     assert [r["name"] for r in rows] == sorted(r["name"] for r in rows) and len(rows) == 6
     assert {r["name"] for r in rows} == {f"img_{i}.png" for i in (0, 2, 4)} | {f"sub/img_{i}.png" for i in (1, 3, 5)}
     thr = float(rows[0]["threshold"])
     assert res["threshold"] == pytest.approx(thr, abs=1e-5)
     for r in rows:
-        assert int(r["anomalous"]) == int(float(r["score"]) < thr)
+        assert int(r["anomalous"]) == int(float(r["score_CSI"]) < thr)
 
 
 def test_leave_one_out_training_scores_match_loop():

@@ -251,6 +251,8 @@ def score_folder(P, device, precision, ckpt, meta, scores_wanted):
     if not meta.get("image_size"):
         raise UserError(f"{P.load_path} does not record the size of its images; --score_folder needs a model "
                         f"written by this train.py")
+    h, w = meta["image_size"][:2]
+    print(f"{P.dataset}: new images read at {h}x{w} px, the size the model was trained at")
     n_classes = int(meta.get("n_classes") or ckpt["model"]["linear.weight"].shape[0])
     model, n_shifts = load_model(P, ckpt, meta, n_classes, device)
     if "CSI" in scores_wanted and n_shifts != 4:

@@ -123,6 +123,7 @@ def test_score_folder_with_only_three_flags_and_the_data_gone(run, tmp_path, cap
         assert int(r["anomalous"]) == int(float(r["score_CSI"]) < res["threshold"])
     assert res["n_flagged"] == sum(int(r["anomalous"]) for r in rows)
     assert f"threshold {res['threshold']:.6f}" in printed.out and "normal class normal" in printed.out
+    assert "new images read at 16x16 px" in printed.out
     assert "warning" not in printed.err  # 20 normal images: no warning
     # another quantile is taken over the stored scores
     res2 = score(run["model"], run["new"], tmp_path / "q.csv", "--threshold_quantile", "0.5")

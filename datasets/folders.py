@@ -121,16 +121,42 @@ def folder_spec(name: str, aptos_all_grades: bool = False) -> FolderSpec:
     return FOLDER_SPECS[name]
 
 
-def _list_images(class_dir: str) -> List[str]:
-    """All image files below ``class_dir`` (absolute paths), sorted by relative path."""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _list_images(class_dir: str, others: Sequence[str] = ()) -> List[str]:
+    """All image files below ``class_dir`` (absolute paths), sorted by relative path.
+
+    Symbolic links are followed, each folder at most once: a link back to a folder above (a
+    loop) or to one already listed is not entered again, and each file is counted once, by its
+    real path. A file whose real path lies in one of ``others`` (the split's other class
+    folders) belongs to that class, not to this one."""
+    top = os.path.realpath(class_dir)
+    other_real = [os.path.realpath(o) for o in others if os.path.realpath(o) != top]
+    seen_dirs = {top}
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        kept = []
+        for d in sorted(d for d in dirnames if not is_hidden(d)):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen_dirs or _inside(top, real):  # listed already, or a loop back up
+                continue
+            seen_dirs.add(real)
+            kept.append(d)
+        dirnames[:] = kept
         for f in filenames:
             if not is_hidden(f) and is_image_file(f):
                 found.append(os.path.join(dirpath, f))
     found.sort(key=lambda p: os.path.relpath(p, class_dir).replace(os.sep, "/"))
-    return found
+    unique, seen_files = [], set()
+    for path in found:
+        real = os.path.realpath(path)
+        if real in seen_files or any(_inside(real, o) for o in other_real):
+            continue
+        seen_files.add(real)
+        unique.append(path)
+    return unique
 
 
 def _layout_text(spec: FolderSpec, base: str) -> str:
@@ -200,7 +226,7 @@ def scan_split(spec: FolderSpec, data_root: str, split: str) -> Tuple[List[str],
     files = {}
     for c in classes:
         cdir = os.path.join(split_dir, c)
-        imgs = _list_images(cdir)
+        imgs = _list_images(cdir, [os.path.join(split_dir, o) for o in classes if o != c])
         if not imgs:
             raise UserError(
                 f"dataset '{spec.name}': class folder {cdir} contains no images (accepted extensions: "

@@ -21,7 +21,6 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.summary import scalar as scalar_summary
 
-from common.errors import UserError
 
 
 def is_main_process():
@@ -110,6 +109,12 @@ def process_umask():
         return _UMASK[0]
 
 
+class WriteError(Exception):
+    """A file could not be written (a full disk, an unwritable folder, text that is not UTF-8):
+    its message is one line naming the file and the cause. Programs end on it as on a
+    ``common.errors.UserError`` (one line, exit status 2)."""
+
+
 class _WriteWatch:
     """A binary file that remembers the first ``OSError`` a write to it raised: torch.save reports
     a full disk as its own RuntimeError ("unexpected pos"), without the cause."""
@@ -129,18 +134,18 @@ class _WriteWatch:
 
 
 def write_error(path, exc, appending=False):
-    """The :class:`UserError` of one line for a write of ``path`` that failed with ``exc``
+    """The :class:`WriteError` of one line for a write of ``path`` that failed with ``exc``
     (``appending``: a record appended to, whose end a repair cuts off before it is extended)."""
     if isinstance(exc, UnicodeEncodeError):
         bad = exc.object[max(exc.start - 20, 0):exc.end + 20] if isinstance(exc.object, str) else exc.object
-        return UserError(f"cannot write {path}: it would hold {bad!r}, which is not valid UTF-8 text (a file name "
+        return WriteError(f"cannot write {path}: it would hold {bad!r}, which is not valid UTF-8 text (a file name "
                          f"that is not UTF-8?); rename that file")
     text = str(exc).strip()
     why = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
     hint = ("; free some space there (or write elsewhere)" if getattr(exc, "errno", None) == errno.ENOSPC
             else "")
     stays = ("the files written before it stay" if appending else "what was there before is unchanged")
-    return UserError(f"cannot write {path} ({why}); {stays}{hint}")
+    return WriteError(f"cannot write {path} ({why}); {stays}{hint}")
 
 
 def atomic_write(path, writer):
@@ -148,7 +153,7 @@ def atomic_write(path, writer):
     place: readers see the old file or the complete new one, never a part. On any error
     (an exception, or a signal turned into one) the temporary file is removed and ``path`` is
     untouched; a failed write (a full disk, an unwritable folder, text that cannot be encoded)
-    is a :class:`UserError` of one line naming ``path`` and the cause. What a killed process
+    is a :class:`WriteError` of one line naming ``path`` and the cause. What a killed process
     leaves (``.tmp-<name>.*``) is removed by :func:`remove_stale_temps` when the next process
     takes the folder's lock. Under torchrun only the main process writes
     (:func:`is_main_process`); the others do nothing."""
@@ -179,7 +184,7 @@ def atomic_write(path, writer):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         cause = (watch.error if watch is not None else None) or exc
-        if isinstance(exc, Exception) and not isinstance(exc, UserError) and (
+        if isinstance(exc, Exception) and not isinstance(exc, WriteError) and (
                 isinstance(cause, (OSError, UnicodeEncodeError)) or cause is not exc):
             raise write_error(path, cause) from None
         raise
@@ -270,7 +275,7 @@ class Logger:
 
     A record that ends in a line cut short (a kill, a full disk) is repaired before anything is
     appended: ``scalars.csv`` loses that partial row, ``log.txt`` gets the missing newline
-    (:attr:`repaired` says what was done). A write that fails is a :class:`UserError` of one
+    (:attr:`repaired` says what was done). A write that fails is a :class:`WriteError` of one
     line naming the file and the cause.
     """
 
@@ -364,7 +369,7 @@ class Logger:
                 raise write_error(self._writer._file_name, exc, appending=True) from None
 
     def close(self):
-        """Flush and close every file; a failure to write is a :class:`UserError`, raised once
+        """Flush and close every file; a failure to write is a :class:`WriteError`, raised once
         every file is closed."""
         if not self.active or self._text.closed:
             return

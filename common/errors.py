@@ -1,10 +1,12 @@
 """One error type for everything a user can get wrong.
 
-Entry points catch :class:`UserError`, print its message on one line and exit with
-status 2. Library code raises it with a message that says what is wrong and what to do.
+Entry points catch :class:`UserError` (and ``utils.WriteError``, a file that could not be
+written), print its message on one line and exit with status 2. Library code raises it with a message that says what is wrong and what to do.
 """
 import functools
 import sys
+
+from utils import WriteError
 
 
 class UserError(Exception):
@@ -12,13 +14,14 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main):
-    """Decorate a CLI ``main``: a :class:`UserError` becomes one line on stderr and exit 2."""
+    """Decorate a CLI ``main``: a :class:`UserError` or ``utils.WriteError`` becomes one line on stderr
+    and exit 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as exc:
+        except (UserError, WriteError) as exc:
             msg = " ".join(str(exc).split())
             print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)

@@ -17,6 +17,7 @@ them together.
 import numpy as np
 import torch
 
+from common.errors import SettingError
 from datasets.ood import with_interp
 from evals.ood_pre import auroc, auroc_report, csi_scores, extract_features, ood_report
 
@@ -40,6 +41,8 @@ class SelectionEvaluation:
         self.train_set = _subset(normal_train, max_train, g)
         self.test_set = _subset(test_set, max_test, g)
         self.labels = self.test_set.labels.numpy()
+        if ood_sets is None and normal_class is not None:
+            check_both_sides(self.labels, normal_class, len(test_set), max_test)
         self.normal_class, self.device = normal_class, device
         self.scores = ("CSI", "simclr") if n_shifts == 4 else ("simclr",)
         self.score = self.scores[0]
@@ -98,6 +101,21 @@ class SelectionEvaluation:
             for key, v in rep.items():
                 metrics[f"auroc_{score}_{key}"] = v
         return metrics
+
+
+def check_both_sides(labels, normal_class, n_test, max_test):
+    """The (capped) test set holds normal and anomalous images, or its AUROC is undefined: a
+    :class:`SettingError` naming ``max_test`` when the cap is why."""
+    n_normal = int((labels == normal_class).sum())
+    if n_normal and n_normal < len(labels):
+        return
+    missing = "normal" if not n_normal else "anomalous"
+    if max_test is not None and n_test > max_test:
+        raise SettingError(f"{{max_test}} {max_test} leaves the evaluation during training {len(labels)} test "
+                           f"image(s) and none of them {missing}: its AUROC is undefined and no checkpoint could be "
+                           f"selected on it; raise {{max_test}} (or leave it out)", "max_test")
+    raise SettingError(f"the test set holds no {missing} images: the AUROC of the evaluation during training is "
+                       f"undefined and no checkpoint could be selected on it; add {missing} test images")
 
 
 def _subset(dataset, cap, generator):

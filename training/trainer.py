@@ -18,11 +18,11 @@ from training import schedule
 from training.config import TrainConfig
 from training.contrastive_loss import NT_xent, NT_xent_neg
 from training.optim import make_optimizer, set_lr
+from training.records import LAST_RULE, selection_doc
 from utils import (atomic_torch_save, atomic_write_json, autocast_for, fault_point, rng_state, run_seed,
                    set_rng_state, set_seed)
 
 CHECKPOINT_KIND = MODEL_CHECKPOINT_KIND
-LAST_RULE = "the model at the end of training (saved every --save_step epochs and at the last epoch)"
 
 
 def first_non_finite(state, name=""):
@@ -425,6 +425,10 @@ class Trainer:
             logger.scalar(f"eval/{key}", v, epoch)
         self.evaluations.append({"epoch": epoch, "step": self.step, **metrics})
         value, name = metrics[evaluate.metric], evaluate.filename
+        if not math.isfinite(value):  # never a checkpoint selected on an undefined number
+            raise UserError(f"the evaluation after epoch {epoch} gave {evaluate.metric} = {value}: the AUROC is "
+                            f"undefined (a test set without normal or without anomalous images, or scores that are "
+                            f"not numbers); nothing was selected on it, the files written earlier stay")
         best = self.best.get(name)
         if best is None or value > best["value"]:
             best = {"epoch": epoch, "step": self.step, "rule": evaluate.rule, "metric": evaluate.metric,
@@ -442,9 +446,5 @@ class Trainer:
 
     def write_selection(self, logdir):
         """``selection.json``: which rule produced which checkpoint file, and every evaluation."""
-        doc = {"last.model": dict(self.last_saved, rule=LAST_RULE) if self.last_saved else None}
-        doc.update({name: dict(best) for name, best in self.best.items()})
-        doc["randomness"] = ("paper_rng_replay: each evaluation leaves the generators seeded, later epochs replay"
-                             if self.config.paper_rng_replay else "each epoch seeded with (seed, epoch)")
-        doc["evaluations"] = list(self.evaluations)
+        doc = selection_doc(self.last_saved, self.best, self.config.paper_rng_replay, self.evaluations)
         atomic_write_json(doc, os.path.join(logdir, "selection.json"))

@@ -76,6 +76,7 @@ class Dissolvers:
             gmacs = dissolver_gmacs(spec["ckpt"])
             state = {"ok": True, "reason": "", "gmacs": gmacs, "train_seconds": round(seconds, 2), "reused": False}
             atomic_write_json({"gmacs": gmacs, "train_seconds": round(seconds, 2), "checkpoint": spec["ckpt"],
+                               "data": spec.get("data"),  # the digest of the data's fingerprint (study.rerun)
                                "ddpm": {"unet_dim": a.ddpm_unet_dim, "train_steps": a.ddpm_train_steps,
                                         "batch_size": a.ddpm_batch_size, "grad_accum": a.ddpm_grad_accum,
                                         "amp": a.amp}},

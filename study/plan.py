@@ -4,10 +4,12 @@ import os
 
 from common.errors import UserError
 from datasets import get_dataset, load_ood_sets
+from datasets.fingerprint import check_outside_data, data_fingerprint, data_tree
 from datasets.normal_class import choose_normal_class
 from datasets.registry import is_folder_dataset
 from datasets.ood import check_ood_names, default_ood_names
 from diffusion_models.ddpm import ddpm_config
+from study.rerun import attach_data, check_reruns, recorded_config  # noqa: F401 (recorded_config re-exported)
 
 
 def uses_resolution(transformation, a):
@@ -128,8 +130,13 @@ def make_plan(a):
     runs = []
     for dataset in a.dataset:
         img_size = image_size_of(a, dataset)
-        _, _, info = get_dataset(dataset, a.data_root, image_size=img_size,  # bad name or files: UserError
-                                 aptos_all_grades=a.aptos_all_grades)
+        # a bad name or bad files: UserError
+        train_set, test_set, info = get_dataset(dataset, a.data_root, image_size=img_size,
+                                                aptos_all_grades=a.aptos_all_grades)
+        # the study's outputs never land among the dataset's files (later runs would read them as images)
+        check_outside_data([("--out", a.out)], data_tree(train_set, test_set), dataset)
+        data = data_fingerprint(dataset, train_set, test_set, info)
+        first = len(runs)
         classes = classes_of(a, dataset, info)
         if None in classes:  # multi-class: the out-of-distribution sets are read now, as the dataset is
 
@@ -151,35 +158,27 @@ def make_plan(a):
                 for res in resolutions:
                     for seed in a.seeds:
                         runs.append(Run(a, dataset, info, cls, transformation, res, seed, model, img_size))
+        attach_data(runs[first:], data)
     if any(r.dissolver for r in runs):
         for res in a.diff_resolution:
             ddpm_config(image_size=res, unet_dim=a.ddpm_unet_dim)  # UserError for an impossible UNet
-    for run in runs:  # a finished run made with other settings must not slip into this table
-        if os.path.exists(run.path("results.json")) and os.path.exists(run.path("run.json")):
-            old = recorded_config(run)
-            if old is not None and old != json.loads(json.dumps(run.config)):
-                diff = [f"{k}: {old.get(k)} (now {run.config[k]})" for k in run.config if old.get(k) != run.config[k]]
-                raise UserError(f"{run.dir} holds a finished run made with other settings ({'; '.join(diff)[:300]}); "
-                                f"use another --out, or delete that folder to redo it")
+    check_reruns(runs)  # a run kept in --out is evaluated again, resumed, or the command refused
+    check_dissolvers(runs)
     return runs
 
 
-def recorded_config(run):
-    """The settings a run folder's ``run.json`` records (None if there is none to read), in
-    today's spelling: folders made before ``--amp`` took ``auto|on|off`` recorded it as
-    true/false, which meant ``on``/``off``."""
-    try:
-        with open(run.path("run.json")) as fh:
-            config = json.load(fh).get("config")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    for part in ("train", "eval"):
-        section = config.get(part)
-        if isinstance(section, dict) and isinstance(section.get("amp"), bool):
-            section["amp"] = "on" if section["amp"] else "off"
-    return config
+def check_dissolvers(runs):
+    """A dissolver kept in ``--out/dissolvers`` was trained on this data (its record's digest),
+    or the command is refused: runs on other data would dissolve with it."""
+    for spec in {r.dissolver["name"]: r.dissolver for r in runs if r.dissolver}.values():
+        try:
+            with open(spec["done"]) as fh:
+                trained_on = (json.load(fh) or {}).get("data")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if trained_on and spec.get("data") and trained_on != spec["data"]:
+            raise UserError(f"the dissolver {spec['ckpt']} was trained on other data (fingerprint {trained_on}, the "
+                            f"data now: {spec['data']}); use another --out for this data")
 
 
 def column_key(r):

@@ -1,52 +1,22 @@
 """One run: its train.py and eval.py commands, and training, evaluating and drawing it (or reusing it)."""
-import contextlib
 import json
 import os
 import threading
 import time
 
-from common.checkpoint_io import read_model_checkpoint
 from common.errors import UserError
 from study.dissolvers import read_quality, removal_ratio
 from study.figures import draw_run_figures
 from study.plan import recorded_config
+from study.rerun import change_kind, config_diffs, is_finished, training_state
 from study.steps import Interrupted, class_flags, py, step_env
+from training.records import read_selection
 from utils import atomic_write_json
 
 FIGURES = ("roc.png", "score_hist.png", "loss_curves.png", "selection.png")
 BEST_FILE = "best_CSI.model"  # train.py's selection: the highest test AUROC during training
 BEST_LABEL = "best on test (paper's selection)"
-TRAIN_FILES = ("last.model", "scalars.csv", "log.txt", "config.json", "train_done.json", "selection.json",
-               "train_attempts.json")
 BEST_EVAL_FILES = ("results_best.json", "scores_best.csv", "eval_best.log")
-
-
-def clean_partial_training(run):
-    """Remove what an interrupted or failed training left, so train.py starts afresh."""
-    for name in os.listdir(run.dir):
-        if name in TRAIN_FILES or name.startswith("events.out.tfevents") or (
-                name.startswith("best_") and name.endswith(".model")):
-            os.remove(run.path(name))
-
-
-def interrupted_training(run, same_settings):
-    """What an interrupted training of ``run`` left: ``"resume"`` (a last.model of these
-    settings, to continue exactly), ``"finished"`` (train.py got to the end but its record was
-    not written) or None (nothing to continue: train afresh)."""
-    if not same_settings or not os.path.exists(run.path("last.model")):
-        return None
-
-    try:
-        ckpt = read_model_checkpoint(run.path("last.model"), "cpu")
-    except UserError:
-        return None
-    args = (ckpt.get("meta") or {}).get("args") or {}
-    epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
-    if "epochs" not in args:
-        return None
-    if epoch >= args["epochs"] or (args.get("max_steps") is not None and step >= args["max_steps"]):
-        return "finished"
-    return "resume"
 
 
 def train_command(a, run, dissolver_ckpt):
@@ -110,8 +80,7 @@ def multi_class_flags(a):
 
 def needs_dissolver(run):
     """Whether the run still needs its dissolver (to train, or to draw its grid)."""
-    return run.dissolver is not None and not (os.path.exists(run.path("results.json"))
-                                              and os.path.exists(run.path("dissolving.png")))
+    return run.dissolver is not None and not (is_finished(run) and os.path.exists(run.path("dissolving.png")))
 
 
 def read_json(path):
@@ -125,17 +94,19 @@ def read_json(path):
 def execute(a, run, dissolvers, steps):
     """Train, evaluate and draw one run (or reuse it when finished), its steps by ``steps`` (a
     :class:`study.steps.Steps`); fills ``run``'s fields."""
-    results = read_json(run.path("results.json"))
+    finished = is_finished(run)  # evaluated with these settings, nothing failed since
+    results = read_json(run.path("results.json")) if finished else None
     dissolver = None
     if run.dissolver is not None:  # a finished run only reads the dissolver's record
         dissolver = dissolvers.get(run.dissolver) if needs_dissolver(run) else (read_json(run.dissolver["done"]) or {})
         run.gmacs = dissolver.get("gmacs")
         run.removal = removal_ratio({"quality": read_quality(run.dissolver)})
-    if results is not None:
+    if finished:
         run.reused = True
     else:
         os.makedirs(run.dir, exist_ok=True)
-        for name in ("failed.json", "dissolving.png") + FIGURES + BEST_EVAL_FILES:  # nothing stale from before
+        # what an evaluation derives is made again (logs are appended to, never removed)
+        for name in ("failed.json", "dissolving.png") + FIGURES + BEST_EVAL_FILES[:2]:
             if os.path.exists(run.path(name)):
                 os.remove(run.path(name))
         if dissolver is not None and not dissolver["ok"]:
@@ -143,21 +114,26 @@ def execute(a, run, dissolvers, steps):
         ckpt = run.dissolver["ckpt"] if run.dissolver else None
         train_cmd, eval_cmd = train_command(a, run, ckpt), eval_command(a, run)
         old = recorded_config(run)
-        if old is not None and old != json.loads(json.dumps(run.config)):
-            with contextlib.suppress(FileNotFoundError):  # trained with other settings: train again
-                os.remove(run.path("train_done.json"))
+        # make_plan let through only changes a new evaluation or a resume gives (study.rerun)
+        kind = change_kind(config_diffs(old, run.config)) if old is not None else None
         atomic_write_json({"config": run.config, "train_command": train_cmd, "eval_command": eval_cmd,
-                           "eval_best_command": eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2])},
+                           "eval_best_command": eval_command(a, run, BEST_FILE, *BEST_EVAL_FILES[:2]),
+                           "data_fingerprint": getattr(run, "data_fingerprint", None)},
                           run.path("run.json"))
         done = read_json(run.path("train_done.json"))
-        if done is None or not os.path.exists(run.path("last.model")):
-            state = interrupted_training(run, old == json.loads(json.dumps(run.config)))
+        if done is None or not os.path.exists(run.path("last.model")) or kind in ("resume", "train"):
+            try:
+                state = training_state(a, run)
+            except UserError as exc:
+                return fail(run, "train", f"{exc}; the run's files are kept")
+            if state == "beyond":
+                return fail(run, "train", f"last.model has trained past this budget (--epochs {a.epochs}, "
+                                          f"--max_steps {a.max_steps}); it is kept: pass the budget it was trained "
+                                          f"with, or use another --out")
             if state == "finished":  # train.py ended, the record of it did not get written
                 seconds = None
             else:
                 cmd = train_cmd + (["--resume_path", run.dir] if state == "resume" else [])
-                if state is None:
-                    clean_partial_training(run)
                 # the seconds of earlier, interrupted attempts this one continues
                 earlier = float((read_json(run.path("train_attempts.json")) or {}).get("seconds") or 0.0)
                 t0 = time.time()
@@ -212,7 +188,13 @@ def evaluate_best(a, run, steps):
     """
     if not a.selection:
         return None, ""
-    selection = read_json(run.path("selection.json")) or {}
+    try:  # checked against the checkpoint files; rebuilt from them when damaged or disagreeing
+        selection, note = read_selection(run.dir)
+    except UserError as exc:
+        return None, f"selection.json: {exc}"
+    if note:
+        run.notes.append(note)
+    selection = selection or {}
     info = selection.get(BEST_FILE)
     if info is None or not os.path.exists(run.path(BEST_FILE)):
         return None, ""

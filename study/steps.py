@@ -13,10 +13,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def last_line(log_path, rc):
-    """The line that says why a step failed: the ``error: ...`` line, else the log's last line."""
+def last_line(log_path, rc, start=0):
+    """The line that says why a step failed: the ``error: ...`` line, else the log's last line;
+    only what the step wrote is read (from byte ``start`` on)."""
     try:
         with open(log_path, errors="replace") as fh:
+            fh.seek(start)
             lines = [ln.strip() for ln in fh.read().replace("\r", "\n").splitlines() if ln.strip()]
     except OSError:
         lines = []
@@ -135,7 +137,9 @@ class Steps:
 
     def run(self, cmd, log_path, what=None, append=False, env=None):
         """Run ``cmd`` (a list, ``python`` first) from the repository root, stdout and stderr into
-        ``log_path`` (appended to with ``append``), ``env`` added to this process's environment (and
+        ``log_path``, which is appended to and never emptied (a step refused at once, e.g. by the
+        lock of another process that runs it, leaves that process's log whole; ``append=False``
+        starts a fresh attempt's part with a separator line), ``env`` added to this process's environment (and
         written in the log); returns ``(ok, seconds, reason)``. The step dies with this process; a
         signal to this process stops it first. Raises :class:`Interrupted` instead of starting a
         step, or of reporting one stopped, once :meth:`stop_all` was called."""
@@ -146,7 +150,10 @@ class Steps:
         t0 = time.time()
         what = what or os.path.basename(cmd[1])
         main_thread = threading.current_thread() is threading.main_thread()
-        with open(log_path, "a" if append else "w") as log:
+        with open(log_path, "a") as log:
+            start = log.tell()
+            if start and not append:
+                log.write("\n---- a new attempt ----\n")
             log.write("$ " + "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
                       + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
@@ -175,7 +182,7 @@ class Steps:
         if self._stopping is not None:  # stopped by the interruption (another thread's): not a failure
             raise Interrupted(self._stopping)
         seconds = time.time() - t0
-        return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc))
+        return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc, start))
 
 
 def class_flags(cls, multi=()):

@@ -31,6 +31,8 @@ from common.checkpoint_io import read_checkpoint, read_model_checkpoint
 from common.errors import SettingError, UserError, exit_on_user_error
 from common.run_folder import RunFolder, changed_settings, check_world_size, plain_settings, resolve_resume
 from datasets import get_dataset, load_ood_sets, one_class_split
+from datasets.fingerprint import (check_outside_data, check_same_data, check_same_file, data_fingerprint, data_tree,
+                                  file_sha256)
 from datasets.normal_class import normal_class_line, recorded_class
 from datasets.registry import describe_images
 from evals.scoring_reference import ScoringProtocol, compute_reference, model_digest, write_reference
@@ -38,13 +40,15 @@ from evals.selection import SelectionEvaluation
 from models.dissolve import DissolveSettings, make_dissolve_fn
 from models.resnet import build_model
 from training.config import TrainConfig
+from training.records import check_not_rewinding, reconcile_best
 from training.trainer import Trainer
 from utils import Logger, set_seed, warn
 
 # flags that are no setting of a run: names of folders and files, eval.py's own flags, derived values
 NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "program", "dissolve_type", "base_shift",
                     "K_shift", "ood_score", "ood_layer", "ood_batch_size", "print_score", "save_score",
-                    "save_results", "save_scores_csv", "score_folder", "threshold_quantile", "one_class_given")
+                    "save_results", "save_scores_csv", "score_folder", "threshold_quantile", "one_class_given",
+                    "accept_changed_data")
 CREATION_ONLY = ("load_path", "no_strict")  # a warm start, applied when the run is created
 RUN_ID_KEYS = ("run_id", "resumed_from", "world_size")  # what config.json holds besides the flags
 RESUME_IGNORES = set(RESUME_MAY_CHANGE) | set(NOT_RUN_SETTINGS) | set(RUN_ID_KEYS)
@@ -68,6 +72,8 @@ def train(P, device, where):
         where["logdir"] = logdir
         if resume is not None:
             run.place_resumed((resume.get("meta") or {}).get("run_id"), resume_file, src_dir)
+            if run.placement == "same":  # never from a checkpoint older than the folder's last.model
+                check_not_rewinding(logdir, resume_file, resume)
         else:
             run.place_fresh(plain_settings(P), RESUME_IGNORES)
 
@@ -77,6 +83,9 @@ def train(P, device, where):
         normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx,
                                                  contamination_ratio=P.contamination_ratio, seed=P.seed)
         describe_data(info, P.one_class_idx)
+        # the run's outputs never land among its data's files; what it is trained on, recorded and compared
+        check_outside_data([("--logdir", logdir)], data_tree(train_set, test_set), P.dataset)
+        inputs, accepted = run_inputs(P, train_set, test_set, info, resume, resume_file)
         # read now: missing out-of-distribution data stops the run before training
         ood_sets = load_ood_sets(P.ood_dataset, P.data_root, info) if P.one_class_idx is None and not P.no_eval else None
         if P.model.endswith("_imagenet") and info.image_size[0] < 64:
@@ -90,8 +99,8 @@ def train(P, device, where):
             load_warm_start(model, warm, P)
         model = distributed.sync_batchnorm(model, device)  # as CSI converts its model (CUDA only)
         trainer = Trainer(TrainConfig.from_flags(vars(P)), model, device, dissolve=dissolve)
-        if resume is not None:
-            continue_run(trainer, run, resume, resume_file, src_dir, P)
+        notes = continue_run(trainer, run, resume, resume_file, src_dir, P) if resume is not None else []
+        evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device, ood_sets)
 
         run.record(plain_settings(P), distributed.world_size(), resumed_from=resumed_from(resume, resume_file, trainer))
         rewound = run.rewind(trainer.keeps_row, resume.get("log_bytes") if resume is not None else None)
@@ -101,9 +110,12 @@ def train(P, device, where):
             logger.log(f"an interrupted attempt left {len(run.stale)} temporary file(s), {rewound.rows} scalars.csv "
                        f"row(s), {rewound.events} TensorBoard scalar(s) and {rewound.log_bytes} bytes of "
                        f"log.txt past this point: removed")
-        evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device, ood_sets)
+        for note in notes + accepted:
+            logger.log(note)
+        if notes:  # the best files as they are: selection.json names them from now on
+            trainer.write_selection(logdir)
         try:
-            last = trainer.fit(normal_train, logger, run_meta(P, run.run_id, info), evaluate=evaluate)
+            last = trainer.fit(normal_train, logger, {**run_meta(P, run.run_id, info), **inputs}, evaluate=evaluate)
             if P.scoring_samples:
                 write_scoring_reference(P, trainer, run.run_id,
                                         clean_normal_train(P, train_set, test_set, info, normal_train), info, device,
@@ -236,6 +248,41 @@ def continue_run(trainer, run, resume, resume_file, src_dir, P):
     if run.placement == "new":
         run.copy_from(src_dir, {name: (f"of epoch {best.get('epoch')}", _is_checkpoint_of(best))
                                 for name, best in (resume.get("best") or {}).items()})
+        return []
+    # in its own folder: the best files are what they hold (a kill may have come between a best
+    # file and the checkpoint that records it), and selection.json names them
+    trainer.best, notes = reconcile_best(run.path, trainer.best, (resume.get("meta") or {}).get("run_id"))
+    return notes
+
+
+def run_inputs(P, train_set, test_set, info, resume, resume_file):
+    """What the run is trained on, for every checkpoint's meta: the data's fingerprint and the
+    dissolver file's SHA-256. A resumed run compares them with what its checkpoint recorded and
+    refuses a change unless --accept_changed_data, which records it (``accepted_changes``).
+    Returns ``(inputs, log lines of the changes accepted now)``."""
+    data = data_fingerprint(P.dataset, train_set, test_set, info)
+    dissolver = None
+    if P.dissolve_type == "diffusion" and P.diffusion_model_path:
+        dissolver = {"path": os.path.abspath(P.diffusion_model_path), "sha256": file_sha256(P.diffusion_model_path)}
+    inputs = {"data": data, "dissolver": dissolver, "accepted_changes": []}
+    if resume is None:
+        return inputs, []
+    meta = resume.get("meta") or {}
+    what = f"--resume_path {resume_file}: the run"
+    advice = "start a new run in another --logdir"
+    changes = check_same_data(meta.get("data"), data, what, P.accept_changed_data, where=f"--data_root {P.data_root}",
+                              advice=advice)
+    if dissolver is not None and check_same_file((meta.get("dissolver") or {}).get("sha256"), dissolver["sha256"],
+                                                 what, P.diffusion_model_path, P.accept_changed_data, advice=advice):
+        changes.append(f"the dissolver {P.diffusion_model_path} changed (SHA-256 {dissolver['sha256'][:12]})")
+    inputs["accepted_changes"] = list(meta.get("accepted_changes") or [])
+    if not changes:
+        return inputs, []
+    epoch, step = int(resume.get("epoch", 0)), int(resume.get("step", 0))
+    inputs["accepted_changes"].append({"epoch": epoch, "step": step, "flag": "--accept_changed_data",
+                                       "changes": changes})
+    return inputs, [f"--accept_changed_data: going on from epoch {epoch} (step {step}) with changed inputs: "
+                    + "; ".join(changes)]
 
 
 def _is_checkpoint_of(best):
@@ -320,11 +367,14 @@ def make_evaluate(P, normal_train, test_set, device, ood_sets=None):
     """The evaluation during training that selects ``best_CSI.model`` (``evals.selection``):
     by default the paper's (CSI, 10 samples, crop scale in [0.54, 1], the full sets); in the
     multi-class setting against ``ood_sets`` (``datasets.load_ood_sets``)."""
-    return SelectionEvaluation(normal_train, test_set, P.one_class_idx, device, n_shifts=P.K_shift,
-                               samples=P.ood_samples, resize_factor=P.eval_resize_factor,
-                               resize_fix=P.eval_resize_fix, max_train=P.eval_max_train,
-                               max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=P.amp, seed=P.seed,
-                               ood_sets=ood_sets, interp_batch=P.test_batch_size)
+    try:
+        return SelectionEvaluation(normal_train, test_set, P.one_class_idx, device, n_shifts=P.K_shift,
+                                   samples=P.ood_samples, resize_factor=P.eval_resize_factor,
+                                   resize_fix=P.eval_resize_fix, max_train=P.eval_max_train,
+                                   max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=P.amp, seed=P.seed,
+                                   ood_sets=ood_sets, interp_batch=P.test_batch_size)
+    except SettingError as exc:  # e.g. --eval_max_test leaving one class only: an undefined AUROC
+        raise UserError(exc.worded({"max_test": "--eval_max_test", "max_train": "--eval_max_train"})) from None
 
 
 # --------------------------------------------------------------------------- signals

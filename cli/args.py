@@ -115,6 +115,11 @@ def add_data_group(p, program):
                         "model's input); left out: 224, the paper's")
     g.add_argument("--aptos_all_grades", action="store_true",
                    help="aptos: every grade 1-4 is an anomaly (the paper's code tests grade 0 against grade 1 only)")
+    g.add_argument("--accept_changed_data", action="store_true",
+                   help="go on although the data (files added, removed or rewritten, classes renamed) or the "
+                        "dissolver file changed since the run was trained, which is otherwise refused; the change is "
+                        + ("recorded in the run's checkpoints and log" if program == "train" else
+                           "recorded in --save_results"))
     if program == "train":
         g.add_argument("--contamination_ratio", type=float, default=0.0,
                        help="fraction r of the training set drawn from other classes (adds r/(1-r) times as many)")

@@ -11,6 +11,7 @@ Example (the paper's command):
         --shift_trans_type rotation --print_score --diffusion_upper_offset 0. --diffusion_offset 0. \
         --ood_samples 10 --resize_factor 0.54 --resize_fix --one_class_idx 0 --load_path logs/<run>/last.model
 """
+import math
 import os
 import sys
 
@@ -25,6 +26,7 @@ from common.errors import UserError, exit_on_user_error
 from common.paths import check_distinct, check_output_file
 from datasets import get_dataset, load_ood_sets, one_class_split
 from datasets.base import FolderStore, ImageDataset, is_image_file
+from datasets.fingerprint import check_outside_data, check_same_data, data_fingerprint, data_tree
 from datasets.normal_class import check_recorded_class, normal_class_line, recorded_class
 from datasets.ood import default_ood_names, with_interp
 from datasets.registry import describe_images
@@ -43,6 +45,49 @@ SIMPLE_SCORES = ("baseline", "clean_norm", "similar")
 def save_score_path(P):
     """Where ``--save_score`` writes the raw scores: next to the model."""
     return os.path.join(os.path.dirname(os.path.abspath(P.load_path)), f"scores_{P.mode}.npz")
+
+
+def output_files(P):
+    """``(flag, path)`` of every file this evaluation writes."""
+    return [(flag, path) for flag, path in (("--save_results", P.save_results),
+                                            ("--save_scores_csv", P.save_scores_csv),
+                                            ("--save_score", save_score_path(P) if P.save_score else None)) if path]
+
+
+def check_data(P, meta, train_set, test_set, info, names):
+    """Before any work, on the data as read: no output inside the dataset's folder; the data
+    are those the model was trained on (its fingerprint), or ``--accept_changed_data`` (the
+    changes are returned, for the results); every name the per-image CSV holds can be written."""
+    check_outside_data(output_files(P), data_tree(train_set, test_set), P.dataset)
+    changes = check_same_data(meta.get("data"), data_fingerprint(P.dataset, train_set, test_set, info),
+                              P.load_path, P.accept_changed_data, where=f"--data_root {P.data_root}",
+                              advice="evaluate a model trained on the data as they are")
+    check_names(P, names)
+    return changes
+
+
+def check_names(P, names):
+    """Every name the per-image CSV will hold can be written as UTF-8 (a file name that is not
+    is one line now, not a failure after the whole evaluation)."""
+    if not P.save_scores_csv:
+        return
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UserError(f"the file name {shown} is not valid UTF-8, and --save_scores_csv writes UTF-8: rename "
+                            f"it (e.g. convmv -f latin1 -t utf8), or leave out --save_scores_csv") from None
+
+
+def check_defined(reports, what):
+    """Every AUROC of ``reports`` ({score: {key: AUROC}}) is a number: an undefined one (a side
+    without images) is one line, never reported or written as a number."""
+    for score, report in reports.items():
+        for key, value in report.items():
+            if not math.isfinite(value):
+                raise UserError(f"the {score} AUROC {key} is undefined ({what}): scoring needs normal and anomalous "
+                                f"images; nothing was written")
 
 
 def check_outputs(P):
@@ -147,6 +192,7 @@ def evaluate(P, device, scores_wanted):
     if meta.get("image_size") and list(meta["image_size"]) != list(info.image_size):
         raise UserError(f"{P.load_path} was trained on {meta['image_size'][0]}-px images ({meta.get('dataset')}), "
                         f"--dataset {P.dataset} gives {info.image_size[0]} px")
+    data_changes = check_data(P, meta, train_set, test_set, info, test_set.names)
     normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx, seed=P.seed)
     print(normal_class_line(info.name, info.class_names, P.one_class_idx))
     print(describe_images(info)[0])
@@ -155,6 +201,7 @@ def evaluate(P, device, scores_wanted):
     if multi:  # read before the model: missing data is one line, before any work
 
         ood_sets = with_interp(load_ood_sets(P.ood_dataset, P.data_root, info), test_set, P.test_batch_size)
+        check_names(P, [n for d in ood_sets.values() for n in d.names])
     net, n_shifts = load_model(P, ckpt, meta, info.n_classes, device)
 
     labels = test_set.labels.numpy()
@@ -163,6 +210,8 @@ def evaluate(P, device, scores_wanted):
                "n_normal": int((labels == P.one_class_idx).sum()),
                "n_anomalous": int((labels != P.one_class_idx).sum()),
                "class_names": list(info.class_names)}
+    if data_changes:  # --accept_changed_data
+        results["data_changed_since_training"] = data_changes
     if multi:
         results.update(setting="multi_class", ood_dataset=list(ood_sets), n_normal=len(test_set),
                        n_anomalous=sum(len(d) for d in ood_sets.values()),
@@ -200,8 +249,11 @@ def evaluate(P, device, scores_wanted):
     if multi:
         return report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, ood_sets)
     for score, s in per_image.items():
-        rep = auroc_report(s, labels, P.one_class_idx)
-        results["auroc_by_score"][score] = rep
+        results["auroc_by_score"][score] = auroc_report(s, labels, P.one_class_idx)
+    check_defined(results["auroc_by_score"], f"{results['n_normal']} normal and {results['n_anomalous']} anomalous "
+                                             f"test images")
+    for score, s in per_image.items():
+        rep = results["auroc_by_score"][score]
         line = " ".join(f"[{key} {score} {v:.4f}]" for key, v in rep.items())
         print(line)
         if P.print_score:
@@ -210,8 +262,7 @@ def evaluate(P, device, scores_wanted):
     first = scores_wanted[0]
     results["auroc"] = results["auroc_by_score"][first]
     results["ood_score"] = first
-    if P.save_results:
-        atomic_write_json(results, P.save_results)
+    # the per-image files first, the results last: a results file means every output was written
     if P.save_scores_csv:
         rows = [{"index": i, "name": test_set.names[i], "label": int(labels[i]),
                  "normal": int(labels[i] == P.one_class_idx),
@@ -220,6 +271,8 @@ def evaluate(P, device, scores_wanted):
                          P.save_scores_csv)
     if P.save_score:
         atomic_write(save_score_path(P), lambda fh: np.savez(fh, labels=labels, **per_image))
+    if P.save_results:
+        atomic_write_json(results, P.save_results)
     return results
 
 
@@ -286,6 +339,7 @@ def score_folder(P, device, precision, ckpt, meta, scores_wanted):
         warn(few)
 
     target = folder_dataset(P.score_folder, meta["image_size"])
+    check_names(P, target.names)
     with tqdm(total=len(target) * protocol.samples, desc="features", unit="img", disable=None) as bar:
         feats = extract_features(model, target, "rotation", protocol.samples, device, batch_size=P.ood_batch_size,
                                  resize_factor=protocol.resize_factor, resize_fix=protocol.resize_fix,
@@ -321,6 +375,7 @@ def reference_from_data(P, device, model, meta, ckpt, digest, protocol, path, wh
     recorded = recorded_class(meta)
     if recorded is not None and recorded[0] is not None:
         check_recorded_class(P.dataset, info.class_names, recorded[0], recorded[1], P.load_path)
+    check_data(P, meta, train_set, test_set, info, [])  # the reference comes from the data the model was trained on
     if list(meta["image_size"]) != list(info.image_size):
         raise UserError(f"{P.load_path} was trained on {meta['image_size'][0]}-px images, --dataset {P.dataset} "
                         f"gives {info.image_size[0]} px now")
@@ -348,6 +403,7 @@ def report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, 
     names = list(ood_sets)
     for score in scores_wanted:
         results["auroc_by_score"][score] = ood_report(per_image[score], per_ood[score])
+    check_defined(results["auroc_by_score"], "an out-of-distribution set or the test set without images")
     bests = []
     for key in names + ["ood_mean"]:
         values = {score: results["auroc_by_score"][score][key] for score in scores_wanted}
@@ -363,8 +419,6 @@ def report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, 
     first = scores_wanted[0]
     results["auroc"] = results["auroc_by_score"][first]
     results["ood_score"] = first
-    if P.save_results:
-        atomic_write_json(results, P.save_results)
     sets = [(P.dataset, test_set.names, test_set.labels.tolist(), 1, per_image)]
     sets += [(name, ood_sets[name].names, None, 0, {k: v[name] for k, v in per_ood.items()}) for name in names]
     if P.save_scores_csv:
@@ -382,6 +436,8 @@ def report_multi_class(P, results, scores_wanted, per_image, per_ood, test_set, 
         arrays = {k: np.concatenate([scores[k] for *_, scores in sets]) for k in scores_wanted}
         atomic_write(save_score_path(P), lambda fh: np.savez(fh, labels=set_index,
                                                              sets=np.array([name for name, *_ in sets]), **arrays))
+    if P.save_results:  # last: a results file means every output was written
+        atomic_write_json(results, P.save_results)
     return results
 
 

@@ -41,6 +41,7 @@ from common.errors import UserError, exit_on_user_error  # noqa: E402
 from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed  # noqa: E402
 from common.run_folder import check_world_size, lock_file  # noqa: E402
 from datasets import get_dataset, one_class_split  # noqa: E402
+from datasets.fingerprint import check_outside_data, check_same_data, data_fingerprint, data_tree  # noqa: E402
 from datasets.normal_class import normal_class_line  # noqa: E402
 from diffusion_models.ddpm import ddpm_config, read_dissolver_checkpoint  # noqa: E402
 from diffusion_models.ddpm_data import (check_normal_class, ddpm_training_images, dissolver_class,  # noqa: E402
@@ -109,6 +110,9 @@ def build_parser():
     add_seed(p, "seed of the initial weights, the data order, the flips, the timesteps and the noise",
              default=d.seed)
     add_device(p)
+    p.add_argument("--accept_changed_data", action="store_true",
+                   help="--resume although the data changed since the checkpoint was trained (files added, removed "
+                        "or rewritten, classes renamed), which is otherwise refused; the checkpoint records the change")
     add_amp(p, what="the forward pass (fp32 weights, optimiser and EMA; off is the paper's Trainer)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return p
@@ -255,6 +259,9 @@ def training_images(args, plan):
     """The normal training images at the dissolving resolution, and what they are (the
     checkpoint's meta: dataset, one_class_idx, class_name, native_kind)."""
     train_set, test_set, info = _load_data(args)
+    # the checkpoint never lands among the data's files; what it is trained on, recorded
+    check_outside_data([("--save_path", plan.save_path)], data_tree(train_set, test_set), args.dataset)
+    fingerprint = data_fingerprint(args.dataset, train_set, test_set, info)
     idx = plan.one_class_idx
     if idx is not None:
         check_normal_class(idx, info)
@@ -265,7 +272,24 @@ def training_images(args, plan):
                                                            leave=False))
     data = {"dataset": args.dataset, "one_class_idx": idx,
             "class_name": "all" if idx is None else str(info.class_names[idx]), "native_kind": info.native_kind}
+    data["data_fingerprint"] = fingerprint
     return images, data
+
+
+def check_dissolver_data(args, ckpt, data, save_path):
+    """A resumed dissolver goes on with the data its checkpoint records (their fingerprint), or
+    with ``--accept_changed_data``, which each later checkpoint records (``accepted_changes``)."""
+    if ckpt is None:
+        return
+    meta = ckpt.get("meta") or {}
+    changes = check_same_data(meta.get("data_fingerprint"), data["data_fingerprint"], f"--resume: {save_path}",
+                              args.accept_changed_data, where=f"--data_root {args.data_root}",
+                              advice="train a new dissolver with another --save_path")
+    data["accepted_changes"] = list(meta.get("accepted_changes") or [])
+    if changes:
+        step = int((ckpt.get("train_state") or {}).get("step", 0))
+        data["accepted_changes"].append({"step": step, "flag": "--accept_changed_data", "changes": changes})
+        print(f"--accept_changed_data: going on from step {step} with changed data: {'; '.join(changes)}")
 
 
 def describe(args, plan, trainer, data, n, device):
@@ -295,6 +319,7 @@ def main(argv=None):
         with locked_save_path(plan.save_path):
             ckpt = checkpoint_to_resume(args, plan, device)
             images, data = training_images(args, plan)
+            check_dissolver_data(args, ckpt, data, plan.save_path)
             trainer = DissolverTrainer(plan.config, plan.recipe, device, progress=not args.no_progress)
             if ckpt is not None:
                 trainer.load_state(ckpt)

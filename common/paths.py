@@ -25,9 +25,17 @@ def _nearest_existing(folder):
     return f
 
 
+def _check_not_dangling(link, flag, path):
+    """Refuse a symbolic link whose target does not exist (it is no file and no folder)."""
+    if os.path.islink(link) and not os.path.exists(link):
+        raise UserError(f"{flag} {path}: {link} is a symbolic link to {os.readlink(link)}, which does not exist; "
+                        f"create its target or remove the link, or choose another {flag}")
+
+
 def _probe_folder(folder, flag, path):
     """Raise unless ``folder`` (which may not exist yet) can be created and written into."""
     base = _nearest_existing(folder)
+    _check_not_dangling(base, flag, path)
     if not os.path.isdir(base):
         raise UserError(f"{flag} {path}: {base} is a file, not a folder; choose another {flag}")
     try:
@@ -51,6 +59,7 @@ def check_output_file(path, flag):
         raise UserError(f"{flag} needs a file path, got an empty string")
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} {path} names a folder; give a file path (e.g. {os.path.join(path, 'out')}...)")
+    _check_not_dangling(path, flag, path)  # writing would replace the link, never reach its target
     _probe_folder(os.path.dirname(os.path.abspath(path)), flag, path)
     return os.path.realpath(path)
 
@@ -60,6 +69,7 @@ def check_run_folder(path, flag="--logdir"):
     path = os.fspath(path)
     if not path.strip():
         raise UserError(f"{flag} needs a folder path, got an empty string")
+    _check_not_dangling(path, flag, path)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a folder; choose a folder path for {flag}")
     _probe_folder(path, flag, path)

@@ -3,6 +3,7 @@ import json
 import os
 
 from common.errors import UserError
+from common.paths import check_run_folder
 from datasets import get_dataset, load_ood_sets
 from datasets.fingerprint import check_outside_data, data_fingerprint, data_tree
 from datasets.normal_class import choose_normal_class
@@ -127,6 +128,7 @@ def default_model(info):
 
 def make_plan(a):
     """Check the datasets (through ``datasets.get_dataset``) and list the runs in table order."""
+    check_run_folder(a.out, "--out")  # writable, no file, no link to nothing (nothing is created here)
     runs = []
     for dataset in a.dataset:
         img_size = image_size_of(a, dataset)

@@ -23,7 +23,7 @@ from common import distributed
 from common.errors import UserError
 from common.paths import check_output_file, check_run_folder, same_path
 from common.tb_events import prune_events
-from utils import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
+from utils import atomic_write, atomic_write_json, atomic_write_text, cut_partial_line, remove_stale_temps
 
 CONFIG_NAME = "config.json"
 
@@ -136,8 +136,9 @@ class Rewound:
 def rewind_records(logdir, keep_row, log_bytes=None):
     """Cut the records of ``logdir`` back to a checkpoint: ``log.txt`` to ``log_bytes`` (its length
     when the checkpoint was written; None keeps it), and the ``scalars.csv`` rows and TensorBoard
-    scalars that ``keep_row(tag, step) -> bool`` rejects (a row cut short by a kill is dropped
-    too). Rewritten files are replaced atomically. Returns a :class:`Rewound`."""
+    scalars that ``keep_row(tag, step) -> bool`` rejects (a row cut short by a kill or a full disk,
+    the last line without its newline, is dropped too: it may parse, with a cut number). Rewritten
+    files are replaced atomically. Returns a :class:`Rewound`."""
     done = Rewound()
     text_path = os.path.join(logdir, "log.txt")
     if log_bytes is not None and os.path.isfile(text_path) and os.path.getsize(text_path) > log_bytes:
@@ -146,7 +147,7 @@ def rewind_records(logdir, keep_row, log_bytes=None):
     done.events = prune_events(logdir, keep_row)
     csv_path = os.path.join(logdir, "scalars.csv")
     if os.path.exists(csv_path):
-        done.rows = _drop_rows(csv_path, keep_row)
+        done.rows = (1 if cut_partial_line(csv_path) else 0) + _drop_rows(csv_path, keep_row)
     return done
 
 

@@ -148,15 +148,14 @@ def _list_images(class_dir: str, others: Sequence[str] = ()) -> List[str]:
         for f in filenames:
             if not is_hidden(f) and is_image_file(f):
                 found.append(os.path.join(dirpath, f))
-    found.sort(key=lambda p: os.path.relpath(p, class_dir).replace(os.sep, "/"))
-    unique, seen_files = [], set()
-    for path in found:
+    chosen = {}  # real path -> the path it is listed by: one without links where there is one
+    for path in sorted(found, key=lambda p: os.path.relpath(p, class_dir).replace(os.sep, "/")):
         real = os.path.realpath(path)
-        if real in seen_files or any(_inside(real, o) for o in other_real):
+        if any(_inside(real, o) for o in other_real):
             continue
-        seen_files.add(real)
-        unique.append(path)
-    return unique
+        if real not in chosen or (os.path.abspath(path) == real != os.path.abspath(chosen[real])):
+            chosen[real] = path
+    return sorted(chosen.values(), key=lambda p: os.path.relpath(p, class_dir).replace(os.sep, "/"))
 
 
 def _layout_text(spec: FolderSpec, base: str) -> str:

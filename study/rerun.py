@@ -162,7 +162,8 @@ def check_reruns(runs):
         if kind in (None, "eval") or (kind == "resume" and not results) or not (results or holds_training(run)):
             continue
         what = "a finished run" if results else "the training of a run"
-        detail = "; ".join(f"{k}: {o} (now {n})" for k, o, n in diffs)
+        top = dict.fromkeys(k.split(".")[0] for k, _, _ in diffs)
+        detail = "; ".join(f"{k}: {old.get(k)} (now {run.config.get(k)})" for k in top)
         raise UserError(f"{run.dir} holds {what} made with other settings: {describe(diffs, run)} "
                         f"[{detail[:300]}]. A rerun keeps what a training wrote: pass the recorded values, or use "
                         f"another --out")

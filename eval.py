@@ -22,6 +22,7 @@ from tqdm import tqdm
 from cli.args import choose_class, parse_args
 from common import distributed
 from common.checkpoint_io import read_model_checkpoint
+from common.device import device_facts, device_precision, make_deterministic, precision_line
 from common.errors import UserError, exit_on_user_error
 from common.paths import check_distinct, check_output_file
 from datasets import get_dataset, load_ood_sets, one_class_split
@@ -170,6 +171,7 @@ def main(argv=None):
     if P.multi_gpu:
         raise UserError("--multi_gpu (CSI's DataParallel) is not supported: run eval.py on several GPUs with torchrun --nproc_per_node=N "
                         "eval.py ... (each process extracts the features of its share of the images)")
+    make_deterministic(P.deterministic)  # before any CUDA work
     with distributed.joined(P.device) as device:
         distributed.quiet_unless_main()
         return evaluate(P, device, scores_wanted)
@@ -178,7 +180,9 @@ def main(argv=None):
 def evaluate(P, device, scores_wanted):
     """Features (sharded over torchrun's ranks), scores, AUROCs, and the files asked for."""
     set_seed(P.seed)
-    ckpt = read_model_checkpoint(P.load_path, device)
+    precision = device_precision(P.amp, device)  # of the device this process computes on, now set
+    print(precision_line(P.amp, precision, *device_facts(device)))
+    ckpt = read_model_checkpoint(P.load_path, "cpu")  # load_state_dict moves the weights
     meta = ckpt.get("meta") or {}
     P.model = P.model or meta.get("arch") or "resnet18"  # left out: the network the checkpoint records
     if meta.get("arch") and meta["arch"] != P.model:
@@ -226,7 +230,7 @@ def evaluate(P, device, scores_wanted):
             raise UserError(f"--ood_score CSI needs a model trained with 4 shifts; {P.load_path} has {n_shifts} "
                             f"(it was trained with --mode simclr: use --ood_score simclr)")
         kw = dict(base_shift="rotation", n_samples=P.ood_samples, device=device, batch_size=P.ood_batch_size,
-                  resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp, sharded=True)
+                  resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=precision, sharded=True)
         total = (len(normal_train) + len(test_set) + sum(len(d) for d in ood_sets.values())) * P.ood_samples
         with tqdm(total=total, desc="features", unit="img", disable=None) as bar:
             f_train = extract_features(net, normal_train, progress=bar, **kw)  # once, for every score
@@ -239,7 +243,7 @@ def evaluate(P, device, scores_wanted):
     else:
         def simple(dataset, score):
             return simple_scores(net, dataset, score, device, layer=P.ood_layer[0], batch_size=P.ood_batch_size,
-                                 resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=P.amp,
+                                 resize_factor=P.resize_factor, resize_fix=P.resize_fix, amp=precision,
                                  seed=P.seed).numpy()
 
         for score in scores_wanted:

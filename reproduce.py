@@ -186,10 +186,11 @@ def build_parser(preset=None):
                         "--nproc_per_node N train.py ...): DDP, --batch_size per process, so a global batch of N x "
                         "--batch_size; evaluation stays one process. On CPU (gloo) the N processes share "
                         "the run's CPU (with --devices: each cpu entry runs one run of N processes). On CUDA rank r "
-                        "uses GPU r of those visible, so with --device cuda a run takes GPUs 0..N-1; with --devices "
-                        "the cuda:K entries are taken N at a time, each group running one run that sees only its "
-                        "GPUs (CUDA_VISIBLE_DEVICES), e.g. --devices cuda:0 cuda:1 cuda:2 cuda:3 --nproc_per_run 2 "
-                        "runs two runs at once on GPUs 0,1 and 2,3")
+                        "uses GPU r of those visible, so with --device cuda a run takes GPUs 0..N-1 (--device cuda:K: "
+                        "every rank on GPU K, sharing it over gloo); with --devices the cuda:K entries are taken N at "
+                        "a time, each group running one run that sees only its GPUs (CUDA_VISIBLE_DEVICES; cuda:K is "
+                        "this command's GPU K, its own CUDA_VISIBLE_DEVICES mapped through), e.g. --devices cuda:0 "
+                        "cuda:1 cuda:2 cuda:3 --nproc_per_run 2 runs two runs at once on GPUs 0,1 and 2,3")
     g.add_argument("--train_args",
                    help="more train.py flags as one string, written with '=' "
                         "(e.g. --train_args='--diffusion_scheduler beta_skewed')")
@@ -307,7 +308,7 @@ def check_devices(a):
     if a.device:
         raise UserError(f"give --devices {' '.join(a.devices)} or --device {a.device}, not both: --devices runs the "
                         f"runs concurrently, one per listed device")
-    device_slots(a.devices, a.nproc_per_run)
+    device_slots(a.devices, a.nproc_per_run, os.environ.get("CUDA_VISIBLE_DEVICES"))
     for dev in a.devices:
         try:
             pick_device(dev)

@@ -28,6 +28,7 @@ import threading
 from cli.args import RESUME_MAY_CHANGE, choose_class, parse_args
 from common import distributed
 from common.checkpoint_io import read_checkpoint, read_model_checkpoint
+from common.device import device_facts, device_precision, make_deterministic, precision_line
 from common.errors import SettingError, UserError, exit_on_user_error
 from common.run_folder import RunFolder, changed_settings, check_world_size, plain_settings, resolve_resume
 from datasets import get_dataset, load_ood_sets, one_class_split
@@ -45,7 +46,8 @@ from training.trainer import Trainer
 from utils import Logger, set_seed, warn
 
 # flags that are no setting of a run: names of folders and files, eval.py's own flags, derived values
-NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "program", "dissolve_type", "base_shift",
+NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "num_workers", "program", "dissolve_type",
+                    "base_shift",
                     "K_shift", "ood_score", "ood_layer", "ood_batch_size", "print_score", "save_score",
                     "save_results", "save_scores_csv", "score_folder", "threshold_quantile", "one_class_given",
                     "accept_changed_data")
@@ -58,6 +60,7 @@ RESUME_IGNORES = set(RESUME_MAY_CHANGE) | set(NOT_RUN_SETTINGS) | set(RUN_ID_KEY
 def main(argv=None):
     P = parse_args("train", argv)
     check_train_flags(P)
+    make_deterministic(P.deterministic)  # before any CUDA work
     with stopped_by_signals() as where, distributed.joined(P.device) as device:
         return train(P, device, where)
 
@@ -65,7 +68,8 @@ def main(argv=None):
 def train(P, device, where):
     """The recipe: checkpoints and flags checked, the run folder claimed, then data -> model ->
     dissolver -> trainer -> fit -> files."""
-    resume, resume_file, src_dir, warm = read_inputs(P, device)
+    precision = device_precision(P.amp, device)  # of the device this process computes on, now set
+    resume, resume_file, src_dir, warm = read_inputs(P)
     logdir = P.logdir or (src_dir if resume is not None else default_logdir(P))
     with RunFolder(logdir, writes_it, advice="wait for that training to end, or give this one another --logdir "
                                              "(or --suffix NAME)") as run:
@@ -98,14 +102,18 @@ def train(P, device, where):
         if warm is not None:
             load_warm_start(model, warm, P)
         model = distributed.sync_batchnorm(model, device)  # as CSI converts its model (CUDA only)
-        trainer = Trainer(TrainConfig.from_flags(vars(P)), model, device, dissolve=dissolve)
+        trainer = Trainer(TrainConfig.from_flags(vars(P)), model, device, dissolve=dissolve, precision=precision)
         notes = continue_run(trainer, run, resume, resume_file, src_dir, P) if resume is not None else []
-        evaluate = None if P.no_eval else make_evaluate(P, normal_train, test_set, device, ood_sets)
+        evaluate = (None if P.no_eval
+                    else make_evaluate(P, normal_train, test_set, device, ood_sets, precision=precision))
 
         run.record(plain_settings(P), distributed.world_size(), resumed_from=resumed_from(resume, resume_file, trainer))
         rewound = run.rewind(trainer.keeps_row, resume.get("log_bytes") if resume is not None else None)
         logger = Logger(logdir)
         logger.log(describe_start(P, run, device, info, normal_train, test_set, trainer, resume_file))
+        logger.log(precision_line(P.amp, precision, *device_facts(device)))
+        if trainer.precision_change():
+            logger.log(trainer.precision_change())
         if run.stale or rewound:
             logger.log(f"an interrupted attempt left {len(run.stale)} temporary file(s), {rewound.rows} scalars.csv "
                        f"row(s), {rewound.events} TensorBoard scalar(s) and {rewound.log_bytes} bytes of "
@@ -137,6 +145,9 @@ def check_train_flags(P):
     if P.multi_gpu:
         raise UserError("--multi_gpu (CSI's DataParallel) is not supported: train on several GPUs with torchrun --nproc_per_node=N train.py ... "
                         "(--batch_size is per GPU)")
+    if P.num_workers is not None:
+        raise UserError("--num_workers is not a flag of train.py: images are decoded once, by a thread pool sized to "
+                        "the machine, and batched in the main process; drop the flag")
     if P.paper_rng_replay and distributed.env_world_size() > 1:
         raise UserError("--paper_rng_replay replays one process's generator stream; it does not run under torchrun: "
                         "drop it, or train in one process")
@@ -167,15 +178,16 @@ def default_logdir(P):
     return os.path.join("logs", name)
 
 
-def read_inputs(P, device):
-    """What the training starts from, read and checked before anything is written:
+def read_inputs(P):
+    """What the training starts from, read (into host memory: ``load_state_dict`` moves what the
+    model and the optimisers hold) and checked before anything is written:
     ``(resume checkpoint, its file, its run folder, warm-start checkpoint)``."""
     if not P.resume_path:
         choose_class(P)
-        warm = read_model_checkpoint(P.load_path, map_location=device) if P.load_path else None
+        warm = read_model_checkpoint(P.load_path, map_location="cpu") if P.load_path else None
         return None, None, None, warm
     resume_file, src_dir = resolve_resume(P.resume_path)
-    resume = read_model_checkpoint(resume_file, map_location=device, flag="--resume_path")
+    resume = read_model_checkpoint(resume_file, map_location="cpu", flag="--resume_path")
     choose_class(P, recorded_class(resume.get("meta")), what=resume_file)  # the run's class, by name
     check_resume_flags(P, resume, resume_file, src_dir)
     return resume, resume_file, src_dir, None
@@ -363,15 +375,16 @@ def describe_start(P, run, device, info, normal_train, test_set, trainer, resume
             f"mode {P.mode}, shift {P.shift_trans_type}" + what)
 
 
-def make_evaluate(P, normal_train, test_set, device, ood_sets=None):
+def make_evaluate(P, normal_train, test_set, device, ood_sets=None, precision="fp32"):
     """The evaluation during training that selects ``best_CSI.model`` (``evals.selection``):
     by default the paper's (CSI, 10 samples, crop scale in [0.54, 1], the full sets); in the
-    multi-class setting against ``ood_sets`` (``datasets.load_ood_sets``)."""
+    multi-class setting against ``ood_sets`` (``datasets.load_ood_sets``); its forward passes in
+    ``precision`` (the training's)."""
     try:
         return SelectionEvaluation(normal_train, test_set, P.one_class_idx, device, n_shifts=P.K_shift,
                                    samples=P.ood_samples, resize_factor=P.eval_resize_factor,
                                    resize_fix=P.eval_resize_fix, max_train=P.eval_max_train,
-                                   max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=P.amp, seed=P.seed,
+                                   max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=precision, seed=P.seed,
                                    ood_sets=ood_sets, interp_batch=P.test_batch_size)
     except SettingError as exc:  # e.g. --eval_max_test leaving one class only: an undefined AUROC
         raise UserError(exc.worded({"max_test": "--eval_max_test", "max_train": "--eval_max_train"})) from None

@@ -82,12 +82,18 @@ def batch_indices(n, batch_size, perm=None, drop_last=False):
         yield order[start:start + batch_size]
 
 
-def autocast_for(device, enabled):
-    """Mixed precision where asked: bf16 (fp16 on a GPU without bf16); a no-op otherwise."""
-    if not enabled:
+def autocast_for(device, precision):
+    """Autocast of ``precision`` (``'bf16'``, ``'fp16'`` or ``'fp32'``, as
+    ``common.device.decide_precision`` decides it; ``True``/``False``: bf16/fp32) on ``device``'s
+    kind; a no-op for fp32."""
+    if precision is True:
+        precision = "bf16"
+    if precision in (False, None, "fp32"):
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
 TEMP_PREFIX = ".tmp-"

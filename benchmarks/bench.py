@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from cli.args import parse_args  # noqa: E402
-from common.device import decide_amp, pick_device  # noqa: E402
+from common.device import device_precision, pick_device, set_process_device  # noqa: E402
 from datasets.base import ArrayStore, ImageDataset  # noqa: E402
 from diffusion_models.ddpm import build_diffusion, ddpm_config, load_dissolver, save_dissolver  # noqa: E402
 from evals.ood_pre import extract_features  # noqa: E402
@@ -176,8 +176,8 @@ def build_parser():
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    device = pick_device(a.device)
-    amp = decide_amp(a.amp, device)
+    device = set_process_device(pick_device(a.device))
+    amp = device_precision(a.amp, device)  # bf16, fp16 (older GPUs: with loss scaling) or fp32
     torch.manual_seed(a.seed)
     n = max(a.batch_size, a.eval_images)
     images = torch.randint(0, 256, (n, 3, a.image_size, a.image_size), dtype=torch.uint8)
@@ -188,9 +188,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     fp32_peak = matmul_peak(device, torch.float32)
-    low = torch.bfloat16
+    low = torch.float16 if amp == "fp16" else torch.bfloat16
     low_peak = matmul_peak(device, low)
-    print(f"matmul peak (2048 x 2048): fp32 {fp32_peak:.0f} GFLOP/s, bf16 {low_peak:.0f} GFLOP/s", flush=True)
+    low_name = "fp16" if amp == "fp16" else "bf16"
+    print(f"matmul peak (2048 x 2048): fp32 {fp32_peak:.0f} GFLOP/s, {low_name} {low_peak:.0f} GFLOP/s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
@@ -202,20 +203,20 @@ def main(argv=None):
 
         def trainer(amp_on, memory_format):
             argv = ["--mode", a.mode, "--batch_size", str(a.batch_size), "--model", a.model,
-                    "--shift_trans_type", "diffusion_rotation" if ckpt else "rotation", "--amp", "on" if amp_on else "off"]
+                    "--shift_trans_type", "diffusion_rotation" if ckpt else "rotation"]
             if ckpt:
                 argv += ["--diffusion_model_path", ckpt]
             if a.compile_dissolver and memory_format == torch.channels_last:  # ours only
                 argv.append("--compile_dissolver")
             P = parse_args("train", argv)
-            P.amp, P.dataset = amp_on, "random"
+            P.dataset = "random"
             torch.manual_seed(a.seed)
             kw = {"width": a.resnet_width} if not a.model.endswith("imagenet") else {}
             model = build_model(a.model, 2, n_shifts=4, **kw).to(device)
             model.memory_format = memory_format
             model.to(memory_format=memory_format)
             tr = Trainer(TrainConfig.from_flags(vars(P)), model, device,
-                         dissolve=build_dissolve(P, device, info))
+                         dissolve=build_dissolve(P, device, info), precision=amp_on)
             return tr
 
         x, y = data.get_batch(torch.arange(a.batch_size))
@@ -223,7 +224,7 @@ def main(argv=None):
         print(f"config: {a.mode}, {a.model}" + (f" width {a.resnet_width}" if not a.model.endswith("imagenet") else "")
               + f", batch {a.batch_size} at {a.image_size} px" + (f", dissolver UNet dim {a.unet_dim} at 32 px" if ckpt
                                                                  else "")
-              + f"; ours: {'bf16 autocast' if amp else 'fp32'}, channels-last, the K dissolving calls batched"
+              + f"; ours: {amp if amp == 'fp32' else amp + ' autocast'}, channels-last, the K dissolving calls batched"
               + (", the UNet compiled" if a.compile_dissolver else ""), flush=True)
 
         ours = trainer(amp, torch.channels_last)
@@ -238,10 +239,9 @@ def main(argv=None):
         views, chunks = ours.make_views(x)
         views = ours.aug(views)
         flops_ours = count_flops(lambda: ours.resnet_step(views, chunks, a.batch_size))
-        report("ours", s_ours, p_ours, a.batch_size, flops_ours, low_peak if amp else fp32_peak,
-               "bf16" if amp else "fp32")
+        report("ours", s_ours, p_ours, a.batch_size, flops_ours, fp32_peak if amp == "fp32" else low_peak, amp)
 
-        paper = trainer(False, torch.contiguous_format)
+        paper = trainer("fp32", torch.contiguous_format)
         # CSI's colour jitter and crop take the whole batch in one pass (ours a few images at a time)
         paper.aug = simclr_augmentation(paper.config.resize_factor, paper.config.resize_fix, chunk_pixels=0)
 
@@ -254,7 +254,7 @@ def main(argv=None):
         report("paper-style", s_paper, p_paper, a.batch_size, flops_ours, fp32_peak, "fp32")
 
         sub = data.subset(torch.arange(a.eval_images))
-        for label, tr, amp_on in (("ours", ours, amp), ("paper-style", paper, False)):
+        for label, tr, amp_on in (("ours", ours, amp), ("paper-style", paper, "fp32")):
             aug_kw = {} if label == "ours" else {"chunk_pixels": 0}
             extract_features(tr.model, sub, "rotation", 1, device, batch_size=100, amp=amp_on, **aug_kw)  # warm-up
             sync(device)
@@ -262,7 +262,7 @@ def main(argv=None):
             extract_features(tr.model, sub, "rotation", a.ood_samples, device, batch_size=100, amp=amp_on, **aug_kw)
             sync(device)
             ev = a.eval_images / (time.perf_counter() - t0)
-            print(f"CSI evaluation ({label}, {'bf16' if amp_on else 'fp32'}): {ev:.1f} images/s at "
+            print(f"CSI evaluation ({label}, {amp_on}): {ev:.1f} images/s at "
                   f"--ood_samples {a.ood_samples} ({ev * a.ood_samples * ours.K:.0f} network passes/s)", flush=True)
     print(f"speedup_vs_paper_style={s_paper / s_ours:.2f}", flush=True)
 

@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common.device import pick_device  # noqa: E402
+from common.device import device_precision, pick_device, set_process_device  # noqa: E402
 from diffusion_models.ddpm import build_diffusion, ddpm_config  # noqa: E402
-from diffusion_models.trainer import accumulate_and_step, decide_training_amp  # noqa: E402
+from diffusion_models.trainer import accumulate_and_step  # noqa: E402
 from diffusion_models.training_form import training_form  # noqa: E402
 from utils import autocast_for  # noqa: E402
 
@@ -56,17 +56,17 @@ def main():
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="ours: train_eval_ddpm.py --amp")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
-    device = pick_device(a.device)
-    amp = decide_training_amp(a.amp, device)
+    device = set_process_device(pick_device(a.device))
+    amp = device_precision(a.amp, device, fp16=False)  # bf16 or fp32, as train_eval_ddpm.py decides
     n = a.batch_size * a.grad_accum
     head = (f"DDPM step: Unet(dim={a.unet_dim}), {a.grad_accum} x {a.batch_size} images at {a.image_size} px, "
             f"device {device}, {torch.get_num_threads()} threads")
     print(head, flush=True)
     results = {}
-    for name, ours, on in (("paper-style", False, False), ("ours", True, amp)):
+    for name, ours, on in (("paper-style", False, "fp32"), ("ours", True, amp)):
         med = time_steps(a, device, ours, on)
         results[name] = med
-        print(f"{name:<12} ({'training form, bf16 autocast' if on else ('training form, ' if ours else 'package layers, ') + 'fp32'}): "
+        print(f"{name:<12} ({'training form, bf16 autocast' if on == 'bf16' else ('training form, ' if ours else 'package layers, ') + 'fp32'}): "
               f"{med:.2f} s per optimiser step (median of {a.steps}), {n / med:.1f} images/s; the paper's 156,250 "
               f"steps would take {med * 156_250 / 86400:.0f} days", flush=True)
     print(f"speedup_vs_paper_style={results['paper-style'] / results['ours']:.2f}", flush=True)

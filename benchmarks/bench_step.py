@@ -79,7 +79,7 @@ def main():
                 torch.manual_seed(0)
                 model = build_model("resnet18", 2, n_shifts=4, width=width).to(device)
                 trainer = Trainer(TrainConfig.from_flags(vars(P)), model, device,
-                                  dissolve=build_dissolve(P, device, info))
+                                  dissolve=build_dissolve(P, device, info), precision="bf16" if amp else "fp32")
                 s = time_steps(trainer, normal, a.batch_size, a.steps)
                 sub = normal.subset(torch.arange(256))
                 t0 = time.perf_counter()

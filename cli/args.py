@@ -11,7 +11,7 @@ checkpoints and logs        train               --logdir --resume_path --save_st
 evaluation during training  train               --error_step --no_eval --ood_samples ...
 evaluation                  eval                --load_path --ood_score --score_folder ...
 the paper's eval command    eval                --diffusion_offset --diffusion_upper_offset
-runtime                     train, eval         --seed --device --amp --multi_gpu
+runtime                     train, eval         --seed --device --amp --deterministic --multi_gpu
 ==========================  ==================  =================================================
 
 ``--data_root``, ``--diff_resolution``, ``--seed``, ``--device`` and ``--amp`` come from
@@ -28,11 +28,11 @@ combinations that cannot work are rejected with one clear line.
 import argparse
 import math
 
-from common.device import decide_amp
 from common.checkpoint_io import read_model_checkpoint
 from common.errors import UserError
 from common.flags import DATA_ROOT
-from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed
+from common.flags import (HelpFormatter, add_amp, add_data_root, add_deterministic, add_device, add_diff_resolution,
+                          add_seed)
 from common.paths import check_run_folder
 from datasets.names import ALL_DATASET_NAMES
 from datasets.normal_class import check_recorded_class
@@ -56,9 +56,10 @@ SHORT_NAMES = {d: f"{d}_rotation" for d in DISSOLVE_TYPES}
 SHIFT_TYPES = ("none",) + CSI_SHIFTS + tuple(f"{d}_{s}" for d in DISSOLVE_TYPES for s in CSI_SHIFTS) \
     + tuple(SHORT_NAMES)
 OOD_SCORES = ("CSI", "simclr", "baseline", "clean_norm", "similar")
-# train.py --resume_path: the flags a resumed run may change (its budget, logging, where it runs and
-# where the data lie); any other difference from the saved flags is refused (train.py)
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "num_workers", "data_root", "compile_dissolver")
+# train.py --resume_path: the flags a resumed run may change (its budget, logging, where and in which
+# precision it runs, and where the data lie); any other difference from the saved flags is refused (train.py)
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "log_every", "device", "amp", "deterministic", "data_root",
+                     "compile_dissolver")
 # --one_class_idx None: the unlabeled multi-class setting, asked for by name (as CSI's README says it)
 MULTI_CLASS = "None"
 # the one-class setting with no class named yet: choose_class picks it (datasets.normal_class's rules)
@@ -123,8 +124,9 @@ def add_data_group(p, program):
     if program == "train":
         g.add_argument("--contamination_ratio", type=float, default=0.0,
                        help="fraction r of the training set drawn from other classes (adds r/(1-r) times as many)")
-        g.add_argument("--num_workers", type=int, default=0,
-                       help="accepted for CSI's commands and not used: the datasets are batched in the main process")
+        g.add_argument("--num_workers", type=int, default=None,
+                       help="refused: the images are decoded once, by a thread pool sized to the machine, and "
+                            "batched in the main process; drop the flag")
     return g
 
 
@@ -329,7 +331,9 @@ def add_runtime_group(p, program):
     add_seed(g, "seed of the data split and of every random draw" + (" (initial weights, data order, "
                 "augmentations, dissolving timesteps)" if program == "train" else " (the augmented samples)"))
     add_device(g)
-    add_amp(g, what="the forward passes (fp16 on a GPU without bf16)")
+    add_amp(g, what="the forward passes" + (" (train.py: with torch.amp.GradScaler in fp16)" if program == "train"
+                                            else ""))
+    add_deterministic(g)
     g.add_argument("--multi_gpu", action="store_true",
                    help="refused with the command to run instead: several GPUs take torchrun --nproc_per_node=N")
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK instead
@@ -406,15 +410,13 @@ def parse_args(program="train", argv=None):
     P = build_parser(program).parse_args(argv)
     P.program = program
     normalise_args(P)
-
-    P.amp = decide_amp(P.amp, P.device)  # decided once: a bool from here on
-    return P
+    return P  # --amp stays the request: the program decides the precision once its device is set
 
 
 AT_LEAST_ONE = ("test_batch_size", "ood_batch_size", "simclr_dim", "resnet_width", "diff_resolution", "log_every",
                 "img_size")
 POSITIVE = ("lr_init", "temperature")
-NOT_NEGATIVE = ("num_workers", "weight_decay", "sim_lambda")
+NOT_NEGATIVE = ("weight_decay", "sim_lambda")
 
 
 def check_numbers(P):

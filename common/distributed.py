@@ -19,6 +19,7 @@ global batch (so the global batch is exactly one process's ``--batch_size world*
 """
 import contextlib
 import os
+import socket
 import sys
 import warnings
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.device import pick_device
+from common.device import pick_device, set_process_device
 from utils import warn
 
 _STATE = {"rank": 0, "world": 1, "local_rank": 0, "on": False}
@@ -41,33 +42,69 @@ def env_world_size():
         return 1
 
 
-def init(requested_device=None):
-    """Join torchrun's process group when there is one; return this process's device.
+def rank_cuda_index(requested_index, local_rank, n_visible):
+    """The visible GPU a torchrun rank takes: ``--device cuda:K`` puts every rank on GPU K;
+    ``--device cuda`` (or none) spreads the ranks, local rank r on GPU ``r mod n_visible``. Pure."""
+    return int(requested_index) if requested_index is not None else local_rank % n_visible
 
-    The backend is NCCL on CUDA and gloo on CPU (``--device cpu`` or no GPU); on CUDA each
-    process takes the GPU of its ``LOCAL_RANK``. More processes per machine than visible GPUs
-    share them (local rank r on GPU r mod n) over gloo, since NCCL refuses two ranks on one GPU:
-    slower, meant for trying a multi-process run on one GPU (a warning says so)."""
+
+def choose_backend(device_type, identities):
+    """``'nccl'`` when every rank computes on a GPU of its own (``identities``: each rank's
+    physical device, e.g. its UUID, in rank order), ``'gloo'`` otherwise (the CPU, or ranks
+    sharing a GPU, which NCCL refuses). Pure."""
+    if device_type == "cuda" and len(set(identities)) == len(identities):
+        return "nccl"
+    return "gloo"
+
+
+def device_identity(device):
+    """What names ``device``'s physical GPU across processes and ``CUDA_VISIBLE_DEVICES`` views:
+    its UUID (else its machine and PCI address); the CPU is ``'cpu'``."""
+    if device.type != "cuda":
+        return "cpu"
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    if uuid:
+        return str(uuid)
+    pci = ":".join(str(getattr(props, k, "?")) for k in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+    return f"{socket.gethostname()}/{pci}"
+
+
+def init(requested_device=None):
+    """Join torchrun's process group when there is one; return this process's device, set as
+    its current device.
+
+    On CUDA each rank takes the GPU :func:`rank_cuda_index` gives (``--device cuda:K``: GPU K;
+    else the GPU of its ``LOCAL_RANK`` among those it sees). The ranks then compare their GPUs'
+    identities (:func:`device_identity`, through the rendezvous store): when every rank has a
+    GPU of its own (however ``CUDA_VISIBLE_DEVICES`` shows it) they join over NCCL, bound to
+    their GPU (``device_id``); ranks sharing GPUs join over gloo (NCCL refuses two ranks on one
+    GPU): slower, meant for trying a multi-process run on one GPU (a warning says so). The CPU
+    joins over gloo."""
     world = env_world_size()
     if world <= 1:
-        return pick_device(requested_device)
+        return set_process_device(pick_device(requested_device))
 
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device)
-    backend = "gloo"
     if device.type == "cuda":
-        n = torch.cuda.device_count()
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
-        if per_node > n:
-            if local == 0:
-                warn(f"torchrun started {per_node} processes on this machine but only {n} CUDA device(s) are "
-                     f"visible: they share the GPUs over gloo (slower than NCCL); use --nproc_per_node {n} for speed")
-        else:
-            backend = "nccl"
-        device = torch.device("cuda", local % n)
-        torch.cuda.set_device(device)
+        device = set_process_device(torch.device("cuda", rank_cuda_index(device.index, local,
+                                                                         torch.cuda.device_count())))
+    store, rank, world = next(dist.rendezvous("env://"))
+    backend, device_id = "gloo", None
+    if device.type == "cuda":
+        store.set(f"dia/device/{rank}", device_identity(device))
+        identities = [store.get(f"dia/device/{r}").decode() for r in range(world)]
+        backend = choose_backend("cuda", identities)
+        if backend == "nccl":
+            device_id = device
+        elif local == 0:
+            shared = world - len(set(identities))
+            warn(f"torchrun's {world} processes share GPUs ({shared} process(es) on a GPU another one uses): "
+                 f"they join over gloo (slower than NCCL); give each process a GPU of its own for speed")
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
+                                device_id=device_id)
     _STATE.update(rank=rank, world=world, local_rank=local, on=True)
     return device
 
@@ -229,9 +266,34 @@ def quiet_unless_main():
         sys.stdout = open(os.devnull, "w")
 
 
-def shard(idx):
-    """This rank's contiguous block of a global batch of indices."""
-    if not is_distributed():
+def pad_for_ranks(idx, n_ranks, fill):
+    """``idx`` (a 1-D tensor of image indices, a global batch) padded, as ``DistributedSampler``
+    pads, with the first items of ``fill`` (e.g. the pass's order), to a positive multiple of
+    ``n_ranks``: every rank's block then holds the same number of images, and never none.
+    Unchanged for one process or a batch the ranks divide. Pure."""
+    pad = -len(idx) % n_ranks if len(idx) else n_ranks
+    if n_ranks == 1 or not pad:
         return idx
-    b = len(idx) // world_size()
-    return idx[rank() * b:(rank() + 1) * b]
+    return torch.cat([idx, fill.repeat(-(-pad // len(fill)))[:pad]])
+
+
+def rank_block(items, n_ranks, r):
+    """Rank ``r``'s contiguous block of ``items``, whose length ``n_ranks`` divides (see
+    :func:`pad_for_ranks`). Pure."""
+    if len(items) % n_ranks:
+        raise ValueError(f"{len(items)} items do not split into {n_ranks} equal blocks; pad them first")
+    b = len(items) // n_ranks
+    return items[r * b:(r + 1) * b]
+
+
+def shard(items):
+    """This rank's contiguous block of a global batch ``items`` that the ranks divide (padded
+    by :func:`pad_for_ranks`); all of it in one process."""
+    if not is_distributed():
+        return items
+    return rank_block(items, world_size(), rank())
+
+
+def pad_global_batch(idx, fill):
+    """:func:`pad_for_ranks` for this process group (``idx`` itself in one process)."""
+    return pad_for_ranks(idx, world_size(), fill) if is_distributed() else idx

@@ -8,7 +8,7 @@ may use it.
 """
 import argparse
 
-from common.device import AMP_CHOICES
+from common.device import AMP_CHOICES, CUBLAS_WORKSPACE
 
 DATA_ROOT = "../data"
 # the side in pixels at which the dissolver works: the paper's train.py --diff_resolution default
@@ -46,9 +46,21 @@ def add_device(group, help="cpu, cuda or cuda:N; left out: CUDA when present, el
     group.add_argument("--device", default=None, help=help)
 
 
-def add_amp(group, default="auto", what="the forward passes"):
-    """``--amp [auto|on|off]``; ``--amp`` alone is ``on``. ``what``: what runs under autocast."""
+def add_amp(group, default="auto", what="the forward passes", older_gpu="fp16 with dynamic loss scaling"):
+    """``--amp [auto|on|off]``; ``--amp`` alone is ``on``. ``what``: what runs under autocast;
+    ``older_gpu``: what auto runs on a GPU without native bf16."""
     group.add_argument("--amp", nargs="?", const="on", default=default, choices=AMP_CHOICES,
-                       help=f"bf16 autocast of {what}: auto = on where the device computes bf16 in "
-                            f"hardware (CUDA with bf16, a CPU with AVX512-BF16 or AMX); --amp alone = on; "
-                            f"off = fp32 throughout, as the paper's code")
+                       help=f"mixed precision of {what}, decided once the process's device is set: auto = bf16 "
+                            f"autocast where the device computes bf16 natively (CUDA capability 8.0 or more, a CPU "
+                            f"with AVX512-BF16 or AMX), {older_gpu} on an older GPU, else fp32; --amp alone = on "
+                            f"(bf16 on any CPU, emulated where not native); off = fp32 throughout, as the paper's "
+                            f"code. A resumed run may compute in another precision (a line says so)")
+
+
+def add_deterministic(group):
+    """``--deterministic``: cuDNN's and PyTorch's deterministic algorithms (common.device.make_deterministic)."""
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic GPU kernels: cuDNN's deterministic convolutions without autotuning, "
+                            "torch.use_deterministic_algorithms (an operation without one warns, naming itself) and "
+                            "CUBLAS_WORKSPACE_CONFIG=" + CUBLAS_WORKSPACE + ", so that a GPU run repeats and resumes "
+                            "bit for bit (slower); the CPU computes so without it (docs/gpu.md)")

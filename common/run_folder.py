@@ -178,9 +178,10 @@ def _drop_rows(path, keep_row):
 
 
 def show_flag(key, value):
-    """A recorded setting as the flag that gives it (``--amp`` is recorded as on or off)."""
+    """A recorded setting as the flag that gives it (``--amp``: auto, on or off; a recorded
+    ``True``/``False`` is on/off)."""
     if key == "amp":
-        return f"--amp {'on' if value else 'off'}"
+        return f"--amp {({True: 'on', False: 'off'}.get(value, value))}"
     if isinstance(value, bool) or value is None:
         return f"--{key}" if value else f"no --{key}"
     if isinstance(value, (list, tuple)):

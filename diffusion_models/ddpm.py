@@ -353,7 +353,8 @@ def load_dissolver(path, device, expect_resolution=None, expect_channels=None, w
     if weights not in WEIGHTS:
         raise UserError(f"unknown dissolver weights {weights!r}; use one of {', '.join(WEIGHTS)}")
     device = torch.device(device)
-    ckpt = read_dissolver_checkpoint(path, device, allow_trainer=True)
+    # into host memory: only the chosen weights go to the device (not the other copy, nor Adam's moments)
+    ckpt = read_dissolver_checkpoint(path, "cpu", allow_trainer=True)
     if is_trainer_checkpoint(ckpt):
         res = int(expect_resolution) if expect_resolution is not None else 32
         config = config_from_trainer_state(ckpt["model"], path, res)

@@ -21,13 +21,14 @@ Under ``torchrun --nproc_per_node=N`` training runs with DDP: ``--batch_size`` i
 so each micro-batch is N x ``--batch_size`` images (rank r takes the r-th block of it), the
 gradients are averaged over the ranks, each rank draws its own timesteps and noise, and rank 0
 alone writes the checkpoint (which records ``world_size``; a resume needs the same N).
+``python -m torch.distributed.launch`` (CSI's line) works too: its ``--local-rank`` is accepted.
 """
 import argparse
 import contextlib
 import os
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -37,8 +38,10 @@ if _ROOT not in sys.path:  # run as a script from anywhere, as the paper's READM
 from tqdm import tqdm  # noqa: E402
 
 from common import distributed  # noqa: E402
+from common.device import device_facts, device_precision, make_deterministic, precision_line  # noqa: E402
 from common.errors import UserError, exit_on_user_error  # noqa: E402
-from common.flags import HelpFormatter, add_amp, add_data_root, add_device, add_diff_resolution, add_seed  # noqa: E402
+from common.flags import (HelpFormatter, add_amp, add_data_root, add_deterministic, add_device,  # noqa: E402
+                          add_diff_resolution, add_seed)
 from common.run_folder import check_world_size, lock_file  # noqa: E402
 from datasets import get_dataset, one_class_split  # noqa: E402
 from datasets.fingerprint import check_outside_data, check_same_data, data_fingerprint, data_tree  # noqa: E402
@@ -46,8 +49,7 @@ from datasets.normal_class import normal_class_line  # noqa: E402
 from diffusion_models.ddpm import ddpm_config, read_dissolver_checkpoint  # noqa: E402
 from diffusion_models.ddpm_data import (check_normal_class, ddpm_training_images, dissolver_class,  # noqa: E402
                                         paper_dataset_name)
-from diffusion_models.trainer import (RECIPE_KEYS, DissolverRecipe, DissolverTrainer, check_schedule,  # noqa: E402
-                                      decide_training_amp)
+from diffusion_models.trainer import RECIPE_KEYS, DissolverRecipe, DissolverTrainer, check_schedule  # noqa: E402
 
 # --mode values whose work another program does: (that program, what it does)
 OTHER_PROGRAMS = {"eval": ("eval_dissolver.py", "the dissolving grid and its measures"),
@@ -113,7 +115,12 @@ def build_parser():
     p.add_argument("--accept_changed_data", action="store_true",
                    help="--resume although the data changed since the checkpoint was trained (files added, removed "
                         "or rewritten, classes renamed), which is otherwise refused; the checkpoint records the change")
-    add_amp(p, what="the forward pass (fp32 weights, optimiser and EMA; off is the paper's Trainer)")
+    add_amp(p, what="the forward pass (fp32 weights, optimiser and EMA; off is the paper's Trainer)",
+            older_gpu="fp32 (this training runs no fp16)")
+    add_deterministic(p)
+    # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK instead
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                   help="set by torch.distributed.launch; the process's rank on its machine")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return p
 
@@ -154,13 +161,15 @@ def parse_args(argv=None):
 
 @dataclass(frozen=True)
 class Plan:
-    """What one training run is: its network, recipe, normal class and checkpoint file."""
+    """What one training run is: its network, recipe, normal class, checkpoint file and the
+    precision of its forward passes on this process's device (bf16 or fp32)."""
 
     resolution: int
     config: dict
     recipe: DissolverRecipe
     one_class_idx: object  # an int, or None for every class
     save_path: str
+    precision: str
 
 
 def plan_training(args, device):
@@ -170,7 +179,7 @@ def plan_training(args, device):
     config = ddpm_config(image_size=args.image_size, channels=3, unet_dim=args.unet_dim, dim_mults=args.dim_mults,
                          timesteps=args.timesteps, sampling_timesteps=args.sampling_timesteps,
                          objective=args.objective, beta_schedule=args.beta_schedule, loss_type=args.loss_type)
-    recipe = replace(recipe, amp=decide_training_amp(args.amp, device))
+    precision = device_precision(args.amp, device, fp16=False)  # the device is set: joined() set it
     if not args.dataset:
         raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
     if args.all_classes and (args.one_class_idx is not None or args.normal_class is not None):
@@ -182,7 +191,7 @@ def plan_training(args, device):
     else:  # from the folders' names alone: the class decides the default --save_path
         idx = dissolver_class(args.dataset, args.data_root, args.one_class_idx, args.normal_class)[0]
     save_path = args.save_path or default_save_path(args.dataset, idx, args.image_size)
-    return Plan(args.image_size, config, recipe, idx, save_path)
+    return Plan(args.image_size, config, recipe, idx, save_path, precision)
 
 
 # --------------------------------------------------------------------------- the checkpoint file's bookkeeping
@@ -218,15 +227,12 @@ def checkpoint_to_resume(args, plan, device):
                         "or another --save_path")
     if not args.resume:
         return None
-    ckpt = read_dissolver_checkpoint(save_path, device)
-    recipe, amp = plan.recipe.as_dict(), plan.recipe.amp
+    ckpt = read_dissolver_checkpoint(save_path, "cpu")  # into host memory: the trainer moves what it uses
+    recipe = plan.recipe.as_dict()
     stored = ckpt["config"]
     diffs = [f"{k} {stored.get(k)} (now {v})" for k, v in plan.config.items() if stored.get(k) != v]
     saved = (ckpt["train_state"] or {}).get("recipe", {})
     diffs += [f"--{k} {saved[k]} (now {recipe[k]})" for k in RECIPE_KEYS if k in saved and saved[k] != recipe[k]]
-    if saved and bool(saved.get("amp", False)) != amp:  # a recipe without "amp" trained in fp32
-        was = "on" if saved.get("amp", False) else "off"
-        diffs.append(f"--amp {was} (now {'on' if amp else 'off'})")
     saved_world = int((ckpt["meta"] or {}).get("world_size", 1))
     how = (f"torchrun --nproc_per_node={saved_world} diffusion_models/train_eval_ddpm.py ..."
            if saved_world > 1 else "one process (python diffusion_models/train_eval_ddpm.py ...)")
@@ -234,7 +240,8 @@ def checkpoint_to_resume(args, plan, device):
                      f"{how} (the micro-batch is processes x --batch_size)")
     if diffs:
         raise UserError(f"--resume: {save_path} was trained with {', '.join(diffs)}; pass the same flags "
-                        "(only --train_steps and --save_every may change) or another --save_path")
+                        "(only --train_steps, --save_every, --device, --amp and --deterministic may change) or another "
+                        "--save_path")
     meta, idx = ckpt["meta"], plan.one_class_idx
     if meta.get("dataset") != args.dataset or meta.get("one_class_idx") != idx:
         def what(c):
@@ -302,7 +309,7 @@ def describe(args, plan, trainer, data, n, device):
             f"{plan.resolution} px, {args.train_steps} optimiser steps of {args.grad_accum} x {gb} images{processes} "
             f"({trainer.images_per_step * args.train_steps / max(n, 1):.1f} passes over the data), "
             f"milestone every {args.save_every} steps, device {device} "
-            f"({'bf16 autocast' if plan.recipe.amp else 'fp32'}), Unet(dim={config['unet_dim']}, "
+            f"({'bf16 autocast' if plan.precision == 'bf16' else 'fp32'}), Unet(dim={config['unet_dim']}, "
             f"dim_mults={tuple(config['dim_mults'])}), {config['objective']}, {config['beta_schedule']}, "
             f"{config['loss_type']}")
 
@@ -313,6 +320,7 @@ def describe(args, plan, trainer, data, n, device):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    make_deterministic(args.deterministic)  # before any CUDA work
     with distributed.joined(args.device) as device:  # torchrun's process group, when there is one
         distributed.quiet_unless_main()
         plan = plan_training(args, device)
@@ -320,12 +328,16 @@ def main(argv=None):
             ckpt = checkpoint_to_resume(args, plan, device)
             images, data = training_images(args, plan)
             check_dissolver_data(args, ckpt, data, plan.save_path)
-            trainer = DissolverTrainer(plan.config, plan.recipe, device, progress=not args.no_progress)
+            trainer = DissolverTrainer(plan.config, plan.recipe, device, progress=not args.no_progress,
+                                       precision=plan.precision)
             if ckpt is not None:
                 trainer.load_state(ckpt)
                 print(f"resuming {plan.save_path} at step {trainer.step}")
                 ckpt = None  # the trainer holds its state now
             print(describe(args, plan, trainer, data, len(images), device))
+            print(precision_line(args.amp, plan.precision, *device_facts(device), fp16=False))
+            if trainer.precision_change():
+                print(trainer.precision_change())
             if trainer.step >= args.train_steps:
                 print(f"nothing to do: {plan.save_path} is at step {trainer.step} of --train_steps {args.train_steps}")
                 return

@@ -13,7 +13,12 @@ data and every random generator come back.
 Under torchrun the micro-batch is ``world_size x batch_size`` images (rank r takes the r-th
 block), the gradients are averaged over the ranks, and each rank draws its own timesteps and
 noise from a seed computed from the recipe's seed, the step and its rank, so a resumed run needs
-no per-rank generator state.
+no per-rank generator state. A pass's last micro-batch that the ranks do not divide is padded
+with the pass's first images (``common.distributed.pad_for_ranks``), so no rank gets none.
+
+The forward passes compute in bf16 or fp32 (``precision``; fp16 would need loss scaling, which
+this loop does not do); a resumed training may compute in another precision than before (the
+checkpoint's ``train_state['precision']`` lists each segment's).
 """
 import contextlib
 import math
@@ -27,7 +32,7 @@ from ema_pytorch import EMA
 from tqdm import tqdm
 
 from common import distributed
-from common.device import bf16_supported, decide_amp
+from common.device import PRECISION_TEXT
 from common.errors import UserError
 from diffusion_models.ddpm import build_diffusion, package_version, save_dissolver
 from diffusion_models.training_form import training_form
@@ -35,7 +40,7 @@ from utils import autocast_for, rng_state, run_seed, set_rng_state
 
 # the kinds of draws of the dissolver's training, each seeded with utils.run_seed
 ORDER_STREAM, NOISE_STREAM = 1, 2  # the order of the images in a pass; a step's timesteps and noise per process
-# The recipe fields a resume must not change (besides ``amp``), as the checkpoint records them.
+# The recipe fields a resume must not change, as the checkpoint records them.
 RECIPE_KEYS = ("batch_size", "grad_accum", "lr", "grad_clip", "ema_decay", "ema_every", "seed")
 TRAIN_TRANSFORM = "original -> hflip -> bilinear resize without antialias (MedMNIST: pad 2)"
 
@@ -48,8 +53,7 @@ class DissolverRecipe:
     optimiser step; ``lr`` and ``grad_clip``: Adam's learning rate and the gradient-norm clip;
     ``ema_decay`` and ``ema_every``: the EMA's beta and update period (in optimiser steps);
     ``seed``: the seed of the initial weights, the data order, the flips, the timesteps and the
-    noise; ``amp``: bf16 autocast of the forward passes (fp32 weights, optimiser and EMA).
-    Bad values are a :class:`UserError` naming the flag.
+    noise. Bad values are a :class:`UserError` naming the flag.
     """
 
     batch_size: int = 256
@@ -59,7 +63,6 @@ class DissolverRecipe:
     ema_decay: float = 0.995
     ema_every: int = 10
     seed: int = 0
-    amp: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "ema_every"):
@@ -82,15 +85,6 @@ def check_schedule(train_steps, save_every):
             raise UserError(f"--{name} must be >= 1, got {value}")
 
 
-def decide_training_amp(request, device):
-    """``--amp`` for training: bf16 or nothing (fp16 would need loss scaling, which this loop has not)."""
-    amp = decide_amp(request, device)
-    if amp and not bf16_supported(device) and device.type == "cuda":
-        raise UserError(f"--amp {request}: {device} has no bf16, and the dissolver trains in bf16 or fp32 only; "
-                        f"pass --amp off (or --amp auto, which decides the same here)")
-    return amp
-
-
 def epoch_order(n, seed, epoch):
     """The order of the ``n`` training images in pass ``epoch`` over them."""
     g = torch.Generator().manual_seed(run_seed(seed, epoch, stream=ORDER_STREAM))
@@ -103,10 +97,11 @@ def accumulate_and_step(diffusion, opt, micro_batches, grad_clip, net=None, aver
     their number and back-propagated, the gradient norm clipped to ``grad_clip``, then the step.
 
     ``net``: what the micro-batches go through (DDP under torchrun: gradients averaged over the
-    ranks once, at the last micro-batch); ``average``: the loss averaged over the ranks;
-    ``autocast``: a context factory for the forward passes (mixed precision).
-    Returns ``(loss, grad_norm)``: the mean micro-batch loss and the norm before clipping. A
-    non-finite loss skips the update (the caller stops with an error).
+    ranks once, at the last micro-batch); ``average``: the loss (a tensor) averaged over the
+    ranks; ``autocast``: a context factory for the forward passes (mixed precision).
+    Returns ``(loss, grad_norm)``: the mean micro-batch loss and the norm before clipping, read
+    back from the device together, once per step. A non-finite loss skips the update (the
+    caller stops with an error).
     """
     net = diffusion if net is None else net
     total = 0.0
@@ -116,29 +111,44 @@ def accumulate_and_step(diffusion, opt, micro_batches, grad_clip, net=None, aver
             with autocast():
                 loss = net(x) / len(micro_batches)
             loss.backward()
-        total += loss.item()
+        total = total + loss.detach().float()  # summed on the device: no host sync per micro-batch
     if average is not None:
         total = average(total)  # every rank sees the same number, so all stop together
+    norm = torch.nn.utils.clip_grad_norm_(diffusion.parameters(), grad_clip)
+    total, norm = torch.stack([total, norm.float()]).tolist()  # the step's one host sync
     if not math.isfinite(total):
         opt.zero_grad(set_to_none=True)
         return total, float("nan")
-    norm = torch.nn.utils.clip_grad_norm_(diffusion.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return total, float(norm)
+    return total, norm
+
+
+def recorded_segments(train_state):
+    """The precision segments a checkpoint's ``train_state`` records; one that records none gives
+    one from its recipe's ``amp`` (bf16 autocast or fp32)."""
+    if isinstance(train_state.get("precision"), list):
+        return [dict(s) for s in train_state["precision"]]
+    amp = (train_state.get("recipe") or {}).get("amp", False)
+    return [{"step": 0, "device": None, "precision": "bf16" if amp else "fp32"}]
 
 
 class DissolverTrainer:
     """The dissolver, its EMA, its optimiser and its place in the data, trained by :meth:`fit`.
 
     ``config``: the network (``diffusion_models.ddpm.ddpm_config``); ``recipe``: a
-    :class:`DissolverRecipe`; ``progress``: show a tqdm bar (on the main process). Building it
+    :class:`DissolverRecipe`; ``progress``: show a tqdm bar (on the main process);
+    ``precision``: ``'bf16'`` (autocast of the forward passes; fp32 weights, optimiser and EMA)
+    or ``'fp32'`` (``common.device.device_precision(..., fp16=False)`` decides it). Building it
     seeds Python's, numpy's and torch's generators with ``recipe.seed``, so the initial weights
     are the seed's.
     """
 
-    def __init__(self, config, recipe, device, progress=True):
+    def __init__(self, config, recipe, device, progress=True, precision="fp32"):
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"the dissolver trains in bf16 or fp32, not {precision!r}")
         self.config, self.recipe, self.device, self.progress = config, recipe, device, progress
+        self.precision = precision
         random.seed(recipe.seed)
         np.random.seed(recipe.seed)
         torch.manual_seed(recipe.seed)
@@ -151,6 +161,7 @@ class DissolverTrainer:
         self.flip_gen = torch.Generator().manual_seed(recipe.seed)
         self.step, self.epoch, self.pos = 0, 0, 0  # optimiser steps; pass over the data; next micro-batch within it
         self.world_size = distributed.world_size()
+        self.segments = [self.segment()]  # where each start of the training began, and its precision
 
     @property
     def global_batch(self):
@@ -168,11 +179,27 @@ class DissolverTrainer:
             "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch, "pos": self.pos,
             "ema_step": int(self.ema.step.item()), "ema_initted": bool(self.ema.initted.item()),
             "rng": dict(rng_state(), flip=self.flip_gen.get_state()), "recipe": self.recipe.as_dict(),
+            "precision": [dict(s) for s in self.segments],
         }
+
+    def segment(self):
+        """Where the training stands and what it computes in from here."""
+        return {"step": self.step, "device": str(self.device), "precision": self.precision}
+
+    def precision_change(self):
+        """One line when this start computes in another precision than the segment before, else None."""
+        if len(self.segments) < 2 or self.segments[-2]["precision"] == self.precision:
+            return None
+        before = self.segments[-2]
+        where = f" (on {before['device']})" if before.get("device") else ""
+        return (f"precision changes on resume: {before['precision']}{where} up to step {self.step}, "
+                f"{self.precision} (on {self.device}) from here")
 
     def load_state(self, ckpt):
         """Continue from a dissolver checkpoint (``read_dissolver_checkpoint``) holding a
-        ``train_state``: weights, EMA, optimiser, position in the data and generators."""
+        ``train_state``: weights, EMA, optimiser, position in the data and generators. Read it
+        into host memory: each ``load_state_dict`` copies onto the device what it holds (Adam's
+        step counters stay on the host, as a fresh Adam keeps them)."""
         ts = ckpt["train_state"]
         self.diffusion.load_state_dict(ckpt["model_state"])
         self.ema.ema_model.load_state_dict(ckpt["ema_state"])
@@ -182,6 +209,7 @@ class DissolverTrainer:
         self.step, self.epoch, self.pos = int(ts["step"]), int(ts["epoch"]), int(ts["pos"])
         set_rng_state(ts["rng"])
         self.flip_gen.set_state(ts["rng"]["flip"].cpu())
+        self.segments = recorded_segments(ts) + [self.segment()]
 
     def checkpoint_meta(self, data, n_images, save_every):
         """The checkpoint's ``meta``: ``data`` (what the images are: dataset, one_class_idx,
@@ -192,7 +220,7 @@ class DissolverTrainer:
             "steps": self.step, "milestone": self.step // save_every, "images_seen": self.step * self.images_per_step,
             "normal_train_images": n_images, "seed": r.seed, "batch_size": r.batch_size,
             "world_size": self.world_size, "grad_accum": r.grad_accum, "lr": r.lr, "grad_clip": r.grad_clip,
-            "precision": "bf16 autocast (fp32 weights)" if r.amp else "fp32",
+            "precision": PRECISION_TEXT[self.precision],
             "ema": f"ema_pytorch EMA(beta={r.ema_decay}, update_every={r.ema_every}, defaults otherwise)",
             "train_transform": TRAIN_TRANSFORM,
         }
@@ -203,7 +231,7 @@ class DissolverTrainer:
 
     # ----- the loop -----------------------------------------------------------------------
     def _average(self, value):
-        return distributed.mean_all(torch.tensor(float(value), device=self.device)).item()
+        return distributed.mean_all(value)
 
     def _micro_batch(self, images, order, n_micro):
         """The next micro-batch of this process (its block of the global one), flipped, on the
@@ -214,6 +242,7 @@ class DissolverTrainer:
         gb = self.global_batch
         idx = order[self.pos * gb:(self.pos + 1) * gb]
         self.pos += 1
+        idx = distributed.pad_global_batch(idx, order)  # every rank an equal block, never none
         flip = torch.rand(len(idx), generator=self.flip_gen) < 0.5  # the global micro-batch's flips
         idx, flip = distributed.shard(idx), distributed.shard(flip)  # this rank's block of it
         x = images.index_select(0, idx).to(self.device)
@@ -244,7 +273,7 @@ class DissolverTrainer:
             if distributed.is_distributed():  # each rank its own timesteps and noise, resumable without state
                 torch.manual_seed(run_seed(r.seed, self.step, distributed.rank(), stream=NOISE_STREAM))
             total, _ = accumulate_and_step(self.diffusion, self.optimizer, micro, r.grad_clip, net=net,
-                                           average=average, autocast=lambda: autocast_for(device, r.amp))
+                                           average=average, autocast=lambda: autocast_for(device, self.precision))
             if not math.isfinite(total):
                 bar.close()
                 raise UserError(f"the DDPM loss became {total} at step {self.step + 1}; nothing was written after "

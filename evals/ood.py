@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from common.device import dataset_images
 from models.transform_layers import simclr_augmentation
 from utils import autocast_for, batch_indices
 
@@ -14,7 +15,8 @@ def simple_scores(model, dataset, score, device, layer="simclr", batch_size=100,
     ``baseline``: largest softmax probability of the linear head on the clean image;
     ``clean_norm``: norm of the chosen layer's output on the clean image;
     ``similar``: cosine similarity of the clean image's feature to the mean feature of two
-    augmented copies.
+    augmented copies. ``amp``: the precision of the forward passes (``'bf16'``, ``'fp16'``,
+    ``'fp32'``; ``True``/``False``: bf16/fp32).
     """
     was_training = model.training
     model.eval()
@@ -24,8 +26,7 @@ def simple_scores(model, dataset, score, device, layer="simclr", batch_size=100,
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for idx in batch_indices(len(dataset), batch_size):
-            x, _ = dataset.get_batch(idx)
-            x = x.to(device)
+            x = dataset_images(dataset, idx, device)
             with autocast_for(device, amp):
                 logits, aux = model(x, penultimate=True, simclr=True, shift=True)
             if score == "baseline":

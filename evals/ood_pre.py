@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from common import distributed
+from common.device import dataset_images
 from models.transform_layers import CHUNK_PIXELS, HorizontalFlipRandom, get_shift, simclr_augmentation
 from utils import autocast_for, batch_indices, set_seed
 
@@ -32,7 +33,8 @@ def extract_features(model, dataset, base_shift, n_samples, device, batch_size=1
     numpy's, torch's and CUDA's generators and nothing is restored, so they are left seeded
     with ``n_samples - 1`` and advanced by the last batch's draws. The features are the same.
 
-    ``sharded=True`` (every rank of a torchrun job calls it): rank r computes batches r, r + W,
+    ``amp``: the precision of the forward passes (``'bf16'``, ``'fp16'``, ``'fp32'``; ``True``/``False``:
+    bf16/fp32). ``sharded=True`` (every rank of a torchrun job calls it): rank r computes batches r, r + W,
     ... and every rank gets all features back. Each batch reseeds as above, so the features
     are those of one process, whatever the number of ranks.
     """
@@ -51,8 +53,7 @@ def extract_features(model, dataset, base_shift, n_samples, device, batch_size=1
     mine = distributed.my_part(range(len(batches))) if sharded else range(len(batches))
     with keep:
         for bi in mine:
-            x, _ = dataset.get_batch(batches[bi])
-            x = x.to(device, non_blocking=True)
+            x = dataset_images(dataset, batches[bi], device)
             b = x.shape[0]
             per_sample = {"simclr": [], "shift": []}
             for s in range(n_samples):

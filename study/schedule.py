@@ -16,15 +16,33 @@ from study.tables import headline_auroc, multi_class_table, summary_table, write
 from study.text import rel
 
 
-def device_slots(devices, nproc=1):
+def visible_gpus(indices, visible=None):
+    """The ``CUDA_VISIBLE_DEVICES`` entries naming the GPUs this process calls ``cuda:K`` for each
+    K of ``indices``: under a ``visible`` list of this process's own (its ``CUDA_VISIBLE_DEVICES``:
+    indices, UUIDs or MIG names) the K-th entry of it, else K itself. Pure; raises
+    :class:`UserError` for an index the list does not reach."""
+    if visible is None:
+        return [str(k) for k in indices]
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    for k in indices:
+        if k >= len(entries):
+            raise UserError(f"--devices cuda:{k}: this process sees {len(entries)} GPU(s) (CUDA_VISIBLE_DEVICES="
+                            f"{visible}), cuda:0..cuda:{len(entries) - 1}; name GPUs by their index among those")
+    return [entries[k] for k in indices]
+
+
+def device_slots(devices, nproc=1, visible=None):
     """Where ``--devices`` runs the runs: a list of ``(label, device, gpus)``, one per run at a time.
 
-    ``nproc`` 1: each entry is a slot (``gpus`` None). ``nproc`` N > 1 (``--nproc_per_run``): a
+    ``nproc`` 1: each entry is a slot (``gpus`` None; a step inherits this process's view of the
+    GPUs, so ``cuda:K`` means to it what it means here). ``nproc`` N > 1 (``--nproc_per_run``): a
     ``cpu`` entry is still a slot (its run's N processes share the CPU), while the CUDA entries,
     each ``cuda:K``, are taken N at a time in the order given: a group's run sees only its GPUs
-    (``CUDA_VISIBLE_DEVICES`` = their indices, ``gpus``) and gets ``--device cuda``, so its
-    rank r uses the group's r-th GPU. Raises :class:`UserError` when the CUDA entries cannot be
-    grouped so (no index, a count not a multiple of N, a GPU twice in one group).
+    (``CUDA_VISIBLE_DEVICES`` = ``gpus``, their entries in ``visible``, this process's own
+    ``CUDA_VISIBLE_DEVICES``, when it has one: :func:`visible_gpus`) and gets ``--device cuda``,
+    so its rank r uses the group's r-th GPU. Raises :class:`UserError` when the CUDA entries
+    cannot be grouped so (no index, a count not a multiple of N, a GPU twice in one group, an
+    index beyond ``visible``).
     """
     if nproc <= 1:
         return [(dev, dev, None) for dev in devices]
@@ -46,8 +64,7 @@ def device_slots(devices, nproc=1):
         if len(set(group)) < nproc:
             raise UserError(f"--devices group {' '.join(f'cuda:{g}' for g in group)} names a GPU twice: under "
                             f"torchrun each of a run's {nproc} processes needs a GPU of its own (NCCL)")
-        gpus = ",".join(map(str, group))
-        slots.append((f"cuda:{gpus}", "cuda", gpus))
+        slots.append((f"cuda:{','.join(map(str, group))}", "cuda", ",".join(visible_gpus(group, visible))))
     return slots
 
 
@@ -83,7 +100,7 @@ def run_concurrently(a, runs, command, steps):
     for run in runs:
         if needs_dissolver(run):
             dissolvers.get(run.dissolver)
-    slots = device_slots(a.devices, getattr(a, "nproc_per_run", 1))
+    slots = device_slots(a.devices, getattr(a, "nproc_per_run", 1), os.environ.get("CUDA_VISIBLE_DEVICES"))
     print(f"running the runs {len(slots)} at a time: on {', '.join(label for label, _, _ in slots)}", flush=True)
     shown = []  # what the tables show: the finished runs, and pending copies of the others
     for run in runs:

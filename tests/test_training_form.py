@@ -80,52 +80,56 @@ def test_shared_channel_norm_trains_the_package_parameter():
 
 
 @pytest.mark.slow
-def test_script_amp_recorded_and_resume_keeps_the_precision(tmp_path, capsys):
+def test_script_records_each_segments_precision_and_a_resume_may_change_it(tmp_path, capsys):
     from diffusion_models import train_eval_ddpm as script
 
-    ckpt = tmp_path / "d.pt"
+    ckpt, same = tmp_path / "d.pt", tmp_path / "same.pt"
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "2", "--save_path", str(ckpt),
                  "--amp", "on", *TINY_DDPM])
     stored = read_dissolver_checkpoint(ckpt)
-    assert stored["train_state"]["recipe"]["amp"] is True
+    assert stored["train_state"]["precision"] == [{"step": 0, "device": "cpu", "precision": "bf16"}]
     assert stored["meta"]["precision"].startswith("bf16")
-    before = ckpt.read_bytes()
-    with pytest.raises(SystemExit) as e:
-        script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
-                     "--resume", "--amp", "off", *TINY_DDPM])
-    assert e.value.code == 2 and ckpt.read_bytes() == before
-    err = capsys.readouterr().err
-    assert err.count("--amp") == 1 and "--amp on (now off)" in err, err
+    out = capsys.readouterr().out
+    assert "precision: bf16 autocast (fp32 weights) (--amp on: bf16 " in out and "changes" not in out
+    same.write_bytes(ckpt.read_bytes())
+    # a resume in another precision (another device, or another --amp): one line, and a new segment
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
+                 "--resume", "--amp", "off", *TINY_DDPM])
+    out = capsys.readouterr().out
+    assert "precision changes on resume: bf16 (on cpu) up to step 2, fp32 (on cpu) from here" in out, out
+    stored = read_dissolver_checkpoint(ckpt)
+    assert stored["train_state"]["step"] == 3 and stored["meta"]["precision"] == "fp32"
+    assert stored["train_state"]["precision"] == [{"step": 0, "device": "cpu", "precision": "bf16"},
+                                                  {"step": 2, "device": "cpu", "precision": "fp32"}]
+    script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(same),
                  "--resume", "--amp", "on", *TINY_DDPM])
-    assert read_dissolver_checkpoint(ckpt)["train_state"]["step"] == 3
+    assert "precision changes" not in capsys.readouterr().out
 
     # bf16 training is not fp32 training: the same recipe in fp32 gives other weights
     fp32 = tmp_path / "f.pt"
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(fp32),
                  "--amp", "off", *TINY_DDPM])
-    a, b = read_dissolver_checkpoint(ckpt)["model_state"], read_dissolver_checkpoint(fp32)["model_state"]
+    a, b = read_dissolver_checkpoint(same)["model_state"], read_dissolver_checkpoint(fp32)["model_state"]
     assert read_dissolver_checkpoint(fp32)["meta"]["precision"] == "fp32"
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # three small Adam steps apart
 
 
 @pytest.mark.slow
-def test_checkpoint_from_before_amp_resumes_in_fp32_only(tmp_path):
+def test_checkpoint_without_precision_segments_resumes_in_either_precision(tmp_path, capsys):
     from diffusion_models import train_eval_ddpm as script
     from utils import atomic_torch_save
 
     ckpt = tmp_path / "old.pt"
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "2", "--save_path", str(ckpt),
-                 "--amp", "off", *TINY_DDPM])
+                 "--amp", "on", *TINY_DDPM])
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    recipe = raw["train_state"]["recipe"]
-    del recipe["amp"]  # as written before --amp existed
+    del raw["train_state"]["precision"]  # a checkpoint that records its precision in the recipe alone
+    raw["train_state"]["recipe"]["amp"] = True
     atomic_torch_save(raw, ckpt)
-    with pytest.raises(SystemExit) as e:
-        script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
-                     "--resume", "--amp", "on", *TINY_DDPM])
-    assert e.value.code == 2
+    capsys.readouterr()
     script.main(["--mode", "train", "--dataset", "synth_lesion", "--train_steps", "3", "--save_path", str(ckpt),
                  "--resume", "--amp", "off", *TINY_DDPM])
-    assert read_dissolver_checkpoint(ckpt)["train_state"]["step"] == 3
+    assert "precision changes on resume: bf16 up to step 2, fp32 (on cpu) from here" in capsys.readouterr().out
+    stored = read_dissolver_checkpoint(ckpt)["train_state"]
+    assert stored["step"] == 3 and [s["precision"] for s in stored["precision"]] == ["bf16", "fp32"]

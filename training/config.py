@@ -36,8 +36,7 @@ class TrainConfig:
     max_steps: Optional[int]
     seed: int
     paper_rng_replay: bool
-    # precision, logging, evaluation and checkpoints
-    amp: bool
+    # logging, evaluation and checkpoints (the precision is the device's: Trainer's ``precision``)
     log_every: int
     error_step: int
     save_step: int

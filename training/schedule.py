@@ -27,7 +27,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-import torch
+from common import distributed
 
 EPOCH_STEP_RULES = ("paper", "capped")
 LR_TIMINGS = ("paper", "before")
@@ -148,11 +148,5 @@ def rank_share(idx, world_size, rank, fill):
     indices). A batch the ranks do not divide (a pass's last, smaller one) is first padded, as
     ``DistributedSampler`` pads, with the first images of ``fill`` (the epoch's order), so every
     rank gets ``ceil(len(idx) / world_size)`` images: the same number on every rank (the gathered
-    similarity matrix needs it) and never none."""
-    if world_size == 1:
-        return idx
-    pad = -len(idx) % world_size
-    if pad:
-        idx = torch.cat([idx, fill.repeat(-(-pad // len(fill)))[:pad]])
-    b = len(idx) // world_size
-    return idx[rank * b:(rank + 1) * b]
+    similarity matrix needs it) and never none (``common.distributed.pad_for_ranks``)."""
+    return distributed.rank_block(distributed.pad_for_ranks(idx, world_size, fill), world_size, rank)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from common import distributed
 from common.checkpoint_io import MODEL_CHECKPOINT_KIND
+from common.device import PRECISIONS, dataset_batch
 from common.errors import UserError
 from models.strategies import DissolveStrategy
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
@@ -66,8 +67,8 @@ def contrastive_loss(z, chunks, K, b, temperature, sim_lambda, loss_mode):
     return loss * sim_lambda
 
 
-def divergence_cause(config: TrainConfig, device=None):
-    """The likely reason a run diverged, read from its settings: which flag to change."""
+def divergence_cause(config: TrainConfig, precision="fp32"):
+    """The likely reason a run diverged, read from its settings and ``precision``: which flag to change."""
     causes = []
     if config.temperature < 0.05:
         causes.append(f"--temperature {config.temperature:g} is very low (the paper's 0.5): the similarities "
@@ -76,12 +77,22 @@ def divergence_cause(config: TrainConfig, device=None):
         causes.append(f"--lr_init {config.lr_init:g} is very high (the paper's 0.1): lower --lr_init")
     if config.sim_lambda > 100:
         causes.append(f"--sim_lambda {config.sim_lambda:g} is very high (the paper's 1): lower it")
-    if config.amp and device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        causes.append("mixed precision runs fp16 on this GPU (no bf16), which can overflow: pass --amp off")
+    if precision == "fp16":
+        causes.append("mixed precision runs fp16 on this GPU (no native bf16), whose range is narrow: pass --amp off")
     if not causes:
         causes.append(f"--lr_init {config.lr_init:g} may be too high for --batch_size {config.batch_size} with "
                       f"--optimizer {config.optimizer}: lower --lr_init (or check the training images)")
     return "; ".join(causes)
+
+
+def recorded_segments(ckpt):
+    """The segments a checkpoint records (``Trainer.segment``); a checkpoint that records none
+    gives one from its saved ``--amp`` (``True``: bf16 on the CPUs that wrote them)."""
+    if isinstance(ckpt.get("precision"), list):
+        return [dict(s) for s in ckpt["precision"]]
+    amp = ((ckpt.get("meta") or {}).get("args") or {}).get("amp")
+    precision = {True: "bf16", False: "fp32"}.get(amp, "fp32" if amp == "off" else "unrecorded")
+    return [{"epoch": 0, "step": 0, "device": None, "precision": precision}]
 
 
 class Trainer:
@@ -90,13 +101,22 @@ class Trainer:
     ``config``: the run's settings (``training.config.TrainConfig``). ``dissolve`` is None for
     simclr/simclr_CSI; for simclr_DIA it is a dissolving strategy
     (``models.strategies.DissolveStrategy``, built by ``models.dissolve.make_dissolve_fn``).
+    ``precision``: what the forward passes compute in on ``device`` (``'bf16'``, ``'fp16'``
+    with ``torch.amp.GradScaler`` scaling the network's loss, or ``'fp32'``;
+    ``common.device.device_precision`` decides it); checkpoints record it per segment of the run.
     """
 
-    def __init__(self, config: TrainConfig, model, device, dissolve: Optional[DissolveStrategy] = None):
+    def __init__(self, config: TrainConfig, model, device, dissolve: Optional[DissolveStrategy] = None,
+                 precision="fp32"):
         if dissolve is not None and not isinstance(dissolve, DissolveStrategy):
             raise TypeError(f"dissolve must be a models.strategies.DissolveStrategy (dissolve_chunks, applies_to, "
                             f"shift_inside, info), got {type(dissolve).__name__}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.config, self.model, self.device, self.dissolve = config, model, device, dissolve
+        self.precision = precision
+        # fp16's narrow range: the network's loss scaled, steps with non-finite gradients skipped
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.shift = get_shift(config.base_shift)
         self.K = self.shift.max_range
         # what the batches go through: DistributedDataParallel under torchrun; the linear head
@@ -124,6 +144,8 @@ class Trainer:
         self.evaluations = []  # the AUROCs of every evaluation during training
         self.last_saved = None  # epoch and step of the last.model written
         self._resumed_rng = None
+        # the run's stretches between starts: where each began, on which device, in which precision
+        self.segments = [self.segment()]
         self.logger = None  # set by fit: checkpoints record log.txt's length
         self.last_loss = None
         # benchmarks/bench.py times the parts of a step: timer(name) -> context manager
@@ -153,7 +175,7 @@ class Trainer:
                 views.append(torch.cat([shift(c, k) for k, c in enumerate(cs)]))
                 continue
             # the K chunks in one batched call, each with its own strength
-            with self.timed("dissolve"), autocast_for(self.device, self.config.amp):  # --amp covers the UNet too
+            with self.timed("dissolve"), autocast_for(self.device, self.precision):  # --amp covers the UNet too
                 if d.shift_inside:
                     out = d.dissolve_chunks(cs, epoch, shift=shift)
                 else:
@@ -180,7 +202,7 @@ class Trainer:
     def resnet_step(self, views, chunks, b):
         """Forward, losses, backward and the optimiser step of the network on the views."""
         cfg, K = self.config, self.K
-        with autocast_for(self.device, cfg.amp):
+        with autocast_for(self.device, self.precision):
             _, aux = self.net(views, penultimate=True, simclr=True, shift=True)
         z = F.normalize(aux["simclr"].float(), dim=1)
         loss_sim = contrastive_loss(z, chunks, K, b, cfg.temperature, cfg.sim_lambda, cfg.loss_mode)
@@ -191,8 +213,13 @@ class Trainer:
             loss_shift = torch.zeros((), device=views.device)
         loss = loss_sim + loss_shift
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # fp16: the scaled loss back, the step skipped (and the scale lowered) on non-finite gradients
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.linear_decay is not None and self.step > 0:  # the head has had a gradient since step 1
             self.linear_decay_step()
         return loss, loss_sim, loss_shift, aux
@@ -229,6 +256,8 @@ class Trainer:
             "evaluations": list(self.evaluations),
             "selection": selection,  # which file this is and which rule chose it
             "rng": rng_state(),
+            "precision": [dict(s) for s in self.segments],
+            **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "meta": meta,
             # log.txt's length when this was written: a run resumed from here cuts it back to that
             "log_bytes": self.logger.log_size() if self.logger is not None else None,
@@ -244,7 +273,7 @@ class Trainer:
         if bad:
             raise UserError(f"not writing {os.path.basename(path)}: {bad[0]} holds {bad[1]} after epoch {self.epoch} "
                             f"(step {self.step}{self._last_loss_text()}), the training diverged; likely cause: "
-                            f"{divergence_cause(self.config, self.device)}")
+                            f"{divergence_cause(self.config, self.precision)}")
         atomic_torch_save(state, path)
 
     def _last_loss_text(self):
@@ -256,7 +285,7 @@ class Trainer:
         if bad:
             raise UserError(f"the training diverged: {bad[0]} holds {bad[1]} after epoch {self.epoch} (step "
                             f"{self.step}{self._last_loss_text()}); stopped before {before}, the files written "
-                            f"earlier stay; likely cause: {divergence_cause(self.config, self.device)}")
+                            f"earlier stay; likely cause: {divergence_cause(self.config, self.precision)}")
 
     def keeps_row(self, tag, x):
         """Whether a ``scalars.csv`` row (``train/*`` by step, the others by epoch) comes from no
@@ -275,6 +304,25 @@ class Trainer:
         self.last_saved = {"epoch": self.epoch, "step": self.step}
         set_rng_state(ckpt["rng"])
         self._resumed_rng = ckpt["rng"]
+        self.segments = recorded_segments(ckpt) + [self.segment()]
+        if self.scaler is not None and "grad_scaler" in ckpt and self.segments[-2]["precision"] == "fp16":
+            self.scaler.load_state_dict(ckpt["grad_scaler"])  # the loss scale the run had reached
+
+    def segment(self):
+        """Where the training stands, and on what it computes from here (a checkpoint's ``precision``
+        lists one per start of the run)."""
+        return {"epoch": self.epoch, "step": self.step, "device": str(self.device), "precision": self.precision}
+
+    def precision_change(self):
+        """One line when this segment computes in another precision than the one before it (a
+        resumed run on another device, or another --amp), else None."""
+        if len(self.segments) < 2 or self.segments[-2]["precision"] == self.precision:
+            return None
+        before = self.segments[-2]
+        where = f" (on {before['device']})" if before.get("device") else ""
+        return (f"precision changes on resume: {before['precision']}{where} up to step {self.step}, "
+                f"{self.precision} (on {self.device}) from here; each segment is exact, the whole run is not "
+                f"bit-identical to one trained in a single precision")
 
     # ----- the loop -----------------------------------------------------------------------
     def global_batch(self):
@@ -358,8 +406,7 @@ class Trainer:
                 idx = schedule.rank_share(perm[first:end], world, rank, perm)
                 lr = self.lr_of(plan, epoch, i)  # of (epoch, i) alone: a resumed run gives it the same rate
                 self.set_lr(lr)
-                x, y = train_set.get_batch(idx)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = dataset_batch(train_set, idx, device)  # uint8 images cross as bytes, become floats there
                 out = self.train_step(x, y)
                 self.step += 1
                 self.last_loss = out["loss"]
@@ -376,7 +423,7 @@ class Trainer:
                     bar.close()
                     raise UserError(f"the loss became {out['loss']} at step {self.step} (epoch {epoch}); nothing was "
                                     f"written after the last checkpoint; likely cause: "
-                                    f"{divergence_cause(cfg, device)}")
+                                    f"{divergence_cause(cfg, self.precision)}")
                 fault_point("step")
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop = True

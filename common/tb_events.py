@@ -2,8 +2,9 @@
 
 An event file is a sequence of records: an 8-byte little-endian length, the masked CRC-32C of
 those 8 bytes, the payload (an ``Event`` protocol buffer), the masked CRC-32C of the payload.
-tensorboardX writes them and reads none back, so the reading lives here (a dozen lines; the
-``tensorboard`` package that can read them is not one of our dependencies).
+tensorboardX writes them and reads none back, so the reading lives here (a dozen lines on
+tensorboardX's own protocol buffers; the ``tensorboard`` package, installed to look at the
+files, is not needed to rewrite them).
 
 When a run resumes from a checkpoint, the interrupted attempt has already logged scalars past
 that point; the resumed run logs them again. :func:`prune_events` rewrites each event file of

@@ -11,7 +11,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 import eval as eval_program
 import train as train_program

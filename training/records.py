@@ -55,14 +55,14 @@ def _point(record):
 
 
 def _file_record(path):
-    """A best file's own record of what it holds, and its checkpoint."""
+    """A best file's own record of what it holds (what selected it, at the epoch and step of the
+    checkpoint itself), and its checkpoint."""
     ckpt = read_checkpoint(path, "checkpoint")
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a checkpoint written by train.py")
-    record = ckpt.get("selection") or {}
-    if "epoch" not in record:  # (a best file records its selection; fall back on its position)
-        record = {"epoch": ckpt.get("epoch"), "step": ckpt.get("step")}
-    return {k: record[k] for k in BEST_KEYS if k in record}, ckpt
+    record = {k: v for k, v in (ckpt.get("selection") or {}).items() if k in BEST_KEYS}
+    record.update(epoch=ckpt.get("epoch"), step=ckpt.get("step"))
+    return record, ckpt
 
 
 def reconcile_best(folder, best, run_id):

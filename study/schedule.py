@@ -10,6 +10,7 @@ import time
 from common.errors import UserError
 from study.dissolvers import Dissolvers, dissolver_table
 from study.figures import draw_comparisons
+from study.rerun import is_finished
 from study.runs import BEST_FILE, BEST_LABEL, execute, fail, needs_dissolver
 from study.steps import Interrupted
 from study.tables import headline_auroc, multi_class_table, summary_table, write_tables
@@ -168,7 +169,7 @@ def run_all(a, runs, argv, steps):
     """Run the plan's runs, their steps by ``steps`` (:class:`study.steps.Steps`), then draw the
     comparisons and print the tables; returns the exit status (1 when a run failed)."""
     command = "python reproduce.py " + " ".join(shlex.quote(x) for x in argv)
-    n_todo = sum(not os.path.exists(r.path("results.json")) for r in runs)
+    n_todo = sum(not is_finished(r) for r in runs)
     print(f"{len(runs)} run(s) in {a.out} ({len(runs) - n_todo} finished already, {n_todo} to do)", flush=True)
 
     t_all = time.time()

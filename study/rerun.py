@@ -72,15 +72,16 @@ def attach_data(runs, fingerprint):
 
 
 def config_diffs(old, new):
-    """``[(setting, old value, new value)]`` where ``new`` differs from ``old``; the sections
+    """``[(setting, old value, new value)]`` where ``new`` differs from ``old`` (a setting one of
+    them lacks is None there); the sections
     ``train`` and ``eval`` compare key by key (``train.epochs``). A setting that ``old`` lacks and
     that records data (``data``: folders made before runs recorded their data) is not compared."""
     new = json.loads(json.dumps(new))
     diffs = []
-    for key, value in new.items():
+    for key in dict.fromkeys(list(new) + list(old)):
         if key == "data" and key not in old:
             continue
-        before = old.get(key)
+        before, value = old.get(key), new.get(key)
         if key in ("train", "eval") and isinstance(value, dict) and isinstance(before, dict):
             for sub in dict.fromkeys(list(before) + list(value)):
                 if before.get(sub) != value.get(sub):

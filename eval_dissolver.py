@@ -3,9 +3,10 @@
     python eval_dissolver.py --dataset covid --diffusion_model_path diffusion_models/ckpts/covid_1_32px.pt
     python eval_dissolver.py --dataset synth_lesion --diffusion_model_path d.pt --out grid.png
 
-Row 0 of the PNG holds test images, half of the normal class and half anomalous; each further
-row holds them dissolved at one timestep of ``--timesteps_to_show`` (one reverse DDPM step at
-that timestep, as training dissolves, ``models.dissolve.Dissolver``). Beside the PNG a JSON
+Row 0 of the PNG holds test images, half of the normal class and half anomalous (the columns are
+headed so); each further row, labelled ``t = <t>``, holds them dissolved at one timestep of
+``--timesteps_to_show`` (one reverse DDPM step at that timestep, as training dissolves,
+``models.dissolve.Dissolver``). Beside the PNG a JSON
 file holds, per timestep, the frequency report on up to ``--quality_images`` normal test images
 (the share of high-frequency energy removed, the change of the low frequencies) and, on
 ``synth_lesion`` and its variants, the lesion report on the same tissue drawn with and without
@@ -16,8 +17,6 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
-from torchvision.utils import save_image
 
 from common.device import pick_device
 from common.errors import UserError, exit_on_user_error
@@ -26,11 +25,13 @@ from common.paths import check_output_file
 from datasets import get_dataset
 from datasets.normal_class import normal_class_line
 from datasets.synth_lesion import VARIANTS, generate_synth_lesion
-from diffusion_models.ddpm import load_dissolver
+from datasets.registry import check_dataset_name
+from diffusion_models.ddpm import load_dissolver, train_command_hint
 from diffusion_models.ddpm_data import check_normal_class, dissolver_class, paper_dataset_name
 from evals.dissolve_quality import frequency_report, lesion_report
+from evals.plots import plot_dissolving_grid
 from models.dissolve import Dissolver
-from utils import atomic_write, atomic_write_json
+from utils import atomic_write_json
 
 DEFAULT_SHOW_TIMESTEPS = [10, 30, 50, 70, 100, 150]
 
@@ -68,19 +69,31 @@ def build_parser():
 
 
 def parse_args(argv=None):
+    """The flags, the dataset's name first (a near miss gets a suggestion), then the dissolver's."""
     args = build_parser().parse_args(argv)
-    if not args.diffusion_model_path:
-        raise UserError("eval_dissolver.py needs --diffusion_model_path CKPT (written by "
-                        "diffusion_models/train_eval_ddpm.py --mode train)")
-    if args.n_show < 1:
-        raise UserError(f"--n_show must be >= 1, got {args.n_show}")
     if not args.dataset:
         raise UserError("eval_dissolver.py needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
     ours = paper_dataset_name(args.dataset)
     if ours != args.dataset:
         print(f"note: --dataset {args.dataset} is the paper's name for {ours}")
         args.dataset = ours
+    check_dataset_name(args.dataset)
+    if args.n_show < 1:
+        raise UserError(f"--n_show must be >= 1, got {args.n_show}")
     return args
+
+
+def check_dissolver_file(args):
+    """``--diffusion_model_path`` given and there (checked after the data: a wrong dataset or path
+    is the first error); the hint trains one on ``--dataset``."""
+    if not args.diffusion_model_path:
+        hint = train_command_hint(None, args.image_size, args.dataset, args.data_root)
+        raise UserError(f"eval_dissolver.py needs --diffusion_model_path CKPT, a dissolver; train one on "
+                        f"{args.dataset} with: {hint}")
+    if not os.path.exists(args.diffusion_model_path):
+        hint = train_command_hint(args.diffusion_model_path, args.image_size, args.dataset, args.data_root)
+        raise UserError(f"--diffusion_model_path {args.diffusion_model_path}: no such file; train a dissolver on "
+                        f"{args.dataset} with: {hint}")
 
 
 def output_paths(args):
@@ -136,14 +149,12 @@ def grid_images(labels, idx, n_show, seed):
     return torch.cat([normal[:n_norm], anomal[:n_anom]]), n_norm, n_anom
 
 
-def write_grid(dissolver, x, show, path):
-    """The images and one row per timestep of them dissolved, as a PNG (small images enlarged
-    with nearest-neighbour so the fine details stay visible)."""
-    rows = [x] + [dissolver(x, [t]) for t in show]
-    grid = torch.cat(rows).clamp(0, 1).cpu()
-    if grid.shape[-1] < 96:
-        grid = F.interpolate(grid, scale_factor=96 // grid.shape[-1], mode="nearest")
-    atomic_write(path, lambda fh: save_image(grid, fh, nrow=len(x), padding=2, format="png"))
+def write_grid(dissolver, x, show, n_norm, n_anom, path, title):
+    """The images and one row per timestep of them dissolved, as a labelled PNG (rows ``input``
+    and ``t = <t>``, the normal and the anomalous columns headed; small images enlarged without
+    smoothing so the fine details stay visible: ``evals.plots.plot_dissolving_grid``)."""
+    rows = torch.stack([x] + [dissolver(x, [t]) for t in show]).clamp(0, 1).float().cpu()
+    plot_dissolving_grid(rows.permute(0, 1, 3, 4, 2).numpy(), show, n_norm, n_anom, path, title=title)
 
 
 def dissolving_quality(dissolver, test_set, labels, idx, show, dataset, n_images, seed, device):
@@ -179,12 +190,14 @@ def print_quality(report):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    outputs = output_paths(args) if args.out else None  # an --out that cannot be written: before any work
+    test_set, info = load_test_split(args.dataset, args.data_root, args.seed)  # the data, then the dissolver
+    check_dissolver_file(args)
     diffusion, ck = load_dissolver(args.diffusion_model_path, device, expect_resolution=args.image_size,
                                    expect_channels=3, resolution_flag="--image_size", weights=args.diffusion_weights)
     resolution = ck["config"]["image_size"]
-    out, quality_path = output_paths(args)
+    out, quality_path = outputs or output_paths(args)
     show = timesteps_to_show(args.timesteps_to_show, diffusion.num_timesteps)
-    test_set, info = load_test_split(args.dataset, args.data_root, args.seed)
     idx = normal_class(args, ck["meta"], info)
     labels = torch.as_tensor(test_set.labels).long()
     pick, n_norm, n_anom = grid_images(labels, idx, args.n_show, args.seed)
@@ -193,15 +206,18 @@ def main(argv=None):
     dissolver = Dissolver(diffusion, info.native_kind, diff_resolution=resolution, offset=0.0, upper=0.0,
                           range_correct=args.range_correct)
     x = test_set.get_batch(pick)[0].to(device, torch.float32)
-    write_grid(dissolver, x, show, out)
     mode = "range-correct ([-1,1] in, (x0+1)/2 shown)" if args.range_correct else \
         "paper range ([0,1] in as is, [-1,1] prediction shown clipped to [0,1])"
+    title = (f"dissolving {args.dataset} test images, normal class {idx} ({info.class_names[idx]}): one reverse "
+             f"step at t, {resolution}-px dissolver ({os.path.basename(args.diffusion_model_path)})")
+    write_grid(dissolver, x, show, n_norm, n_anom, out, title)
     print(f"wrote {out}: row 0 = {n_norm} normal + {n_anom} anomalous {args.dataset} test images; rows 1.."
           f"{len(show)} = dissolved at t = {', '.join(map(str, show))} ({resolution} px, {mode})")
     report = dissolving_quality(dissolver, test_set, labels, idx, show, args.dataset, args.quality_images,
                                 args.seed, device)
     report.update(checkpoint=args.diffusion_model_path, weights=args.diffusion_weights, mode=mode,
-                  dataset=args.dataset, resolution=resolution)
+                  dataset=args.dataset, resolution=resolution, grid={"n_normal": n_norm, "n_anomalous": n_anom,
+                                                                     "timesteps": [int(t) for t in show]})
     atomic_write_json(report, quality_path)
     print_quality(report)
     print(f"wrote {quality_path}")

@@ -61,9 +61,10 @@ from common.errors import UserError, exit_on_user_error
 from common.flags import (DATA_ROOT, DIFF_RESOLUTION, HelpFormatter, add_amp, add_data_root, add_device,
                           add_diff_resolution)
 from common.run_folder import LOCK_NAME, ProcessLock
+from datasets import get_dataset
 from datasets.normal_class import normal_class_line
 from datasets.registry import check_dataset_name, describe_images
-from study.plan import make_plan, uses_resolution
+from study.plan import image_size_of, make_plan, uses_resolution
 from study.schedule import device_slots, run_all
 from study.steps import Interrupted, Steps, _on_signal
 from train import writes_it
@@ -262,8 +263,7 @@ def check_args(a):
     a.diff_resolution = sorted(set(a.diff_resolution))
     a.shift_trans_type = normalise_transformations(a.shift_trans_type)
     for name in ("epochs", "batch_size", "max_batches_per_epoch", "max_steps", "resnet_width", "log_every",
-                 "ood_samples", "nproc_per_run", "save_step", "selection_samples", "selection_max_images",
-                 "ddpm_train_steps", "ddpm_unet_dim", "ddpm_batch_size", "ddpm_grad_accum"):
+                 "ood_samples", "nproc_per_run", "save_step", "selection_samples", "selection_max_images"):
         v = getattr(a, name)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be at least 1, got {v}")
@@ -272,10 +272,6 @@ def check_args(a):
     bad = [s for s in a.seeds if s < 0]
     if bad:
         raise UserError(f"--seeds must be >= 0, got {' '.join(map(str, bad))}")
-    bad = [r for r in a.diff_resolution if r < 8 or r % 8]
-    if bad and any(uses_resolution(t, a) for t in a.shift_trans_type):
-        raise UserError(f"--diff_resolution {' '.join(map(str, bad))}: use multiples of 8 (e.g. 32, 64, 128); the "
-                        f"dissolver's UNet halves the image three times")
     try:
         a.train_args = shlex.split(a.train_args or "")
     except ValueError as exc:
@@ -300,6 +296,29 @@ def check_args(a):
         a.out = os.path.join("runs", "+".join(a.dataset) + (f"_{a.preset}" if a.preset else ""))
     a.out = os.path.abspath(a.out)
     return a
+
+
+def check_dissolver_args(a):
+    """The dissolver's flags (--diff_resolution, --ddpm_*). Refused only once the datasets were read
+    (each through ``datasets.get_dataset``, as the plan reads them): a wrong dataset or path is
+    the first error."""
+    try:
+        for name in ("ddpm_train_steps", "ddpm_unet_dim", "ddpm_batch_size", "ddpm_grad_accum"):
+            v = getattr(a, name)
+            if v is not None and v < 1:
+                raise UserError(f"--{name} must be at least 1, got {v}")
+        dissolving = any(uses_resolution(t, a) for t in a.shift_trans_type)
+        bad = [r for r in a.diff_resolution if r < 8 or r % 8]
+        if bad and dissolving:
+            raise UserError(f"--diff_resolution {' '.join(map(str, bad))}: use multiples of 8 (e.g. 32, 64, 128); the "
+                            f"dissolver's UNet halves the image three times")
+        if a.ddpm_unet_dim % 8 and any(t.startswith("diffusion_") for t in a.shift_trans_type):
+            raise UserError(f"--ddpm_unet_dim {a.ddpm_unet_dim}: use a multiple of 8 (e.g. 32, 64): the dissolver's "
+                            f"UNet normalises its channels in 8 groups")
+    except UserError:
+        for dataset in a.dataset:
+            get_dataset(dataset, a.data_root, image_size=image_size_of(a, dataset), aptos_all_grades=a.aptos_all_grades)
+        raise
 
 
 def check_devices(a):
@@ -336,6 +355,7 @@ def data_shaping_flags(train_args):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     a = check_args(resolve_args(argv))
+    check_dissolver_args(a)
     runs = make_plan(a)
     describe_data(runs)
     try:

@@ -35,7 +35,8 @@ from datasets import get_dataset, load_ood_sets, one_class_split
 from datasets.fingerprint import (check_outside_data, check_same_data, check_same_file, data_fingerprint, data_tree,
                                   file_sha256)
 from datasets.normal_class import normal_class_line, recorded_class
-from datasets.registry import describe_images
+from datasets.registry import describe_images, is_folder_dataset
+from diffusion_models.ddpm import train_command_hint
 from evals.scoring_reference import ScoringProtocol, compute_reference, model_digest, write_reference
 from evals.selection import SelectionEvaluation
 from models.dissolve import DissolveSettings, make_dissolve_fn
@@ -53,7 +54,8 @@ NOT_RUN_SETTINGS = ("logdir", "suffix", "resume_path", "local_rank", "num_worker
                     "accept_changed_data")
 CREATION_ONLY = ("load_path", "no_strict")  # a warm start, applied when the run is created
 RUN_ID_KEYS = ("run_id", "resumed_from", "world_size")  # what config.json holds besides the flags
-RESUME_IGNORES = set(RESUME_MAY_CHANGE) | set(NOT_RUN_SETTINGS) | set(RUN_ID_KEYS)
+PROGRESS_FLAGS = ("progress_file", "no_progress")  # how a run shows its progress: no setting of it
+RESUME_IGNORES = set(RESUME_MAY_CHANGE) | set(NOT_RUN_SETTINGS) | set(RUN_ID_KEYS) | set(PROGRESS_FLAGS)
 
 
 @exit_on_user_error
@@ -87,6 +89,8 @@ def train(P, device, where):
         normal_train, test_set = one_class_split(train_set, test_set, info, P.one_class_idx,
                                                  contamination_ratio=P.contamination_ratio, seed=P.seed)
         describe_data(info, P.one_class_idx)
+        if P.dissolve_type == "diffusion":  # once the data are read: a wrong dataset or path is the first error
+            check_dissolver_file(P)
         # the run's outputs never land among its data's files; what it is trained on, recorded and compared
         check_outside_data([("--logdir", logdir)], data_tree(train_set, test_set), P.dataset)
         inputs, accepted = run_inputs(P, train_set, test_set, info, resume, resume_file)
@@ -123,7 +127,8 @@ def train(P, device, where):
         if notes:  # the best files as they are: selection.json names them from now on
             trainer.write_selection(logdir)
         try:
-            last = trainer.fit(normal_train, logger, {**run_meta(P, run.run_id, info), **inputs}, evaluate=evaluate)
+            last = trainer.fit(normal_train, logger, {**run_meta(P, run.run_id, info), **inputs}, evaluate=evaluate,
+                               bars=not P.no_progress, progress_file=P.progress_file, shorten=shorter_run(P, info))
             if P.scoring_samples:
                 write_scoring_reference(P, trainer, run.run_id,
                                         clean_normal_train(P, train_set, test_set, info, normal_train), info, device,
@@ -240,6 +245,39 @@ def build_dissolve(P, device, info):
              f"only, this run is multi-class (every class normal; train_eval_ddpm.py --all_classes trains one on "
              f"all of them); dissolving with it anyway")
     return dissolve
+
+
+def check_dissolver_file(P):
+    """A diffusion_* run's dissolver: ``--diffusion_model_path`` given and there. Checked once the
+    data are read, so that a wrong dataset or path is the first error; the hint trains one on
+    this run's dataset and class."""
+    if P.one_class_idx is None:
+        classes = ["--all_classes"]
+    elif P.normal_class is not None:
+        classes = ["--normal_class", P.normal_class]
+    else:
+        classes = ["--one_class_idx", P.one_class_idx]
+    hint = dict(resolution=P.diff_resolution, dataset=P.dataset, data_root=P.data_root, class_flags=classes)
+    if not P.diffusion_model_path:
+        raise UserError(f"--shift_trans_type {P.shift_trans_type} needs a dissolver trained on {P.dataset}: pass "
+                        f"--diffusion_model_path CKPT; train one with: {train_command_hint(**hint)}")
+    if not os.path.exists(P.diffusion_model_path):
+        raise UserError(f"--diffusion_model_path {P.diffusion_model_path}: no such file; train a dissolver on "
+                        f"{P.dataset} with: {train_command_hint(P.diffusion_model_path, **hint)}")
+
+
+def shorter_run(P, info):
+    """The flags that shorten a run, with their values (for the line that estimates its end)."""
+    flags = [f"--epochs (now {P.epochs})", f"--max_batches_per_epoch (now {P.max_batches_per_epoch})",
+             "--max_steps" + (f" (now {P.max_steps})" if P.max_steps is not None else "")]
+    if is_folder_dataset(P.dataset):
+        flags.append(f"a smaller --img_size (now {info.image_size[0]})")
+    if P.dissolve_type == "diffusion":
+        flags.append(f"a smaller dissolver (--diff_resolution, now {P.diff_resolution})")
+    if not P.no_eval:
+        flags.append(f"fewer evaluations during training (--save_step / --error_step, now every {P.error_step} "
+                     f"epoch(s); --ood_samples, now {P.ood_samples}; --eval_max_test; or --no_eval)")
+    return ", ".join(flags)
 
 
 def load_warm_start(model, warm, P):

@@ -248,6 +248,11 @@ def add_checkpoint_group(p):
     g.add_argument("--no_strict", action="store_true", help="--load_path: load the weights non-strictly")
     g.add_argument("--save_step", type=int, default=10, help="save a checkpoint every N epochs")
     g.add_argument("--log_every", type=int, default=10, help="log the losses every N steps")
+    g.add_argument("--progress_file", default=None, metavar="JSON",
+                   help="write the training's progress (step of N, seconds per step, time to the end) to this JSON "
+                        "file every few seconds (reproduce.py shows it)")
+    g.add_argument("--no_progress", action="store_true",
+                   help="no tqdm progress bar (there is none anyway when stderr is not a terminal)")
     return g
 
 
@@ -441,7 +446,11 @@ def check_numbers(P):
 
 
 def normalise_args(P):
-    """Derive the shift bookkeeping and reject contradictions."""
+    """Derive the shift bookkeeping and reject contradictions. The dataset's name comes first (a
+    near miss gets a suggestion); the dissolver a diffusion_* run needs is checked once the data
+    are read (train.py), so a wrong name or path is the first error."""
+    if P.dataset is not None:
+        check_dataset_name(P.dataset)
     P.shift_trans_type = SHORT_NAMES.get(P.shift_trans_type, P.shift_trans_type)
     P.dissolve_type = P.shift_trans_type.split("_")[0] if "_" in P.shift_trans_type else None
     P.base_shift = P.shift_trans_type.split("_")[-1]  # rotation | cutperm | none
@@ -464,9 +473,6 @@ def normalise_args(P):
         if P.mode != "simclr_DIA" and P.dissolve_type is not None:
             raise UserError(f"--shift_trans_type {P.shift_trans_type} dissolves images and only works with "
                             f"--mode simclr_DIA (got --mode {P.mode}); use --shift_trans_type {P.base_shift}")
-        if P.dissolve_type == "diffusion" and not P.diffusion_model_path:
-            raise UserError("--shift_trans_type diffusion_* needs --diffusion_model_path CKPT "
-                            "(train one with: python diffusion_models/train_eval_ddpm.py --mode train --dataset D)")
         if P.mode == "simclr" and P.base_shift != "none":
             P.base_shift = "none"
         if P.error_step is None:

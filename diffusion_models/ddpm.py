@@ -20,6 +20,7 @@ Which weights dissolve is a choice (``weights='online'``, the paper's, or ``'ema
 """
 import os
 import re
+import shlex
 import sys
 import warnings
 import zipfile
@@ -67,13 +68,16 @@ def require_paper_package():
                         f"bash scripts/setup.sh (or pip install denoising_diffusion_pytorch=={PAPER_PACKAGE_VERSION})")
 
 
-def train_command_hint(path=None, resolution=None):
-    """The command that writes a dissolver checkpoint (for error messages)."""
+def train_command_hint(path=None, resolution=None, dataset=None, data_root=None, class_flags=()):
+    """The command that writes a dissolver checkpoint (for error messages): on ``dataset`` (left
+    out: a placeholder) under ``data_root``, its normal class given by ``class_flags`` (e.g.
+    ``["--one_class_idx", "0"]``), at ``resolution`` (32), written to ``path``."""
     res = resolution if resolution is not None else 32
-    cmd = f"python diffusion_models/train_eval_ddpm.py --mode train --dataset <DATASET> --image_size {res}"
-    if path:
-        cmd += f" --save_path {path}"
-    return cmd
+    words = ["python", "diffusion_models/train_eval_ddpm.py", "--mode", "train", "--dataset"]
+    cmd = " ".join(words) + " " + (shlex.quote(dataset) if dataset else "<DATASET>")
+    tail = (["--data_root", data_root] if data_root else []) + [str(f) for f in class_flags]
+    tail += ["--image_size", str(res)] + (["--save_path", os.fspath(path)] if path else [])
+    return cmd + " " + shlex.join(tail)
 
 
 # --------------------------------------------------------------------------- config

@@ -46,6 +46,7 @@ from common.run_folder import check_world_size, lock_file  # noqa: E402
 from datasets import get_dataset, one_class_split  # noqa: E402
 from datasets.fingerprint import check_outside_data, check_same_data, data_fingerprint, data_tree  # noqa: E402
 from datasets.normal_class import normal_class_line  # noqa: E402
+from datasets.registry import check_dataset_name  # noqa: E402
 from diffusion_models.ddpm import ddpm_config, read_dissolver_checkpoint  # noqa: E402
 from diffusion_models.ddpm_data import (check_normal_class, ddpm_training_images, dissolver_class,  # noqa: E402
                                         paper_dataset_name)
@@ -121,7 +122,11 @@ def build_parser():
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK instead
     p.add_argument("--local_rank", "--local-rank", type=int, default=0,
                    help="set by torch.distributed.launch; the process's rank on its machine")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no tqdm progress bar (there is none anyway when stderr is not a terminal)")
+    p.add_argument("--progress_file", default=None, metavar="JSON",
+                   help="write the training's progress (step of N, seconds per step, time to the end) to this JSON "
+                        "file every few seconds (reproduce.py shows it)")
     return p
 
 
@@ -156,6 +161,9 @@ def parse_args(argv=None):
     if ours != args.dataset:
         print(f"note: --dataset {args.dataset} is the paper's name for {ours}")
         args.dataset = ours
+    if args.mode == "train" and not args.dataset:
+        raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
+    check_dataset_name(args.dataset)  # first: a near miss gets a suggestion
     return args
 
 
@@ -173,15 +181,9 @@ class Plan:
 
 
 def plan_training(args, device):
-    """Check every flag and decide the run, before anything is locked or written."""
-    check_schedule(args.train_steps, args.save_every)
-    recipe = DissolverRecipe(**{k: getattr(args, k) for k in RECIPE_KEYS})
-    config = ddpm_config(image_size=args.image_size, channels=3, unet_dim=args.unet_dim, dim_mults=args.dim_mults,
-                         timesteps=args.timesteps, sampling_timesteps=args.sampling_timesteps,
-                         objective=args.objective, beta_schedule=args.beta_schedule, loss_type=args.loss_type)
-    precision = device_precision(args.amp, device, fp16=False)  # the device is set: joined() set it
-    if not args.dataset:
-        raise UserError("--mode train needs --dataset (e.g. --dataset covid, or synth_lesion to try it out)")
+    """Check every flag and decide the run, before anything is locked or written: the dataset's
+    class first (a folder dataset's folders: a wrong path is the first error), then the
+    dissolver's flags."""
     if args.all_classes and (args.one_class_idx is not None or args.normal_class is not None):
         which = (f"--one_class_idx {args.one_class_idx}" if args.one_class_idx is not None
                  else f"--normal_class {args.normal_class}")
@@ -190,6 +192,12 @@ def plan_training(args, device):
         idx = None
     else:  # from the folders' names alone: the class decides the default --save_path
         idx = dissolver_class(args.dataset, args.data_root, args.one_class_idx, args.normal_class)[0]
+    check_schedule(args.train_steps, args.save_every)
+    recipe = DissolverRecipe(**{k: getattr(args, k) for k in RECIPE_KEYS})
+    config = ddpm_config(image_size=args.image_size, channels=3, unet_dim=args.unet_dim, dim_mults=args.dim_mults,
+                         timesteps=args.timesteps, sampling_timesteps=args.sampling_timesteps,
+                         objective=args.objective, beta_schedule=args.beta_schedule, loss_type=args.loss_type)
+    precision = device_precision(args.amp, device, fp16=False)  # the device is set: joined() set it
     save_path = args.save_path or default_save_path(args.dataset, idx, args.image_size)
     return Plan(args.image_size, config, recipe, idx, save_path, precision)
 
@@ -262,10 +270,11 @@ def _load_data(args):
     return get_dataset(args.dataset, args.data_root, image_size=None, seed=args.seed)
 
 
-def training_images(args, plan):
+def training_images(args, plan, loaded):
     """The normal training images at the dissolving resolution, and what they are (the
-    checkpoint's meta: dataset, one_class_idx, class_name, native_kind)."""
-    train_set, test_set, info = _load_data(args)
+    checkpoint's meta: dataset, one_class_idx, class_name, native_kind); ``loaded``: what
+    ``_load_data`` returned."""
+    train_set, test_set, info = loaded
     # the checkpoint never lands among the data's files; what it is trained on, recorded
     check_outside_data([("--save_path", plan.save_path)], data_tree(train_set, test_set), args.dataset)
     fingerprint = data_fingerprint(args.dataset, train_set, test_set, info)
@@ -275,8 +284,8 @@ def training_images(args, plan):
     normal_train, _ = one_class_split(train_set, test_set, info, idx)  # idx None: the whole training split
     print(normal_class_line(info.name, info.class_names, idx))
     images = ddpm_training_images(normal_train, info.native_kind, plan.resolution,
-                                  progress=lambda it: tqdm(it, desc="decoding originals", disable=args.no_progress,
-                                                           leave=False))
+                                  progress=lambda it: tqdm(it, desc="decoding originals", leave=False,
+                                                           disable=True if args.no_progress else None))
     data = {"dataset": args.dataset, "one_class_idx": idx,
             "class_name": "all" if idx is None else str(info.class_names[idx]), "native_kind": info.native_kind}
     data["data_fingerprint"] = fingerprint
@@ -297,6 +306,13 @@ def check_dissolver_data(args, ckpt, data, save_path):
         step = int((ckpt.get("train_state") or {}).get("step", 0))
         data["accepted_changes"].append({"step": step, "flag": "--accept_changed_data", "changes": changes})
         print(f"--accept_changed_data: going on from step {step} with changed data: {'; '.join(changes)}")
+
+
+def shorter_training(args):
+    """The flags that shorten the training, with their values (for the line that estimates its end)."""
+    return (f"--train_steps (now {args.train_steps:,}; the paper's 156,250), --batch_size (now {args.batch_size}) x "
+            f"--grad_accum (now {args.grad_accum}), a smaller UNet (--unet_dim, now {args.unet_dim}) or --image_size "
+            f"(now {args.image_size})")
 
 
 def describe(args, plan, trainer, data, n, device):
@@ -325,8 +341,9 @@ def main(argv=None):
         distributed.quiet_unless_main()
         plan = plan_training(args, device)
         with locked_save_path(plan.save_path):
+            loaded = _load_data(args)  # the dataset and its files, before the checkpoint's flags
             ckpt = checkpoint_to_resume(args, plan, device)
-            images, data = training_images(args, plan)
+            images, data = training_images(args, plan, loaded)
             check_dissolver_data(args, ckpt, data, plan.save_path)
             trainer = DissolverTrainer(plan.config, plan.recipe, device, progress=not args.no_progress,
                                        precision=plan.precision)
@@ -341,7 +358,8 @@ def main(argv=None):
             if trainer.step >= args.train_steps:
                 print(f"nothing to do: {plan.save_path} is at step {trainer.step} of --train_steps {args.train_steps}")
                 return
-            trainer.fit(images, data, plan.save_path, args.train_steps, args.save_every)
+            trainer.fit(images, data, plan.save_path, args.train_steps, args.save_every,
+                        progress_file=args.progress_file, shorten=shorter_training(args))
 
 
 if __name__ == "__main__":

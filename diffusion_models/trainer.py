@@ -34,6 +34,7 @@ from tqdm import tqdm
 from common import distributed
 from common.device import PRECISION_TEXT
 from common.errors import UserError
+from common.progress import LoopProgress
 from diffusion_models.ddpm import build_diffusion, package_version, save_dissolver
 from diffusion_models.training_form import training_form
 from utils import autocast_for, rng_state, run_seed, set_rng_state
@@ -248,12 +249,16 @@ class DissolverTrainer:
         x = images.index_select(0, idx).to(self.device)
         return torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x), order
 
-    def fit(self, images, data, save_path, train_steps, save_every):
+    def fit(self, images, data, save_path, train_steps, save_every, progress_file=None, shorten=""):
         """Train from the current step to ``train_steps`` on ``images`` (``N x 3 x r x r`` in
         [0, 1], on the CPU), writing ``save_path`` at every milestone (each ``save_every``
         steps) and at ``train_steps``; ``data`` goes into each checkpoint's meta
         (:meth:`checkpoint_meta`). A non-finite loss stops the training with a
-        :class:`UserError`; what was written before stays."""
+        :class:`UserError`; what was written before stays.
+
+        After the first steps one line says the measured seconds per step, the time to the end
+        and ``shorten`` (the flags that shorten the training); ``progress_file``: a JSON file with
+        the same figures, rewritten every few seconds (``common.progress.LoopProgress``)."""
         check_schedule(train_steps, save_every)
         r, device = self.recipe, self.device
         n = len(images)
@@ -261,8 +266,9 @@ class DissolverTrainer:
         net = distributed.wrap_model(self.diffusion, device)
         average = self._average if distributed.is_distributed() else None
         self.diffusion.train()
-        bar = tqdm(total=train_steps, initial=self.step, desc="DDPM steps",
-                   disable=not self.progress or not distributed.is_main(), dynamic_ncols=True)
+        bar = tqdm(total=train_steps, initial=self.step, desc="DDPM steps", dynamic_ncols=True,
+                   disable=True if not self.progress or not distributed.is_main() else None)  # None: a terminal only
+        pace = LoopProgress(train_steps, self.step, what="dissolver training", shorten=shorten, path=progress_file)
         t0, t_steps, recent = time.time(), 0, []
         order = epoch_order(n, r.seed, self.epoch)
         while self.step < train_steps:
@@ -284,6 +290,7 @@ class DissolverTrainer:
             recent.append(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", s_per_step=f"{(time.time() - t0) / t_steps:.2f}")
+            pace.step(self.step)
             if self.step % save_every == 0 or self.step == train_steps:
                 print(f"step {self.step}: mean loss {sum(recent) / len(recent):.4f} over the last {len(recent)} "
                       f"steps, {(time.time() - t0) / t_steps:.2f} s per optimiser step")
@@ -293,3 +300,4 @@ class DissolverTrainer:
                 reason = "milestone" if self.step % save_every == 0 else "final"
                 print(f"saved {save_path} ({reason}: step {self.step}, milestone {meta['milestone']})")
         bar.close()
+        pace.close()

@@ -9,7 +9,7 @@ Each function reads the files the programs write and draws one PNG, written atom
     plot_loss_curves(scalars_csv, out_png)   # train.py's scalars.csv: training losses over steps
     plot_roc_comparison(curves, out_png)     # several runs' ROC curves in one figure
     plot_selection(selection_json, out_png)  # train.py's test AUROC per evaluation and the selected epoch
-    plot_image_grid(grid_png, out_png, row_labels)  # eval_dissolver.py's dissolving grid, labelled
+    plot_dissolving_grid(rows, timesteps, n_normal, n_anomalous, out_png)  # eval_dissolver.py's grid, labelled
 
 Scores follow eval.py: higher means more normal, and normal test images are the positives.
 """
@@ -18,7 +18,6 @@ import json
 import math
 import os
 
-import matplotlib.image as mpimg
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -295,27 +294,51 @@ def plot_selection(selection_json, out_png, title=None):
 # --------------------------------------------------------------------------- dissolving grid
 
 
-def plot_image_grid(grid_png, out_png, row_labels, title=None, pad=2, min_width=900):
-    """A picture grid (torchvision ``save_image`` layout: ``len(row_labels)`` rows, ``pad``
-    pixels between tiles) with a label per row, enlarged without smoothing to about
-    ``min_width`` pixels when it is smaller (at most 4 times)."""
-    img = mpimg.imread(grid_png)
-    rows = len(row_labels)
-    height, width = img.shape[:2]
-    tile = (height - pad) / rows - pad
-    if rows < 1 or tile < 1:
-        raise ValueError(f"{grid_png} ({width}x{height} px) does not hold {rows} rows of tiles")
-    scale = min(4.0, max(1.0, min_width / width))
-    fig = Figure(figsize=(scale * width / 100 + 1.4, scale * height / 100 + 0.6))
+def dissolving_grid_labels(timesteps, n_normal, n_anomalous):
+    """The labels of a dissolving grid: one per row (``input``, then ``t = <t>`` per timestep) and
+    one per group of columns, ``(first column, end column, label)``: the normal images, then the
+    anomalous ones (a group without images is left out)."""
+    rows = ["input"] + [f"t = {int(t)}" for t in timesteps]
+    groups = [(0, n_normal, f"normal ({n_normal})"), (n_normal, n_normal + n_anomalous, f"anomalous ({n_anomalous})")]
+    return rows, [g for g in groups if g[1] > g[0]]
+
+
+def dissolving_grid_figure(rows, timesteps, n_normal, n_anomalous, title=None, pad=2, tile_px=96):
+    """The dissolving grid as a figure: ``rows`` (``R x N x H x W x 3`` floats in [0, 1]: the
+    inputs, then one row per timestep of ``timesteps``) drawn without smoothing, each tile about
+    ``tile_px`` pixels wide, a label per row (:func:`dissolving_grid_labels`), the column groups
+    named above the images (normal, anomalous) and a line between them."""
+    rows = np.clip(np.asarray(rows, dtype=np.float32), 0.0, 1.0)
+    if rows.ndim != 5 or rows.shape[-1] != 3 or rows.shape[0] != len(timesteps) + 1:
+        raise ValueError(f"rows must be (1 + {len(timesteps)} timesteps) x N x H x W x 3, got {rows.shape}")
+    n_rows, n_cols, h, w, _ = rows.shape
+    if n_cols != n_normal + n_anomalous:
+        raise ValueError(f"{n_cols} columns, but {n_normal} normal + {n_anomalous} anomalous images")
+    mosaic = np.ones((pad + n_rows * (h + pad), pad + n_cols * (w + pad), 3), dtype=np.float32)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            mosaic[y:y + h, x:x + w] = rows[i, j]
+    row_labels, groups = dissolving_grid_labels(timesteps, n_normal, n_anomalous)
+    scale = max(1.0, tile_px / w)
+    fig = Figure(figsize=(scale * mosaic.shape[1] / 100 + 1.2, scale * mosaic.shape[0] / 100 + 1.0))
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(img, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([pad + i * (tile + pad) + tile / 2 for i in range(rows)])
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(n_rows)])
     ax.set_yticklabels(row_labels, fontsize=9)
+    ax.set_xticks([pad + (first + end) * (w + pad) / 2 - pad / 2 for first, end, _ in groups])
+    ax.set_xticklabels([label for _, _, label in groups], fontsize=10)
+    ax.xaxis.tick_top()
     ax.tick_params(length=0)
+    if len(groups) == 2:  # between the normal and the anomalous columns
+        ax.axvline(groups[1][0] * (w + pad) + pad / 2, color="tab:red", linewidth=1.5)
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.set_title(title or "dissolving", fontsize=10)
+    ax.set_title(title or "dissolving: one reverse step at each timestep t", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, out_png, dpi=100)
-    return out_png
+    return fig
+
+
+def plot_dissolving_grid(rows, timesteps, n_normal, n_anomalous, out_png, title=None):
+    """:func:`dissolving_grid_figure` written to ``out_png`` (atomically)."""
+    return save_figure(dissolving_grid_figure(rows, timesteps, n_normal, n_anomalous, title=title), out_png, dpi=100)

@@ -332,7 +332,8 @@ def _build(prefix, shift_trans_type, settings, device, native_kind):
         if not settings.diffusion_model_path:
             raise SettingError(f"{{shift_trans_type}} {shift_trans_type} needs a dissolver: give "
                                f"{{diffusion_model_path}} CKPT (train one with python "
-                               f"diffusion_models/train_eval_ddpm.py --mode train --dataset <DATASET>)",
+                               f"diffusion_models/train_eval_ddpm.py --mode train --dataset "
+                               f"{settings.dataset or '<DATASET>'})",
                                "shift_trans_type", "diffusion_model_path")
         dissolver = Dissolver.from_checkpoint(
             settings.diffusion_model_path, device, native_kind, diff_resolution=settings.diff_resolution,

@@ -13,13 +13,25 @@ from study.text import fmt, rel
 from utils import atomic_write_json, warn
 
 GRID_TIMESTEPS = (10, 30, 50, 70, 100, 150)  # rows of the dissolving grid (the training range is 30..100)
-TRAIN_T = (30, 100)
-DISSOLVER_TABLE_NOTE = (
-    "Per timestep t of the dissolving grid: lesion removal ratio / tissue change, measured on 256 images of "
-    "the same tissue drawn with and without lesions (removal ratio = 1 - ||D(lesioned) - D(clean)||^2 / "
-    "||lesioned - clean||^2: 1 removes the lesions entirely, 0 keeps them; tissue change = ||D(clean) - clean||^2 "
-    "/ ||clean - mean(clean)||^2). Other datasets: the share of high-frequency energy removed. The last column "
-    "averages the removal ratio over the grid's timesteps inside training's range.")  # the timesteps training draws from (the paper's offsets 0.3 and 1.0)
+TRAIN_T = (30, 100)  # the timesteps training draws from (the paper's offsets 0.3 and 1.0)
+DISSOLVER_TABLE_NOTE = ("What each dissolver does to images, per timestep t of its dissolving grid (one reverse step "
+                        "at t, as training dissolves; eval_dissolver.py measures it), and the mean over the grid's "
+                        "timesteps inside training's range, t in 30..100. D is the dissolver.")
+# the measures of eval_dissolver.py's JSON (evals.dissolve_quality): key, name, digits, what it is (one line);
+# the lesion measures exist only where lesions can be drawn on and off the same tissue (the synthetic datasets)
+MEASURES = (
+    ("removal_ratio", "lesion removal ratio", 2,
+     "1 - ||D(lesioned) - D(clean)||^2 / ||lesioned - clean||^2 over pairs of the same synthetic tissue drawn with "
+     "and without lesions: 1 removes the lesions entirely, 0 keeps them (synthetic lesion datasets only)"),
+    ("tissue_change", "tissue change", 3,
+     "||D(clean) - clean||^2 / ||clean - mean(clean)||^2 on the lesion-free tissue of those pairs: 0 leaves healthy "
+     "tissue as it is, about 1 flattens it to its mean (synthetic lesion datasets only)"),
+    ("hf_removed", "high-frequency energy removed", 2,
+     "1 - E_high(D(x)) / E_high(x) on up to 256 normal test images, E_high the energy above 0.125 cycles per "
+     "pixel: 1 removes all fine detail, 0 none, below 0 adds some"),
+    ("lf_change", "low-frequency change", 3,
+     "||low(D(x)) - low(x)||^2 / ||low(x)||^2 on the same images: how far the coarse content moves (0: not at all)"),
+)
 
 
 def ddpm_save_every(train_steps):
@@ -42,7 +54,6 @@ class Dissolvers:
             return self.state[spec["name"]]
         a, t0 = self.a, time.time()
         head = f"dissolver {spec['dataset']} {class_text(spec['cls'])} {spec['resolution']}px ({spec['name']})"
-        print(f"{head} ...", end="", flush=True)
         info = None
         if os.path.exists(spec["done"]):
             try:
@@ -59,19 +70,19 @@ class Dissolvers:
                      "--train_steps", a.ddpm_train_steps, "--save_every", ddpm_save_every(a.ddpm_train_steps),
                      "--batch_size", a.ddpm_batch_size, "--grad_accum", a.ddpm_grad_accum,
                      "--unet_dim", a.ddpm_unet_dim, "--save_path", spec["ckpt"], "--seed", 0, "--no_progress",
-                     "--amp", a.amp)
+                     "--progress_file", progress_path(spec), "--amp", a.amp)
             if a.device:
                 cmd += ["--device", a.device]
             resuming = os.path.exists(spec["ckpt"])
             if resuming:  # an interrupted training: continue it exactly
                 cmd.append("--resume")
             ok, seconds, reason = self.steps.run(cmd, spec["log"], what=f"training the dissolver {spec['name']}",
-                                                 append=resuming)
+                                                 append=resuming, progress=progress_path(spec))
             if not ok:
                 state = {"ok": False, "reason": f"training failed: {reason}", "gmacs": None,
                          "train_seconds": seconds, "log": spec["log"]}
                 self.state[spec["name"]] = state
-                print(f" FAILED after {seconds:.0f} s: {reason} (log {rel(spec['log'], a.out)})", flush=True)
+                print(f"{head}: FAILED after {seconds:.0f} s: {reason} (log {rel(spec['log'], a.out)})", flush=True)
                 return state
             gmacs = dissolver_gmacs(spec["ckpt"])
             state = {"ok": True, "reason": "", "gmacs": gmacs, "train_seconds": round(seconds, 2), "reused": False}
@@ -92,7 +103,6 @@ class Dissolvers:
                                            what=f"drawing the grid of the dissolver {spec['name']}")
             if not ok:
                 state["grid_error"] = reason
-                print(f" (grid failed: {reason})", end="")
         state["spec"] = spec
         state["quality"] = read_quality(spec)
         self.state[spec["name"]] = state
@@ -100,8 +110,14 @@ class Dissolvers:
         macs = f"{state['gmacs']:.3f} GMACs/image" if state.get("gmacs") is not None else "MACs unknown"
         removal = removal_ratio(state)
         removal = "" if removal is None else f", lesion removal ratio {removal:.2f}"
-        print(f" {what}, {macs}{removal} ({time.time() - t0:.0f} s)", flush=True)
+        grid = f" (grid failed: {state['grid_error']})" if state.get("grid_error") else ""
+        print(f"{head}: {what}, {macs}{removal}{grid} ({time.time() - t0:.0f} s)", flush=True)
         return state
+
+
+def progress_path(spec):
+    """The file the dissolver's training writes its progress to (reproduce.py shows it)."""
+    return os.path.splitext(spec["ckpt"])[0] + ".progress.json"
 
 
 def read_quality(spec):
@@ -124,28 +140,43 @@ def removal_ratio(state):
     return float(np.mean(values))
 
 
-def dissolver_table(runs):
-    """One row per dissolver the runs used: its lesion removal ratio and tissue change per
-    timestep of its grid (eval_dissolver.py's measurement; see docs/method.md),
-    and the removal ratio averaged over the training range. None when no run dissolves."""
+def dissolver_rows(runs):
+    """``[(spec, quality rows)]`` of every dissolver the runs used that has its measurements."""
     specs = list({r.dissolver["name"]: r.dissolver for r in runs if r.dissolver}.values())
-    rows = [(spec, read_quality(spec)) for spec in specs]
-    rows = [(spec, q) for spec, q in rows if q]
+    return [(spec, q) for spec, q in ((spec, read_quality(spec)) for spec in specs) if q]
+
+
+def measures_of(rows):
+    """The measures (entries of :data:`MEASURES`) that some dissolver of ``rows`` has."""
+    return [m for m in MEASURES if any(m[0] in row for _, q in rows for row in q)]
+
+
+def dissolver_table(runs):
+    """What each dissolver the runs used does to images: one row per dissolver and measure that
+    applies to its data (:data:`MEASURES`; eval_dissolver.py's measurement, docs/method.md), one
+    column per timestep of its grid, then the mean over the timesteps inside training's range.
+    None when no run dissolves with a measured dissolver."""
+    rows = dissolver_rows(runs)
     if not rows:
         return None
     ts = sorted({row["t"] for _, q in rows for row in q})
-    lines = ["| dissolver | " + " | ".join(f"t={t}" for t in ts) + " | removal ratio, t in 30..100 |",
-             "|---|" + "---|" * (len(ts) + 1)]
+    lines = ["| dissolver | measure | " + " | ".join(f"t={t}" for t in ts) + " | mean, t in 30..100 |",
+             "|---|---|" + "---|" * (len(ts) + 1)]
     for spec, q in rows:
         by_t = {row["t"]: row for row in q}
-        cells = []
-        for t in ts:
-            row = by_t.get(t, {})
-            cells.append(f"{row['removal_ratio']:.2f} / {row['tissue_change']:.3f}" if "removal_ratio" in row
-                         else (f"hf removed {row['hf_removed']:.2f}" if "hf_removed" in row else ""))
-        mean = removal_ratio({"quality": q})
-        lines.append(f"| {spec['name']} | " + " | ".join(cells) + f" | {fmt(mean, 2)} |")
+        for key, name, digits, _ in MEASURES:
+            if not any(key in row for row in q):
+                continue
+            cells = [fmt(by_t.get(t, {}).get(key), digits) for t in ts]
+            inside = [row[key] for row in q if key in row and TRAIN_T[0] <= row["t"] <= TRAIN_T[1]]
+            mean = float(np.mean(inside)) if inside else None
+            lines.append(f"| {spec['name']} | {name} | " + " | ".join(cells) + f" | {fmt(mean, digits)} |")
     return "\n".join(lines)
+
+
+def dissolver_notes(runs):
+    """One line per measure :func:`dissolver_table` shows: what it is."""
+    return [f"- {name}: {what}" for _, name, _, what in measures_of(dissolver_rows(runs))]
 
 
 def dissolver_gmacs(ckpt_path):

@@ -1,11 +1,9 @@
 """The figures: each run's (ROC, score histograms, loss curves, selection, dissolving grid) and the ROC comparisons."""
 import os
-import shutil
 
 from evals import plots
-from study.dissolvers import GRID_TIMESTEPS
 from study.plan import class_text, column_key, column_labels
-from utils import warn
+from utils import atomic_write, warn
 
 
 def draw_run_figures(run, dissolver):
@@ -24,15 +22,10 @@ def draw_run_figures(run, dissolver):
             run.notes.append(f"{out} not drawn: {type(exc).__name__}: {exc}")
     if dissolver is not None and not os.path.exists(run.path("dissolving.png")):
         grid = run.dissolver["grid"]
-        if os.path.exists(grid):
-            labels = ["input"] + [f"t = {t}" for t in GRID_TIMESTEPS]
-            try:
-                plots.plot_image_grid(grid, run.path("dissolving.png"), labels,
-                                      title=f"dissolving ({run.dissolver['name']}): first half normal, "
-                                            f"second half anomalous test images")
-            except Exception as exc:  # noqa: BLE001 - the dissolver's own grid then
-                run.notes.append(f"dissolving grid not labelled ({type(exc).__name__}: {exc}); copied as is")
-                shutil.copyfile(grid, run.path("dissolving.png"))
+        if os.path.exists(grid):  # eval_dissolver.py's grid, labelled (timestep per row, normal and anomalous columns)
+            with open(grid, "rb") as fh:
+                data = fh.read()
+            atomic_write(run.path("dissolving.png"), lambda out: out.write(data))
         else:
             run.notes.append("dissolving.png missing: " + dissolver.get("grid_error", "grid not drawn"))
 

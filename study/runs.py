@@ -24,7 +24,7 @@ def train_command(a, run, dissolver_ckpt):
     cmd = py("train.py", "--dataset", run.dataset, "--data_root", a.data_root,
              *class_flags(run.cls, multi_class_flags(a)),
              "--model", run.model, "--mode", mode, "--shift_trans_type", run.transformation, "--seed", run.seed,
-             "--logdir", run.dir, "--save_step", a.save_step)
+             "--logdir", run.dir, "--save_step", a.save_step, "--progress_file", run.path("progress.json"))
     if a.selection:
         cmd += ["--ood_samples", str(a.selection_samples)]
         if a.selection_max_images:
@@ -139,7 +139,8 @@ def execute(a, run, dissolvers, steps):
                 t0 = time.time()
                 try:
                     ok, seconds, reason = steps.run(cmd, run.path("train.log"), what=f"training {run.label}",
-                                                    append=state == "resume", env=step_env(a))
+                                                    append=state == "resume", env=step_env(a),
+                                                    progress=run.path("progress.json"))
                 except Interrupted:
                     atomic_write_json({"seconds": round(earlier + time.time() - t0, 2)},
                                       run.path("train_attempts.json"))

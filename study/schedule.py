@@ -181,9 +181,9 @@ def run_all(a, runs, argv, steps):
             if needs_dissolver(run):
                 dissolvers.get(run.dissolver)  # its own progress line, before the run's
             t0 = time.time()
-            print(f"[{i}/{len(runs)}] {run.label}:", end="", flush=True)
             steps.doing(f"working on {run.label}")
-            execute(a, run, dissolvers, steps)
+            execute(a, run, dissolvers, steps)  # each step says what it runs and where its log is
+            print(f"[{i}/{len(runs)}] {run.label}:", end="", flush=True)
             report_run(a, run, t0)
             write_tables(a, runs, command)
     steps.doing("drawing the comparison figures")
@@ -203,7 +203,7 @@ def run_all(a, runs, argv, steps):
         print()
     dissolvers = dissolver_table(runs)
     if dissolvers:
-        print("dissolvers, lesion removal ratio / tissue change per timestep:")
+        print("dissolvers, what they do to images per timestep (results.md explains each measure):")
         print(dissolvers)
         print()
     print(f"{len(runs) - n_failed} of {len(runs)} run(s) finished, {n_failed} failed; {time.time() - t_all:.0f} s. "

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+from study.watch import ProgressWatch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -85,9 +87,15 @@ class Steps:
     ``what`` and ``stopped`` say, for the interruption message, what the study was doing and how
     many steps the interruption stopped; once :meth:`stop_all` was called (``stopping`` holds the
     signal number) no step starts, and a step it stopped is not reported as a failure
-    (``--devices``' threads)."""
+    (``--devices``' threads).
 
-    def __init__(self):
+    Each step says when it starts what it runs and which log to follow; a step that writes a
+    progress file (:meth:`run`'s ``progress``) has its progress shown while it runs
+    (:class:`study.watch.ProgressWatch`, read every ``poll_s`` seconds; plain lines at most every
+    ``report_every`` seconds when stdout is no terminal)."""
+
+    def __init__(self, poll_s=1.0, report_every=30.0):
+        self.poll_s, self.report_every = poll_s, report_every
         self._lock = threading.Lock()  # one fork at a time; guards _procs and _stopping
         self._procs = {}  # every running step (a Popen) -> what it does
         self._what = None
@@ -135,14 +143,16 @@ class Steps:
         if os.getppid() != self._parent:  # the parent was already gone before prctl took effect
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def run(self, cmd, log_path, what=None, append=False, env=None):
+    def run(self, cmd, log_path, what=None, append=False, env=None, progress=None):
         """Run ``cmd`` (a list, ``python`` first) from the repository root, stdout and stderr into
         ``log_path``, which is appended to and never emptied (a step refused at once, e.g. by the
         lock of another process that runs it, leaves that process's log whole; ``append=False``
         starts a fresh attempt's part with a separator line), ``env`` added to this process's environment (and
-        written in the log); returns ``(ok, seconds, reason)``. The step dies with this process; a
-        signal to this process stops it first. Raises :class:`Interrupted` instead of starting a
-        step, or of reporting one stopped, once :meth:`stop_all` was called."""
+        written in the log); returns ``(ok, seconds, reason)``. One line says what runs and the log
+        to follow; ``progress``: the JSON file the step writes its progress to, shown while it
+        runs. The step dies with this process; a signal to this process stops it first. Raises
+        :class:`Interrupted` instead of starting a step, or of reporting one stopped, once
+        :meth:`stop_all` was called."""
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         extra = dict(env or {})
         env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
@@ -150,6 +160,10 @@ class Steps:
         t0 = time.time()
         what = what or os.path.basename(cmd[1])
         main_thread = threading.current_thread() is threading.main_thread()
+        watch = None
+        if progress is not None:  # a tqdm bar only for the one step the main thread runs
+            watch = ProgressWatch(what, progress, since=t0, bar=None if main_thread else False, every=self.report_every)
+        print(f"{what}: follow {log_path}", flush=True)
         with open(log_path, "a") as log:
             start = log.tell()
             if start and not append:
@@ -169,12 +183,14 @@ class Steps:
             if main_thread:
                 self._what = what
             try:
-                rc = proc.wait()
+                rc = self._wait(proc, watch)
             except BaseException:
                 stop_child(proc)
                 self._stopped = 1
                 raise
             finally:
+                if watch is not None:
+                    watch.close()
                 with self._lock:
                     self._procs.pop(proc, None)
             if main_thread:
@@ -183,6 +199,19 @@ class Steps:
             raise Interrupted(self._stopping)
         seconds = time.time() - t0
         return rc == 0, seconds, ("" if rc == 0 else last_line(log_path, rc, start))
+
+
+    def _wait(self, proc, watch):
+        """``proc``'s exit status, showing its progress every ``poll_s`` seconds meanwhile (``watch``)."""
+        while True:
+            try:
+                rc = proc.wait(timeout=None if watch is None else self.poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                watch.poll()
+        if watch is not None:
+            watch.finish()
+        return rc
 
 
 def class_flags(cls, multi=()):

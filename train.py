@@ -132,7 +132,7 @@ def train(P, device, where):
             if P.scoring_samples:
                 write_scoring_reference(P, trainer, run.run_id,
                                         clean_normal_train(P, train_set, test_set, info, normal_train), info, device,
-                                        P.amp, logger)
+                                        precision, logger)
         finally:
             logger.close()
 

@@ -188,7 +188,7 @@ def evaluate(P, device, scores_wanted):
     if meta.get("arch") and meta["arch"] != P.model:
         raise UserError(f"{P.load_path} holds a {meta['arch']} but --model is {P.model}; pass --model {meta['arch']}")
     if P.score_folder:  # from the run and its scoring reference: the data are read only to compute a missing one
-        return score_folder(P, device, P.amp, ckpt, meta, scores_wanted)
+        return score_folder(P, device, precision, ckpt, meta, scores_wanted)
     choose_class(P, recorded_class(meta), what=P.load_path)  # left out: the class the model was trained on
     check_trained_on(P, meta)
     train_set, test_set, info = get_dataset(P.dataset, P.data_root, image_size=P.img_size, seed=P.seed,

@@ -66,6 +66,8 @@ from datasets.normal_class import normal_class_line
 from datasets.registry import check_dataset_name, describe_images
 from study.plan import image_size_of, make_plan, uses_resolution
 from study.schedule import device_slots, run_all
+from study.slurm import (busy_folders, check_slurm_commands, parse_sbatch_line, parse_time, partition_has_gpus,
+                         run_on_slurm, uses_gpus)
 from study.steps import Interrupted, Steps, _on_signal
 from train import writes_it
 from utils import remove_stale_temps, warn
@@ -89,7 +91,13 @@ DEFAULTS = {
     "ddpm_train_steps": 156_250, "ddpm_unet_dim": 64, "ddpm_batch_size": 256, "ddpm_grad_accum": 2,
     "save_step": 1, "selection": True, "selection_samples": 10, "selection_max_images": None,
     "train_args": None, "out": None,
+    "launcher": "local", "slurm_partition": None, "slurm_account": None, "slurm_qos": None, "slurm_time": "24:00:00",
+    "slurm_nodes": 1, "slurm_cpus_per_task": None, "slurm_mem_gb": None, "slurm_extra": None, "slurm_setup": None,
+    "slurm_folder": None, "slurm_max_timeouts": 10, "slurm_poll": 10.0, "cancel_on_exit": False,
 }
+SLURM_FLAGS = ("slurm_partition", "slurm_account", "slurm_qos", "slurm_time", "slurm_nodes", "slurm_cpus_per_task",
+               "slurm_mem_gb", "slurm_extra", "slurm_setup", "slurm_folder", "slurm_max_timeouts", "slurm_poll",
+               "cancel_on_exit")
 
 # --preset quick: a budget sized (by measurement) for a 2-core CPU: about ten minutes for the
 # built-in synth_streak, tens of minutes for a few hundred images of one's own: a small UNet
@@ -210,6 +218,35 @@ def build_parser(preset=None):
     g.add_argument("--ddpm_unet_dim", type=int, help="UNet width, as the paper's")
     g.add_argument("--ddpm_batch_size", type=int, help="images per micro-batch, as the paper's")
     g.add_argument("--ddpm_grad_accum", type=int, help="micro-batches per optimiser step, as the paper's")
+    g = p.add_argument_group("launcher (docs/slurm.md: a study on a SLURM cluster)")
+    g.add_argument("--launcher", choices=("local", "slurm"),
+                   help="local: the steps run on this machine; slurm: every dissolver and every run is a SLURM job "
+                        "(submitit), submitted and followed by this command until each has finished or failed; "
+                        "the same command again collects what ended meanwhile and resubmits what failed")
+    g.add_argument("--slurm_partition", metavar="NAME", help="#SBATCH --partition")
+    g.add_argument("--slurm_account", metavar="NAME", help="#SBATCH --account")
+    g.add_argument("--slurm_qos", metavar="NAME", help="#SBATCH --qos")
+    g.add_argument("--slurm_time", metavar="LIMIT",
+                   help="#SBATCH --time of every job, minutes or [D-]HH:MM[:SS]; a job at its limit checkpoints and "
+                        "is requeued (at most --slurm_max_timeouts times)")
+    g.add_argument("--slurm_nodes", type=int, metavar="M",
+                   help="nodes per run (#SBATCH --nodes); its --nproc_per_run N processes run N/M per node, each with "
+                        "a GPU (#SBATCH --gpus-per-node N/M; none with --device cpu). A dissolver: one GPU, one node")
+    g.add_argument("--slurm_cpus_per_task", type=int, metavar="C", help="#SBATCH --cpus-per-task (one task per node)")
+    g.add_argument("--slurm_mem_gb", type=float, metavar="GB", help="#SBATCH --mem, per node")
+    g.add_argument("--slurm_extra", action="append", metavar="OPTION",
+                   help="one more #SBATCH option in its long form, e.g. --slurm_extra=--constraint=a100 (repeatable)")
+    g.add_argument("--slurm_setup", action="append", metavar="COMMAND",
+                   help="a shell line every job runs first, e.g. --slurm_setup='module load cuda' (repeatable)")
+    g.add_argument("--slurm_folder", metavar="DIR",
+                   help="the jobs' scripts and logs (submitit's folder), on a file system the nodes share; left out: "
+                        "<out>/slurm")
+    g.add_argument("--slurm_max_timeouts", type=int, metavar="K",
+                   help="how often a job may be requeued at its time limit before it fails")
+    g.add_argument("--slurm_poll", type=float, metavar="SECONDS", help="seconds between two looks at the jobs")
+    g.add_argument("--cancel_on_exit", action="store_true",
+                   help="Ctrl-C or SIGTERM of this command cancels the study's queued and running jobs (without it "
+                        "they go on, and the same command collects them later)")
     p.set_defaults(**DEFAULTS)
     p.set_defaults(**PRESETS.get(preset, {}))
     return p
@@ -295,7 +332,47 @@ def check_args(a):
     if a.out is None:
         a.out = os.path.join("runs", "+".join(a.dataset) + (f"_{a.preset}" if a.preset else ""))
     a.out = os.path.abspath(a.out)
+    check_launcher(a)
     return a
+
+
+def check_launcher(a):
+    """``--launcher`` and the ``--slurm_*`` flags (one line, exit 2, before anything is written or submitted)."""
+    given = [f for f in SLURM_FLAGS if getattr(a, f) != DEFAULTS[f]]
+    if a.launcher == "local":
+        if given:
+            raise UserError(f"--{given[0]} belongs to --launcher slurm: add --launcher slurm, or leave it out")
+        return
+    if a.devices is not None:
+        raise UserError("--devices spreads a study over this machine's devices; with --launcher slurm SLURM places "
+                        "the jobs: leave out --devices")
+    try:
+        a.slurm_time = parse_time(a.slurm_time)
+    except ValueError as exc:
+        raise UserError(f"--slurm_time {exc}") from None
+    extra = {}
+    for line in a.slurm_extra or []:
+        try:
+            name, value = parse_sbatch_line(line)
+        except ValueError as exc:
+            raise UserError(f"--slurm_extra {exc}") from None
+        extra[name] = value
+    a.slurm_extra, a.slurm_setup = extra, list(a.slurm_setup or [])
+    for name, least in (("slurm_nodes", 1), ("slurm_cpus_per_task", 1), ("slurm_max_timeouts", 0)):
+        v = getattr(a, name)
+        if v is not None and v < least:
+            raise UserError(f"--{name} must be at least {least}, got {v}")
+    for name in ("slurm_mem_gb", "slurm_poll"):
+        v = getattr(a, name)
+        if v is not None and not v > 0:
+            raise UserError(f"--{name} must be positive, got {v:g}")
+    if a.nproc_per_run % a.slurm_nodes:
+        raise UserError(f"--nproc_per_run {a.nproc_per_run} over --slurm_nodes {a.slurm_nodes}: every node runs as many "
+                        f"processes, so give a multiple of {a.slurm_nodes}")
+    check_slurm_commands()
+    a.slurm_folder = os.path.abspath(a.slurm_folder or os.path.join(a.out, "slurm"))
+    # a job asks for GPUs unless --device cpu, or the partition has none (its steps then take the CPU)
+    a.slurm_gpus = uses_gpus(a) and partition_has_gpus(a.slurm_partition)
 
 
 def check_dissolver_args(a):
@@ -358,6 +435,10 @@ def main(argv=None):
     check_dissolver_args(a)
     runs = make_plan(a)
     describe_data(runs)
+    busy = busy_folders(a.out)  # folders where SLURM jobs of this study work now
+    if busy and a.launcher == "local":
+        raise UserError(f"SLURM jobs of this study are still queued or running in --out {a.out} (jobs "
+                        f"{' '.join(sorted(set(busy.values())))}): follow them with --launcher slurm, or scancel them")
     try:
         os.makedirs(a.out, exist_ok=True)
     except OSError as exc:
@@ -368,7 +449,7 @@ def main(argv=None):
     # one reproduce.py per --out: the lock dies with the process; the steps die with it too
     lock = ProcessLock(os.path.join(a.out, LOCK_NAME), f"--out {a.out}",
                        "another reproduce.py is working there: wait for it to end, or choose another --out").acquire()
-    remove_own_stale_temps(a.out)
+    remove_own_stale_temps(a.out, skip=busy)
     handlers = {}
 
     if threading.current_thread() is threading.main_thread():
@@ -376,7 +457,7 @@ def main(argv=None):
             handlers[sig] = signal.signal(sig, _on_signal)
     steps = Steps()  # this command's steps: what runs, for the interruption message
     try:
-        return run_all(a, runs, argv, steps)
+        return run_all(a, runs, argv, steps, runner=run_on_slurm if a.launcher == "slurm" else None)
     except (Interrupted, KeyboardInterrupt) as exc:
         sig = exc.args[0] if isinstance(exc, Interrupted) and exc.args else signal.SIGINT
         what = steps.what or "preparing"
@@ -408,11 +489,13 @@ def describe_data(runs):
             print(normal_class_line(run.dataset, run.info.class_names, run.cls), flush=True)
 
 
-def remove_own_stale_temps(out):
+def remove_own_stale_temps(out, skip=()):
     """The temporary files a killed reproduce.py (or eval.py, a plot) left in ``--out``: tables,
     records, scores, figures. Checkpoints' are left to train.py and the DDPM script, which
-    remove theirs under their own locks."""
+    remove theirs under their own locks; the folders in ``skip`` (where SLURM jobs work now) are left alone."""
     for folder, _, _ in os.walk(out):
+        if any(folder == s or folder.startswith(s + os.sep) for s in skip):
+            continue
         remove_stale_temps(folder, lambda name: not (writes_it(name) or name.endswith(".pt")))
 
 

@@ -51,8 +51,10 @@ def train_command(a, run, dissolver_ckpt):
     cmd += list(a.train_args)
     n = getattr(a, "nproc_per_run", 1)
     if n > 1:  # DDP under torchrun (rank 0 writes the run folder); cmd[0] is this python
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    return cmd
+        # (a SLURM job over several nodes gives its own torchrun flags and an srun before python: study.slurm)
+        cmd[1:1] = getattr(a, "torchrun", None) or ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                    str(n)]
+    return list(getattr(a, "launch_prefix", None) or []) + cmd
 
 
 def eval_command(a, run, model="last.model", results="results.json", scores="scores.csv"):

@@ -165,15 +165,18 @@ def run_concurrently(a, runs, command, steps):
         t.join()
 
 
-def run_all(a, runs, argv, steps):
+def run_all(a, runs, argv, steps, runner=None):
     """Run the plan's runs, their steps by ``steps`` (:class:`study.steps.Steps`), then draw the
-    comparisons and print the tables; returns the exit status (1 when a run failed)."""
+    comparisons and print the tables; returns the exit status (1 when a run failed). ``runner(a, runs,
+    command, steps)``, when given, runs them instead (``--launcher slurm``: study.slurm.run_on_slurm)."""
     command = "python reproduce.py " + " ".join(shlex.quote(x) for x in argv)
     n_todo = sum(not is_finished(r) for r in runs)
     print(f"{len(runs)} run(s) in {a.out} ({len(runs) - n_todo} finished already, {n_todo} to do)", flush=True)
 
     t_all = time.time()
-    if a.devices:
+    if runner is not None:
+        runner(a, runs, command, steps)
+    elif a.devices:
         run_concurrently(a, runs, command, steps)
     else:
         dissolvers = Dissolvers(a, steps)

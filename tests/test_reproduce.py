@@ -54,8 +54,8 @@ def test_pipeline_end_to_end(pipeline):
             scores = list(csv.DictReader(fh))
         assert len(scores) == 1000 and {s["normal"] for s in scores} == {"0", "1"}
     # progress lines, then the table
-    assert re.search(r"\[1/2\] synth_lesion class 0 rotation 32px seed 0: trained \d+ s, evaluated \d+ s; "
-                     r"AUROC 0\.\d{3} \(last\), 0\.\d{3} \(best on test, epoch 1\)", pipeline["stdout"])
+    assert re.search(r"\[1/2\] synth_lesion class 0 \(normal\) rotation 32px seed 0: trained \d+ s, "
+                     r"evaluated \d+ s; AUROC 0\.\d{3} \(last\), 0\.\d{3} \(best on test, epoch 1\)", pipeline["stdout"])
     assert pipeline["stdout"].count("| Dataset | rotation | diffusion_rotation |") == 2  # last, best on test
     assert "best_CSI.model, best on test (paper's selection):" in pipeline["stdout"]
 

@@ -192,11 +192,15 @@ def plan_training(args, device):
         idx = None
     else:  # from the folders' names alone: the class decides the default --save_path
         idx = dissolver_class(args.dataset, args.data_root, args.one_class_idx, args.normal_class)[0]
-    check_schedule(args.train_steps, args.save_every)
-    recipe = DissolverRecipe(**{k: getattr(args, k) for k in RECIPE_KEYS})
-    config = ddpm_config(image_size=args.image_size, channels=3, unet_dim=args.unet_dim, dim_mults=args.dim_mults,
-                         timesteps=args.timesteps, sampling_timesteps=args.sampling_timesteps,
-                         objective=args.objective, beta_schedule=args.beta_schedule, loss_type=args.loss_type)
+    try:
+        check_schedule(args.train_steps, args.save_every)
+        recipe = DissolverRecipe(**{k: getattr(args, k) for k in RECIPE_KEYS})
+        config = ddpm_config(image_size=args.image_size, channels=3, unet_dim=args.unet_dim, dim_mults=args.dim_mults,
+                             timesteps=args.timesteps, sampling_timesteps=args.sampling_timesteps,
+                             objective=args.objective, beta_schedule=args.beta_schedule, loss_type=args.loss_type)
+    except UserError:
+        _load_data(args)  # the data's files first (MedMNIST, CIFAR: read by the loader): a wrong path comes first
+        raise
     precision = device_precision(args.amp, device, fp16=False)  # the device is set: joined() set it
     save_path = args.save_path or default_save_path(args.dataset, idx, args.image_size)
     return Plan(args.image_size, config, recipe, idx, save_path, precision)

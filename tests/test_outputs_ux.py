@@ -68,6 +68,20 @@ def test_a_wrong_data_path_comes_before_the_dissolvers_flags(program, capsys, tm
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("program", ["reproduce", "train_eval_ddpm"])
+def test_a_missing_data_file_comes_before_the_dissolvers_flags(program, capsys, tmp_path):
+    """Files the loader reads (MedMNIST's .npz) are checked before a wrong dissolver setting is refused."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    argv = ["--dataset", "pneumoniamnist", "--data_root", str(empty)]
+    argv += {"reproduce": ["--out", str(tmp_path / "out"), "--shift_trans_type", "diffusion_rotation",
+                           "--ddpm_unet_dim", "3"],
+             "train_eval_ddpm": ["--unet_dim", "3", "--save_path", str(tmp_path / "d.pt")]}[program]
+    line = expect_error(programs()[program], argv, capsys, f"{empty / 'pneumoniamnist.npz'} not found")
+    assert "unet_dim" not in line
+    assert os.listdir(tmp_path) == ["data"]
+
+
 @pytest.mark.slow
 def test_a_missing_dissolver_is_named_once_the_data_are_read_with_the_actual_dataset(capsys, tmp_path):
     import train as train_program

@@ -422,8 +422,8 @@ def make_evaluate(P, normal_train, test_set, device, ood_sets=None, precision="f
         return SelectionEvaluation(normal_train, test_set, P.one_class_idx, device, n_shifts=P.K_shift,
                                    samples=P.ood_samples, resize_factor=P.eval_resize_factor,
                                    resize_fix=P.eval_resize_fix, max_train=P.eval_max_train,
-                                   max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=precision, seed=P.seed,
-                                   ood_sets=ood_sets, interp_batch=P.test_batch_size)
+                                   max_test=P.eval_max_test, batch_size=P.test_batch_size, amp=precision,
+                                   seed=P.seed, ood_sets=ood_sets, interp_batch=P.test_batch_size)
     except SettingError as exc:  # e.g. --eval_max_test leaving one class only: an undefined AUROC
         raise UserError(exc.worded({"max_test": "--eval_max_test", "max_train": "--eval_max_train"})) from None
 

@@ -305,7 +305,7 @@ def test_interrupted_pipeline_resumes_to_the_same_results(pipeline, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("interrupted by SIGTERM while training synth_lesion class 0 rotation 32px seed 0"), line
+    assert line.startswith("interrupted by SIGTERM while training synth_lesion class 0 (normal) rotation 32px seed 0"), line
     assert "run the same command again to resume" in line
     wait_until(lambda: gone(child), 10, "train.py to end")
     assert load(os.path.join(run, "last.model"))["epoch"] == 1 and leftovers(run) == []

@@ -71,8 +71,9 @@ def test_csv_and_tables_agree_with_results_json(pipeline):
     text = open(os.path.join(out, "results.md")).read()
     assert "### last.model: the model at the end of training (the honest figure)" in text
     assert "### best_CSI.model: best on test (paper's selection)" in text
-    with open(os.path.join(out, "dissolvers", [f for f in os.listdir(os.path.join(out, "dissolvers"))
-                                                if f.endswith(".json")][0])) as fh:
+    records = [f for f in sorted(os.listdir(os.path.join(out, "dissolvers")))  # not its progress or grid files
+               if f.endswith(".json") and not f.endswith((".progress.json", "_dissolving.json"))]
+    with open(os.path.join(out, "dissolvers", records[0])) as fh:
         dissolver = json.load(fh)
     assert dissolver["gmacs"] > 0
     for row, md_row in zip(rows, per_run[1:]):

@@ -80,7 +80,7 @@ def test_devices_write_what_a_sequential_run_writes(sequential_and_concurrent):
     assert e0 <= s1
     stdout = results["concurrent"][1]
     assert stdout.count(": started on cpu") == 2
-    assert "[2/2] synth_lesion class 0 rotation 32px seed 1 (cpu): trained" in stdout
+    assert "[2/2] synth_lesion class 0 (normal) rotation 32px seed 1 (cpu): trained" in stdout
 
 
 @pytest.mark.slow

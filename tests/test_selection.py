@@ -184,7 +184,7 @@ def test_best_checkpoint_holds_the_weights_of_the_first_highest(values, best_epo
                                                                  one_torch_thread):
     """Selection by the one_class mean (not pooled), strictly higher, with that epoch's weights."""
     scripted = ScriptedEvaluation(values)
-    monkeypatch.setattr(train_program, "make_evaluate", lambda *args: scripted)
+    monkeypatch.setattr(train_program, "make_evaluate", lambda *args, **kwargs: scripted)
     logdir = tmp_path / "run"
     train_program.main(TINY_TRAIN + CSI + ["--logdir", str(logdir), "--epochs", "4"])
     assert len(scripted.seen) == 4

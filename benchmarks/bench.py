@@ -51,18 +51,27 @@ def sync(device):
 
 
 def matmul_peak(device, dtype, n=2048, seconds=1.0):
-    """GFLOP/s of square matmuls of size ``n`` in ``dtype`` (best of repeated timings)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    sync(device)
+    """GFLOP/s of square matmuls in ``dtype`` (best of repeated timings within ``seconds``) and
+    their size: ``n``, or the largest power of two from 256 whose one product fits an eighth of
+    ``seconds`` (a CPU without native bf16 emulates it hundreds of times slower than fp32)."""
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if size >= n or (time.perf_counter() - t0) * 8 * 8 > seconds:  # the next size costs 8x
+            break
+        size *= 2
     best, t_end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * size ** 3 / best / 1e9, size
 
 
 class Timer:
@@ -187,11 +196,12 @@ def main(argv=None):
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
-    fp32_peak = matmul_peak(device, torch.float32)
+    fp32_peak, fp32_n = matmul_peak(device, torch.float32)
     low = torch.float16 if amp == "fp16" else torch.bfloat16
-    low_peak = matmul_peak(device, low)
+    low_peak, low_n = matmul_peak(device, low)
     low_name = "fp16" if amp == "fp16" else "bf16"
-    print(f"matmul peak (2048 x 2048): fp32 {fp32_peak:.0f} GFLOP/s, {low_name} {low_peak:.0f} GFLOP/s", flush=True)
+    print(f"matmul peak: fp32 {fp32_peak:.0f} GFLOP/s ({fp32_n} x {fp32_n}), {low_name} {low_peak:.2f} GFLOP/s "
+          f"({low_n} x {low_n})", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None

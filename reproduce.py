@@ -89,7 +89,7 @@ DEFAULTS = {
     "resnet_width": None, "log_every": None, "ood_samples": 10, "amp": "auto", "device": None,
     "devices": None, "nproc_per_run": 1,
     "ddpm_train_steps": 156_250, "ddpm_unet_dim": 64, "ddpm_batch_size": 256, "ddpm_grad_accum": 2,
-    "save_step": 1, "selection": True, "selection_samples": 10, "selection_max_images": None,
+    "dissolver_quality_images": 256, "save_step": 1, "selection": True, "selection_samples": 10, "selection_max_images": None,
     "train_args": None, "out": None,
     "launcher": "local", "slurm_partition": None, "slurm_account": None, "slurm_qos": None, "slurm_time": "24:00:00",
     "slurm_nodes": 1, "slurm_cpus_per_task": None, "slurm_mem_gb": None, "slurm_extra": None, "slurm_setup": None,
@@ -218,6 +218,9 @@ def build_parser(preset=None):
     g.add_argument("--ddpm_unet_dim", type=int, help="UNet width, as the paper's")
     g.add_argument("--ddpm_batch_size", type=int, help="images per micro-batch, as the paper's")
     g.add_argument("--ddpm_grad_accum", type=int, help="micro-batches per optimiser step, as the paper's")
+    g.add_argument("--dissolver_quality_images", type=int, metavar="N",
+                   help="normal test images on which each dissolver's dissolving is measured per timestep of its "
+                        "grid (eval_dissolver.py --quality_images): fewer measure faster (default: %(default)s)")
     g = p.add_argument_group("launcher (docs/slurm.md: a study on a SLURM cluster)")
     g.add_argument("--launcher", choices=("local", "slurm"),
                    help="local: the steps run on this machine; slurm: every dissolver and every run is a SLURM job "
@@ -380,7 +383,8 @@ def check_dissolver_args(a):
     (each through ``datasets.get_dataset``, as the plan reads them): a wrong dataset or path is
     the first error."""
     try:
-        for name in ("ddpm_train_steps", "ddpm_unet_dim", "ddpm_batch_size", "ddpm_grad_accum"):
+        for name in ("ddpm_train_steps", "ddpm_unet_dim", "ddpm_batch_size", "ddpm_grad_accum",
+                     "dissolver_quality_images"):
             v = getattr(a, name)
             if v is not None and v < 1:
                 raise UserError(f"--{name} must be at least 1, got {v}")

@@ -96,7 +96,7 @@ class Dissolvers:
             cmd = py("eval_dissolver.py", "--dataset", spec["dataset"],
                      "--data_root", a.data_root, *class_flags(spec["cls"]),
                      "--diffusion_model_path", spec["ckpt"], "--out", spec["grid"],
-                     "--timesteps_to_show", *GRID_TIMESTEPS)
+                     "--timesteps_to_show", *GRID_TIMESTEPS, "--quality_images", a.dissolver_quality_images)
             if a.device:
                 cmd += ["--device", a.device]
             ok, _, reason = self.steps.run(cmd, spec["grid_log"],

@@ -27,8 +27,8 @@ TINY_TRAIN = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size"
               "--simclr_dim", "16", "--warmup", "1", "--save_step", "1", "--log_every", "1", "--scoring_samples", "0"]
 # the same on digits (10 classes: one_class_mean differs from pooled)
 TINY_TRAIN_DIGITS = [a if a != "synth_lesion" else "digits" for a in TINY_TRAIN]
-# the same on digits with mixed precision: the multi-class and OOD-set runs
-TINY_MULTICLASS = TINY_TRAIN_DIGITS + ["--amp"]
+# the same on digits: the multi-class and OOD-set runs
+TINY_MULTICLASS = TINY_TRAIN_DIGITS
 # train.py on synth_lesion for one epoch of 2 steps (batches 0 and 1) without evaluation: the dissolving-shift
 # pipeline
 TINY_TRAIN_NO_EVAL = ["--dataset", "synth_lesion", "--resnet_width", "8", "--batch_size", "8",
@@ -55,11 +55,13 @@ def tiny_diffusion(seed=0, **kw):
     torch.manual_seed(seed)
     return build_diffusion(tiny_ddpm_config(**kw))
 
-# reproduce.py: synth_lesion class 0, seed 0, 2 training steps, a dissolver of 2 steps, on the CPU
+# reproduce.py: synth_lesion class 0, seed 0, 2 training steps, a dissolver of 2 steps measured on 16 images, on
+# the CPU
 TINY_STUDY = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0",
               "--resnet_width", "8", "--batch_size", "8", "--epochs", "1", "--max_steps", "2", "--log_every", "1",
-              "--ood_samples", "1", "--selection_samples", "1", "--amp", "--device", "cpu",
-              "--ddpm_unet_dim", "8", "--ddpm_train_steps", "2", "--ddpm_batch_size", "8", "--ddpm_grad_accum", "1"]
+              "--ood_samples", "1", "--selection_samples", "1", "--device", "cpu",
+              "--ddpm_unet_dim", "8", "--ddpm_train_steps", "2", "--ddpm_batch_size", "8", "--ddpm_grad_accum", "1",
+              "--dissolver_quality_images", "16"]
 
 
 # --------------------------------------------------------------------------- a refused command

@@ -312,7 +312,7 @@ def test_multiclass_eval_reports_one_auroc_per_set(multi_run, ood_root, tmp_path
     capsys.readouterr()
     res = eval_program.main(["--mode", "ood_pre", "--dataset", "digits", "--model", "resnet18", "--ood_score", "CSI",
                              "--shift_trans_type", "rotation", "--ood_samples", "1", "--resize_factor", "0.54",
-                             "--resize_fix", "--ood_dataset", "lsun_fix", "svhn", "interp", "--amp",
+                             "--resize_fix", "--ood_dataset", "lsun_fix", "svhn", "interp",
                              "--data_root", str(ood_root), "--load_path", str(logdir / "last.model"),
                              "--save_results", str(out), "--save_scores_csv", str(scores), "--print_score"])
     printed = capsys.readouterr().out
@@ -400,7 +400,7 @@ def test_reproduce_writes_csis_table(ood_root, tmp_path):
     rc = reproduce.main(["--dataset", "digits", "--data_root", str(ood_root), "--ood_dataset", "lsun_fix", "interp",
                          "--shift_trans_type", "rotation", "--seeds", "0", "--resnet_width", "8", "--batch_size", "8",
                          "--epochs", "1", "--max_steps", "1", "--ood_samples", "1", "--selection_samples", "1",
-                         "--selection_max_images", "40", "--amp", "--device", "cpu", "--out", str(out)])
+                         "--selection_max_images", "40", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     run = out / "digits" / "multi_class" / "rotation_32px" / "seed_0"
     res = json.loads((run / "results.json").read_text())

@@ -34,6 +34,8 @@ def test_pipeline_end_to_end(pipeline):
     dissolvers = [f for f in os.listdir(os.path.join(out, "dissolvers")) if f.endswith(".pt")]
     assert len(dissolvers) == 1  # one per dataset, class and resolution
     ckpt = os.path.join(out, "dissolvers", dissolvers[0])
+    with open(ckpt[:-len(".pt")] + "_dissolving.json") as fh:  # measured on --dissolver_quality_images
+        assert json.load(fh)["n_images"] == 16
     for t in TRANSFORMATIONS:
         d = run_dir(out, t)
         for name in ("results.json", "scores.csv", "last.model", "best_CSI.model", "selection.json", "scalars.csv",
@@ -191,22 +193,25 @@ def test_finished_run_with_other_budget_is_refused(pipeline, capsys):
 
 @pytest.mark.slow
 def test_folder_recording_amp_as_a_boolean_is_read_as_on_or_off(pipeline, tmp_path, capsys):
-    """A study folder made when --amp was a switch recorded it as true/false: true is today's
-    'on' (resumed, not redone), false is 'off' (other settings than --amp on: refused)."""
+    """A run.json recording --amp as true/false is read as 'on'/'off': with --amp on, true is
+    finished (skipped, not redone) and false has other settings (refused)."""
     import reproduce
 
     out = str(tmp_path / "out")
     shutil.copytree(pipeline["out"], out)
-    argv = list(pipeline["argv"])
+    argv = list(pipeline["argv"]) + ["--amp", "on"]
     argv[argv.index("--out") + 1] = out
-    path = os.path.join(run_dir(out, "rotation"), "run.json")
-    with open(path) as fh:
-        doc = json.load(fh)
-    assert doc["config"]["train"]["amp"] == doc["config"]["eval"]["amp"] == "on"
+    paths = [os.path.join(run_dir(out, t), "run.json") for t in TRANSFORMATIONS]
+    docs = []
+    for path in paths:
+        with open(path) as fh:
+            docs.append(json.load(fh))
+    assert {(d["config"]["train"]["amp"], d["config"]["eval"]["amp"]) for d in docs} == {("auto", "auto")}
     for legacy, accepted in ((True, True), (False, False)):
-        doc["config"]["train"]["amp"] = doc["config"]["eval"]["amp"] = legacy
-        with open(path, "w") as fh:
-            json.dump(doc, fh)
+        for path, doc in zip(paths, docs):
+            doc["config"]["train"]["amp"] = doc["config"]["eval"]["amp"] = legacy
+            with open(path, "w") as fh:
+                json.dump(doc, fh)
         if accepted:
             rc, stdout, stderr, _ = run_reproduce(argv)
             assert rc == 0, stdout + stderr

@@ -37,8 +37,8 @@ from slurm_cluster import PARTITION, OneNodeCluster, missing_programs
 STUDY = ["--dataset", "digits", "--one_class_idx", "0", "--seeds", "0", "1",
          "--shift_trans_type", "rotation", "diffusion_rotation", "--resnet_width", "8", "--batch_size", "8",
          "--epochs", "2", "--max_batches_per_epoch", "1", "--log_every", "1", "--ood_samples", "1", "--no_selection",
-         "--amp", "--ddpm_unet_dim", "8", "--ddpm_train_steps", "2", "--ddpm_batch_size", "8",
-         "--ddpm_grad_accum", "1"]
+         "--ddpm_unet_dim", "8", "--ddpm_train_steps", "2", "--ddpm_batch_size", "8",
+         "--ddpm_grad_accum", "1", "--dissolver_quality_images", "16"]
 SLURM = ["--launcher", "slurm", "--device", "cpu", "--slurm_poll", "0.5", "--slurm_time", "30",
          "--slurm_partition", PARTITION, "--slurm_cpus_per_task", "1", "--slurm_mem_gb", "0.5",
          "--slurm_extra=--comment=dia-test", "--slurm_setup=echo setup line ran"]

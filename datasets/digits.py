@@ -11,8 +11,6 @@ from typing import Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from .base import ArrayStore, DatasetInfo, ImageDataset
 
@@ -21,6 +19,10 @@ TEST_FRACTION = 0.3
 
 
 def load_digits_dataset() -> Tuple[ImageDataset, ImageDataset, DatasetInfo]:
+    # scikit-learn's loaders take about a second to import: only a digits run pays for them
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)[:, None]   # N x 1 x 8 x 8
     x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)

@@ -10,7 +10,6 @@ import contextlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from common import distributed
 from common.device import dataset_images
@@ -151,6 +150,8 @@ def csi_train_scores_loo(train_feats, n_shifts, ood_score="CSI"):
 
 def auroc(scores_normal, scores_anomalous):
     """AUROC with the normal images as positives (higher score = more normal)."""
+    from sklearn.metrics import roc_auc_score  # a second to import: a training without evaluation skips it
+
     s_n, s_a = np.asarray(scores_normal, float), np.asarray(scores_anomalous, float)
     labels = np.concatenate([np.ones(len(s_n)), np.zeros(len(s_a))])
     return float(roc_auc_score(labels, np.concatenate([s_n, s_a])))

@@ -22,7 +22,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from utils import atomic_write
 
@@ -98,6 +97,8 @@ def read_scalars(scalars_csv):
 
 def roc_points(scores, positive):
     """False and true positive rates of every threshold (scikit-learn's ``roc_curve``) and the AUROC."""
+    from sklearn.metrics import roc_auc_score, roc_curve  # imported by the figures that need it (a second)
+
     positive = np.asarray(positive, dtype=bool)
     if positive.all() or not positive.any():
         raise ValueError("a ROC curve needs both normal and anomalous images")

@@ -110,7 +110,7 @@ def test_trainer_checkpoint_trains_a_dia_model(paper_ckpt, tmp_path):
     logdir = tmp_path / "run"
     summary = train.main(["--dataset", "synth_lesion", "--mode", "simclr_DIA", "--shift_trans_type",
                           "diffusion_rotation", "--diffusion_model_path", str(path), "--resnet_width", "8",
-                          "--batch_size", "4", "--epochs", "1", "--max_steps", "2", "--no_eval",
+                          "--batch_size", "4", "--epochs", "1", "--max_steps", "2", "--no_eval", "--scoring_samples", "0",
                           "--logdir", str(logdir), "--device", "cpu"])
     assert summary["step"] == 2 and os.path.isfile(logdir / "last.model")
 

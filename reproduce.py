@@ -101,7 +101,8 @@ SLURM_FLAGS = ("slurm_partition", "slurm_account", "slurm_qos", "slurm_time", "s
 
 # --preset quick: a budget sized (by measurement) for a 2-core CPU: about ten minutes for the
 # built-in synth_streak, tens of minutes for a few hundred images of one's own: a small UNet
-# trained briefly, a narrow ResNet-18 in bf16, and folder datasets read at QUICK_FOLDER_SIZE px.
+# trained briefly, a narrow ResNet-18 (bf16 where the CPU computes it natively: an emulated bf16 is ten
+# times slower than fp32), and folder datasets read at QUICK_FOLDER_SIZE px.
 # The dissolver's width was chosen by its own measurement, never by an AUROC: of the dissolvers
 # that train within about two minutes here (benchmarks/dissolver_study.py on synth_streak,
 # bf16), dim 32 for 250 steps removes the most of the streaks (removal ratio 0.53 over
@@ -113,7 +114,7 @@ PRESETS = {
         "dataset": ["synth_streak"], "seeds": [0], "diff_resolution": [32],
         "shift_trans_type": ["rotation", "blurgaussian_rotation", "diffusion_rotation"],
         "epochs": 10, "max_batches_per_epoch": 25, "batch_size": 32, "warmup": 1, "resnet_width": 16,
-        "log_every": 5, "ood_samples": 10, "amp": "on", "selection_samples": 1,
+        "log_every": 5, "ood_samples": 10, "amp": "auto", "selection_samples": 1,
         "ddpm_train_steps": 250, "ddpm_unet_dim": 32, "ddpm_batch_size": 32, "ddpm_grad_accum": 1,
     },
     "paper": {

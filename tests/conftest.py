@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules, and the ``slow`` marker.
+"""Fixtures shared by the test modules, the ``slow`` marker, and one thread per test worker.
 
 tests/ and the repository root go on ``sys.path`` first: the modules import ``helpers`` (constants
 and functions they share) and the project's packages by name.
@@ -23,6 +23,12 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: trains end to end or starts subprocesses (seconds to minutes); "
                    "-m 'not slow' leaves these out")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest.ini runs a worker per core: each worker, and every process it starts, computes with one
+        # thread, so that the workers never fight over the cores (two torch processes of two threads each
+        # on two cores run several times slower than one after the other)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,13 @@ import torch
 
 import train as train_program
 from cli.args import RESUME_MAY_CHANGE, parse_args
-from helpers import (CSI, ROOT, TINY_DDPM, TINY_TRAIN, expect_error, load, make_folder_dataset, run_dir,
-                     run_reproduce)
+from helpers import CSI, ROOT, TINY_DDPM, TINY_TRAIN, expect_error, load, make_folder_dataset, run_reproduce
 from common.run_folder import LOCK_NAME, ProcessLock
 
 SELECT = ["--ood_samples", "1", "--eval_max_train", "16", "--eval_max_test", "32"]
 RUN = TINY_TRAIN + CSI + SELECT + ["--epochs", "2"]  # 2 epochs of 2 steps, evaluated and saved after each
 DDPM = ["--mode", "train", "--dataset", "synth_lesion", *TINY_DDPM, "--train_steps", "4", "--save_every", "1"]
-PIPE = ["--dataset", "synth_lesion", "--one_class_idx", "0", "--seeds", "0", "--shift_trans_type", "rotation",
+PIPE = ["--dataset", "digits", "--one_class_idx", "0", "--seeds", "0", "--shift_trans_type", "rotation",
         "--resnet_width", "8", "--batch_size", "8", "--epochs", "2", "--max_batches_per_epoch", "1", "--warmup", "1",
         "--log_every", "1", "--ood_samples", "1", "--no_selection", "--device", "cpu"]
 TIMING = ("train_seconds", "eval_seconds", "reused")  # results.csv columns that differ between any two runs
@@ -285,6 +284,11 @@ def results_rows(out):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
 
 
+def pipe_dir(out):
+    """The run folder of PIPE's study (digits: a small class, evaluated in a moment)."""
+    return os.path.join(out, "digits", "class_0", "rotation_32px", "seed_0")
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipeline") / "out")
@@ -297,7 +301,7 @@ def pipeline(tmp_path_factory):
 def test_interrupted_pipeline_resumes_to_the_same_results(pipeline, tmp_path):
     out = str(tmp_path / "out")
     argv = ["reproduce.py", *PIPE, "--out", out]
-    run = run_dir(out, "rotation")
+    run = pipe_dir(out)
     # 1. SIGTERM while train.py is in epoch 2: the step is stopped, one line says how to resume
     proc = start_py(argv, fault="step#3=stop")
     child = wait_stopped_child(proc)
@@ -305,7 +309,7 @@ def test_interrupted_pipeline_resumes_to_the_same_results(pipeline, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("interrupted by SIGTERM while training synth_lesion class 0 (normal) rotation 32px seed 0"), line
+    assert line.startswith("interrupted by SIGTERM while training digits class 0 (0) rotation 32px seed 0"), line
     assert "run the same command again to resume" in line
     wait_until(lambda: gone(child), 10, "train.py to end")
     assert load(os.path.join(run, "last.model"))["epoch"] == 1 and leftovers(run) == []
@@ -325,10 +329,10 @@ def test_interrupted_pipeline_resumes_to_the_same_results(pipeline, tmp_path):
     assert rc == 0, stdout + stderr
     assert results_rows(out) == results_rows(pipeline)
     for name in ("last.model",):
-        a, b = load(os.path.join(run_dir(pipeline, "rotation"), name)), load(os.path.join(run, name))
+        a, b = load(os.path.join(pipe_dir(pipeline), name)), load(os.path.join(run, name))
         for key in ("model", "optim", "linear_optim", "epoch", "step"):
             assert_equal_tensors(a[key], b[key], f"{name}:{key}")
-    assert scalars(run_dir(pipeline, "rotation")) == scalars(run)
+    assert scalars(pipe_dir(pipeline)) == scalars(run)
     with open(os.path.join(run, "train.log")) as fh:
         log = fh.read()
     attempts = [ln for ln in log.splitlines() if ln.startswith("$ ")]

@@ -18,7 +18,8 @@ from study.steps import Interrupted, Steps
 BASE = [a for a in TINY_STUDY if a not in ("--device", "cpu")] + ["--shift_trans_type", "rotation",
                                                                   "--seeds", "0", "1", "--no_selection"]
 TIMING_FIELDS = ("train_seconds", "eval_seconds")
-# the two studies compared: on digits, whose class 0 (125 training images) evaluates in a fraction of synth_lesion's time
+# the two studies compared: on digits, whose class 0 (125 training images) evaluates in a fraction of
+# synth_lesion's time
 PAIR = [a if a != "synth_lesion" else "digits" for a in BASE]
 
 

@@ -685,15 +685,19 @@ class SlurmStudy:
                 if task.kind == "run":
                     self.show_previous_failure(task)
 
+    def ended_job(self, task, states):
+        """The state of a live task's job once it has ended; None while SLURM does not know it yet or
+        it still runs (its progress shown)."""
+        state = states.get(task.attempt["job"])
+        if state is not None and not state["ended"]:
+            self.progress(task, state)
+            return None
+        return state
+
     def follow_dissolvers(self, states):
         for task in self.dissolver_tasks.values():
-            if task.phase != "live":
-                continue
-            state = states.get(task.attempt["job"])
+            state = self.ended_job(task, states) if task.phase == "live" else None
             if state is None:
-                continue
-            if not state["ended"]:
-                self.progress(task, state)
                 continue
             task.attempt["end"] = self.end_of(task, task.attempt, state)
             task.attempt["collected"] = True
@@ -723,11 +727,8 @@ class SlurmStudy:
                 continue
             run = task.item
             if task.phase == "live":
-                state = states.get(task.attempt["job"])
+                state = self.ended_job(task, states)
                 if state is None:
-                    continue
-                if not state["ended"]:
-                    self.progress(task, state)
                     continue
                 task.attempt["end"] = end = self.end_of(task, task.attempt, state)
                 self.ledger.save()
